@@ -1,0 +1,68 @@
+"""Shared test fixtures: where the golden fixtures and sample assets live, and how their absence is treated.
+
+The golden files and sample assets are not part of the repository (they sit in ../shared beside the checkout).
+Locally a missing file skips the test that needs it; under CI (`CI` set) it fails, so a broken CI setup can never
+turn the equivalence proofs into silent skips.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("XPORTRAIT_GOLDEN", ROOT.parent / "shared" / "golden"))
+ASSETS_DIR = Path(os.environ.get("XPORTRAIT_ASSETS", ROOT.parent / "shared" / "assets"))
+
+
+def _require(path: Path, what: str) -> Path:
+    if path.exists():
+        return path
+    message = f"{what} not found at {path}"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI is set: shared fixtures must be present)")
+    pytest.skip(message)
+
+
+def golden_path(name: str) -> Path:
+    return _require(GOLDEN_DIR / name, "golden fixture")
+
+
+def asset_path(name: str) -> Path:
+    return _require(ASSETS_DIR / name, "sample asset")
+
+
+@pytest.fixture(scope="session")
+def golden_cases():
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_path("tiny_cases.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def golden_state_dict_path() -> Path:
+    return golden_path("tiny_official_state_dict.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(golden_state_dict_path):
+    """The tiny X-Portrait built from `tiny()` and loaded from the official-format golden weights (float32, CPU)."""
+    import torch
+
+    from xportrait_core.checkpoint import load_xportrait
+    from xportrait_core.config import XPortraitConfig
+
+    model = load_xportrait(golden_state_dict_path, XPortraitConfig.tiny(), dtype=torch.float32, device="cpu")
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def source_image_path() -> Path:
+    return asset_path("source_image.png")
+
+
+@pytest.fixture(scope="session")
+def driving_video_path() -> Path:
+    return asset_path("driving_video.mp4")
