@@ -1,0 +1,204 @@
+"""The block library every network of the model is built from: the main UNet, the reference net and both
+ControlNets use these same classes (the VAE and the motion modules have their own, small ones).
+
+Submodule names follow the SD1.5 / ldm layout (`in_layers.0`, `emb_layers.1`, `attn1.to_q`, ...), so the official
+checkpoint maps onto them by prefix alone; see checkpoint.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .reference_attention import ReferenceBank
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the activations' dtype, as the official UNet does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.GroupNorm:
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, shape (N, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedding(nn.Sequential):
+    """time_embed: Linear -> SiLU -> Linear on the sinusoidal embedding."""
+
+    def __init__(self, model_channels: int, embed_dim: int):
+        super().__init__(nn.Linear(model_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.model_channels = model_channels
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        t_emb = timestep_embedding(timesteps, self.model_channels)
+        return super().forward(t_emb.to(self[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between, and a skip connection."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (x * gelu(gate), 4x inner width), as SD1.5's transformers and AnimateDiff use."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v projections.
+
+    `appended` holds extra key/value tokens (the reference bank) appended after the context's own: the official
+    model attends over cat([x, bank]) along tokens. The bank usually has batch 1 while `x` holds every frame, so
+    its keys and values are projected once and broadcast over the frames instead of projecting 16 copies.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: Optional[int] = None):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                appended: Optional[torch.Tensor] = None) -> torch.Tensor:
+        context = x if context is None else context
+        batch = x.shape[0]
+        q = self._heads(self.to_q(x))
+        k = self.to_k(context)
+        v = self.to_v(context)
+        if appended is not None:
+            k_bank, v_bank = self.to_k(appended), self.to_v(appended)
+            if k_bank.shape[0] != batch:
+                k_bank = k_bank.expand(batch, -1, -1)
+                v_bank = v_bank.expand(batch, -1, -1)
+            k = torch.cat([k, k_bank], dim=1)
+            v = torch.cat([v, v_bank], dim=1)
+        if k.shape[0] != batch:  # a context shared by every frame (batch 1)
+            k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
+        out = attention(q, self._heads(k), self._heads(v))
+        return self.to_out(out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3]))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention (optionally extended by the reference bank), cross-attention to the text, feed-forward.
+
+    `bank_slot` is this block's position among all transformer blocks of its network (input, middle, output
+    order); the reference net writes entry `bank_slot` and the main UNet's block of the same slot reads it.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, bank_slot: int):
+        super().__init__()
+        self.bank_slot = bank_slot
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, reference: Optional[ReferenceBank] = None) -> torch.Tensor:
+        h = self.norm1(x)
+        appended = None
+        if reference is not None:
+            if reference.recording:
+                reference.write(self.bank_slot, h)
+            else:
+                appended = reference.read(self.bank_slot)
+        x = self.attn1(h, appended=appended) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1x1 conv in, transformer blocks over the H*W tokens, 1x1 conv out, residual."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, first_bank_slot: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, bank_slot=first_bank_slot + d) for d in range(depth)
+        )
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, reference: Optional[ReferenceBank] = None) -> torch.Tensor:
+        b, c, height, width = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context, reference)
+        h = h.transpose(1, 2).reshape(b, -1, height, width)
+        return self.proj_out(h) + x

@@ -1,0 +1,135 @@
+"""X-Portrait: the whole network, and the two predictions the sampler asks of it.
+
+    reference net  (UNet copy)      reference latent  --writes-->  reference bank
+    global ControlNet               aligned driving frame   --> residuals x global_strength --+
+    local ControlNet                eye/mouth patches       --> residuals x local_strength  --+--> UNet skips
+    UNet + motion modules           noisy window latents + bank + residuals --> eps
+
+`eps_cond` is the official conditional branch (reference attention and both controls); `eps_uncond` the
+unconditional one (UNet and motion modules only). Guidance and windows live in the sampler.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import XPortraitConfig
+from .motion_control import ControlNet, combine_motion_residuals
+from .reference_attention import ReferenceBank
+from .schedule import make_alphas_cumprod
+from .text_encoder import CLIPTextEncoder, encode_empty_prompt
+from .unet import UNet
+from .vae import AutoencoderKL
+
+
+class MissingTextEncoderError(ValueError):
+    pass
+
+
+class XPortrait(nn.Module):
+    def __init__(self, config: XPortraitConfig = XPortraitConfig.official(), with_text_encoder: bool = True):
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet, motion=config.motion)
+        self.reference_net = UNet(config.unet, with_out=False)
+        self.global_control = ControlNet(config.unet, config.control)
+        self.local_control = ControlNet(config.unet, config.control)
+        self.vae = AutoencoderKL(config.vae)
+        self.text_encoder = CLIPTextEncoder(config.text_encoder) if with_text_encoder else None
+        # A plain float32 tensor, not a buffer: `model.half()` must not round the noise schedule.
+        self.alphas_cumprod = make_alphas_cumprod(config.schedule)
+        self._empty_prompt: Optional[torch.Tensor] = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.time_embed[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.time_embed[0].weight.device
+
+    def _timesteps(self, t, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device)
+        return t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
+
+    def _inputs(self, *tensors):
+        return [None if x is None else x.to(device=self.device, dtype=self.dtype) for x in tensors]
+
+    # ---- appearance ---------------------------------------------------------------------------------------
+
+    def reference_bank(self, reference_latents: torch.Tensor, t, context: torch.Tensor) -> ReferenceBank:
+        """Run the reference net on R reference latents (R, 4, h, w) (scaled, not noised) at timestep t.
+
+        With one shared context (1, 77, C) it runs once at batch R, whatever the number of frames. A per-frame
+        context (F, 77, C) needs a bank per frame (batch R*F), as the official code computes for every frame.
+        """
+        latents, context = self._inputs(reference_latents, context)
+        num_refs, num_contexts = latents.shape[0], context.shape[0]
+        if num_contexts > 1:
+            latents = latents.repeat_interleave(num_contexts, dim=0)
+            context = context.repeat(num_refs, 1, 1)
+        bank = ReferenceBank(num_references=num_refs)
+        self.reference_net(latents, self._timesteps(t, latents.shape[0]), context, reference=bank)
+        return bank.finish()
+
+    # ---- predictions ----------------------------------------------------------------------------------------
+
+    def eps_cond(self, x: torch.Tensor, t, context: torch.Tensor, reference: ReferenceBank,
+                 global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
+                 global_strength: float = 1.0, local_strength: float = 1.0,
+                 num_frames: Optional[int] = None) -> torch.Tensor:
+        """Noise prediction with reference attention and hierarchical motion control. x (F, 4, h, w) is one window
+        (or several of `num_frames` each); hints (F, 3, H, W) in [-1, 1]. A strength of 0 skips that ControlNet."""
+        x, context, global_hint, local_hint = self._inputs(x, context, global_hint, local_hint)
+        ts = self._timesteps(t, x.shape[0])
+        global_residuals = local_residuals = None
+        if global_hint is not None and global_strength != 0:
+            global_residuals = self.global_control(x, global_hint, ts, context)
+        if local_hint is not None and local_strength != 0:
+            local_residuals = self.local_control(x, local_hint, ts, context)
+        control = combine_motion_residuals(global_residuals, global_strength, local_residuals, local_strength)
+        eps = self.unet(x, ts, context, reference=reference, control=control, num_frames=num_frames)
+        return eps.float()
+
+    def eps_uncond(self, x: torch.Tensor, t, context: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+        """Noise prediction of the UNet and motion modules alone: no reference attention, no control."""
+        x, context = self._inputs(x, context)
+        return self.unet(x, self._timesteps(t, x.shape[0]), context, num_frames=num_frames).float()
+
+    # ---- latent space -----------------------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                      sample: bool = True, chunk: int = 16) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> latents scaled by the VAE scale factor (float32).
+
+        sample=True draws from the posterior as the official code does for the reference; False takes its mean.
+        """
+        (images,) = self._inputs(images)
+        mean, logvar = self.vae.encode_chunked(images, chunk)
+        mean, logvar = mean.float(), logvar.float()
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+            mean = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+        return mean * self.config.vae.scale_factor
+
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Scaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w), about [-1, 1], not clamped (float32)."""
+        (z,) = self._inputs(latents / self.config.vae.scale_factor)
+        return self.vae.decode_chunked(z, chunk).float()
+
+    # ---- text -------------------------------------------------------------------------------------------------
+
+    def empty_prompt_context(self) -> torch.Tensor:
+        """CLIP("") last hidden state (1, 77, C), as both official branches use; computed once and cached."""
+        if self.text_encoder is None:
+            raise MissingTextEncoderError(
+                "this X-Portrait checkpoint has no CLIP text encoder weights (cond_stage_model.*), so the empty-prompt "
+                "conditioning cannot be computed: pass conditioning explicitly (e.g. CLIP Text Encode with an SD1.5 "
+                "CLIP on an empty prompt) or use the full released checkpoint"
+            )
+        if self._empty_prompt is None:
+            with torch.no_grad():
+                self._empty_prompt = encode_empty_prompt(self.text_encoder).float().cpu()
+        return self._empty_prompt.to(device=self.device, dtype=self.dtype)
