@@ -1,0 +1,121 @@
+"""Reading driving videos and writing results, through PyAV (its wheels bundle FFmpeg; no system ffmpeg needed)."""
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .image_formats import to_uint8
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FPS = 25.0
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("PyAV is missing: `pip install av` (it bundles FFmpeg)") from error
+    return av
+
+
+def read_video(
+    path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True
+) -> tuple[np.ndarray, float]:
+    """Decode a video file -> (uint8 (N, H, W, 3) RGB frames, frames per second).
+
+    max_frames: stop after this many frames. apply_rotation: turn frames upright when the file carries a display
+    rotation (phone videos), as players do.
+    """
+    av = _import_av()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as error:
+        raise ValueError(f"could not open {path} as a video: {error}") from error
+    frames: list[np.ndarray] = []
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if rate:
+            fps = float(rate)
+        else:
+            fps = DEFAULT_FPS
+            logger.warning("%s does not say its frame rate; assuming %s fps", path, DEFAULT_FPS)
+        try:
+            for frame in container.decode(stream):
+                image = frame.to_ndarray(format="rgb24")
+                quarter_turns = int(round(getattr(frame, "rotation", 0) / 90.0)) % 4 if apply_rotation else 0
+                if quarter_turns:
+                    image = np.ascontiguousarray(np.rot90(image, quarter_turns))  # counterclockwise, as stored
+                frames.append(image)
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        except av.error.FFmpegError as error:
+            if not frames:
+                raise ValueError(f"could not decode {path}: {error}") from error
+            # a truncated file still gives the frames before the damage (the official reader does the same)
+            logger.warning("%s: decoding stopped after %d frames: %s", path, len(frames), error)
+    if not frames:
+        raise ValueError(f"{path} contains no decodable video frames")
+    return np.stack(frames), fps
+
+
+def write_video(
+    path: str | os.PathLike, frames, fps: float, crf: int = 18, codec: str = "libx264"
+) -> Path:
+    """Encode frames to an H.264 mp4 (yuv420p, playable everywhere). Returns the path.
+
+    frames: (N, H, W, 3) or (N, H, W) array or a sequence of images, uint8 or float in [0, 1]. yuv420p needs even
+    sizes: an odd width or height is padded by repeating the last column/row. crf: quality (0 lossless .. 51).
+    """
+    av = _import_av()
+    path = Path(path)
+    if not (isinstance(fps, (int, float, Fraction)) and np.isfinite(float(fps)) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    batch = frames if isinstance(frames, np.ndarray) else list(frames)
+    if len(batch) == 0:
+        raise ValueError("no frames to write (empty batch)")
+    first = np.asarray(batch[0])
+    if first.ndim not in (2, 3) or (first.ndim == 3 and first.shape[2] not in (1, 3)):
+        raise ValueError(f"frames must be (H, W, 3) or (H, W) images, got a frame of shape {first.shape}")
+    height, width = first.shape[:2]
+    even_h, even_w = height + height % 2, width + width % 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+    try:
+        container = av.open(str(path), mode="w")
+    except av.error.FFmpegError as error:
+        raise ValueError(f"could not create {path}: {error}") from error
+    with container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = even_w, even_h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(int(crf))}
+        for index, frame in enumerate(batch):
+            image = np.asarray(frame)
+            if image.shape[:2] != (height, width):
+                raise ValueError(f"frame {index} is {image.shape[:2]}, the first frame is {(height, width)}")
+            if image.dtype != np.uint8:
+                image = to_uint8(np.clip(image, 0.0, 1.0))
+            if image.ndim == 2 or image.shape[2] == 1:
+                image = np.repeat(image.reshape(height, width, 1), 3, axis=2)
+            if (even_h, even_w) != (height, width):
+                image = np.pad(image, ((0, even_h - height), (0, even_w - width), (0, 0)), mode="edge")
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
