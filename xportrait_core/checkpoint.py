@@ -10,6 +10,7 @@ for the text encoder when they are CLIP ViT-L/14's; the DDPM schedule buffers ar
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -147,15 +148,35 @@ def to_our_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     """Rename official keys to ours (ours pass through). Returns (renamed, ignored official keys)."""
     renamed, ignored = {}, []
     for key, value in state_dict.items():
-        if key.startswith(_OUR_PREFIXES):
-            renamed[key] = value
-            continue
-        ours = official_to_ours(key)
+        ours = key if key.startswith(_OUR_PREFIXES) else official_to_ours(key)
         if ours is None:
             ignored.append(key)
         else:
-            renamed[key if ours == key else ours] = value
+            renamed[ours] = value
     return renamed, ignored
+
+
+def _in_file_naming(report: KeyReport, raw: dict[str, torch.Tensor]) -> KeyReport:
+    """The report with keys named as the checkpoint file names them, so users can find them in their file."""
+    official = not any(k.startswith(_OUR_PREFIXES) for k in raw)
+    if not official:
+        return report
+    back = {}
+    for key in raw:
+        ours = official_to_ours(key)
+        if ours is not None:
+            back[ours] = key
+
+    def name(entry: str) -> str:
+        key, _, rest = entry.partition(" ")
+        try:
+            key = back.get(key) or ours_to_official(key)
+        except KeyError:
+            pass
+        return f"{key} {rest}".rstrip()
+
+    return KeyReport(missing=[name(k) for k in report.missing], unexpected=[name(k) for k in report.unexpected],
+                     mismatched=[name(k) for k in report.mismatched], ignored=report.ignored)
 
 
 def _check_schedule(state_dict: dict[str, torch.Tensor], config: XPortraitConfig) -> None:
@@ -167,7 +188,9 @@ def _check_schedule(state_dict: dict[str, torch.Tensor], config: XPortraitConfig
         raise CheckpointError("the checkpoint's noise schedule (alphas_cumprod) differs from X-Portrait's")
 
 
+@functools.lru_cache(maxsize=8)
 def expected_shapes(config: XPortraitConfig, with_text_encoder: bool) -> dict[str, torch.Size]:
+    """Every key and shape of the model a config builds (built on the meta device: no memory, and cached)."""
     from .model import XPortrait
 
     with torch.device("meta"):
@@ -199,7 +222,7 @@ def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[X
             return config
         reports.append(report)
     best = min(reports, key=lambda r: len(r.missing) + len(r.unexpected) + len(r.mismatched))
-    raise CheckpointError(f"not an X-Portrait checkpoint of a known size: {best.describe()}")
+    raise CheckpointError(f"not an X-Portrait checkpoint of a known size (closest preset: {best.describe()})")
 
 
 def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPortraitConfig] = None,
@@ -223,7 +246,7 @@ def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPort
     report.ignored = ignored
     if not report.fits:
         name = Path(source).name if not isinstance(source, dict) else "state dict"
-        raise CheckpointError(f"{name} does not fit X-Portrait: {report.describe()}")
+        raise CheckpointError(f"{name} does not fit X-Portrait: {_in_file_naming(report, raw).describe()}")
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     log.info("loaded X-Portrait (%d tensors, %d ignored official keys%s)", len(state), len(ignored),
@@ -243,8 +266,10 @@ def convert_checkpoint(source: Union[str, os.PathLike], destination: Union[str, 
     report = compare_keys(state, expected_shapes(config, _has_text_encoder(state)))
     report.ignored = ignored
     if not report.fits:
-        raise CheckpointError(f"{Path(source).name} does not fit X-Portrait: {report.describe()}")
+        raise CheckpointError(f"{Path(source).name} does not fit X-Portrait: {_in_file_naming(report, raw).describe()}")
     preset = "official" if config == XPortraitConfig.official() else "tiny"
-    out = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    # The positional-encoding tables are sinusoids, not trained weights: keep them exact.
+    out = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("pos_encoder.pe") else v).contiguous()
+           for k, v in state.items()}
     save_file(out, str(destination), metadata={"format": FORMAT_TAG, "config": preset, "dtype": str(dtype)})
     return report
