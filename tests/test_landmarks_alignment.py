@@ -64,7 +64,7 @@ def test_reference_face_found(source_image):
     chin_y = face.landmarks[8, 1]
     assert eyes_y < mouth_y < chin_y  # the 68-point layout the official code indexes
     # a face filling most of the portrait, centred horizontally
-    x0, y0, x1, y1 = face.landmark_box
+    x0, _, x1, _ = face.landmark_box
     assert 200 < x1 - x0 < 350 and abs((x0 + x1) / 2 - 256) < 30
 
 

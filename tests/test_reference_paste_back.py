@@ -7,7 +7,11 @@ from PIL import Image
 
 from xportrait_core.landmarks import NoFaceFoundError
 from xportrait_core.paste_back import paste_back, paste_frame, paste_mask
-from xportrait_core.reference_crop import prepare_reference, prepare_references, stack_references
+from xportrait_core.reference_crop import (
+    prepare_reference,
+    prepare_references,
+    stack_references,
+)
 
 # where the sample portrait is placed inside a larger synthetic photo
 PLACE_X, PLACE_Y = 500, 200
@@ -54,7 +58,7 @@ def test_the_face_is_found_and_cropped_square(prepared, photo):
 
 def test_default_margin_reproduces_the_sample_framing(photo):
     """On the official sample the default crop is (nearly) the portrait itself, as the model was trained on."""
-    x0, y0, x1, y1 = prepare_reference(photo, resolution=256).crop_box
+    x0, y0, x1, _ = prepare_reference(photo, resolution=256).crop_box
     assert abs((x1 - x0) - 512) <= 32
     assert abs(x0 - PLACE_X) <= 16 and abs(y0 - PLACE_Y) <= 16
 
@@ -159,7 +163,7 @@ def test_no_feather_where_the_crop_touches_the_photo_border(portrait):
     mask = paste_mask(prepared, feather=20)
     assert (mask == 1).all()
     left = prepare_reference(portrait[:, 60:], resolution=128, margin=1.0)  # touches left, right and one more side
-    x0, y0, x1, y1 = left.crop_box
+    _, y0, x1, y1 = left.crop_box
     mask = paste_mask(left, feather=20)
     assert mask[(y0 + y1) // 2, 0] == 1.0 and mask[(y0 + y1) // 2, x1 - 1] == 1.0
     full = prepare_reference(portrait, resolution=128, mode="resize")

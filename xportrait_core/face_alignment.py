@@ -22,13 +22,19 @@ relaxed detector threshold (dlib backend), instead of an all -1 local hint; each
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
-from .image_formats import as_frame_batch, as_rgb_float, check_resolution, resize_image, to_uint8
+from .image_formats import (
+    as_frame_batch,
+    as_rgb_float,
+    check_resolution,
+    resize_image,
+    to_uint8,
+)
 from .landmarks import BoxAwareFaceBackend, Face, FaceBackend, default_face_backend
 
 logger = logging.getLogger(__name__)
@@ -41,7 +47,7 @@ BEST_FRAME_AUTO = -1
 NO_ALIGNMENT = -2
 
 
-@dataclass
+@dataclass(eq=False)
 class MotionHints:
     """The control inputs for the global and local motion ControlNets, and what was found on the way.
 

@@ -13,7 +13,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .image_formats import as_frame_batch, as_rgb_uint8
-from .landmarks import DESCRIPTOR_SIZE, FaceBackend, default_face_backend, detect_faces, find_face
+from .landmarks import (
+    DESCRIPTOR_SIZE,
+    FaceBackend,
+    default_face_backend,
+    detect_faces,
+    find_face,
+)
 
 DEFAULT_THRESHOLD = 0.6
 DETECT_MAX_SIDE = 1024
@@ -54,7 +60,7 @@ def frame_descriptors(frames, backend: FaceBackend | None = None, what: str = "f
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class IdentityReport:
     """Per-frame identity measurements (float32 (N,), NaN where the output frame has no face).
 
@@ -133,8 +139,10 @@ class IdentityReport:
     def summary_text(self) -> str:
         s = self.summary()
         lines = [
-            f"identity over {s['frames']} frames: mean distance {s['mean_distance']:.3f} "
-            f"(cosine {s['mean_cosine']:.3f}), worst frame {s['worst_frame']} at {s['worst_distance']:.3f}",
+            (
+                f"identity over {s['frames']} frames: mean distance {s['mean_distance']:.3f} "
+                f"(cosine {s['mean_cosine']:.3f}), worst frame {s['worst_frame']} at {s['worst_distance']:.3f}"
+            ),
             f"frames over {s['threshold']:.2f}: {len(s['frames_over_threshold'])} {_short_list(s['frames_over_threshold'])}",
         ]
         if s["missing_frames"]:

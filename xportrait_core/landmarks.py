@@ -39,7 +39,7 @@ class NoFaceFoundError(ValueError):
         super().__init__(message + (f" {detail}" if detail else "") + hint)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Face:
     """One detected face, in the pixel coordinates of the image it was found in.
 
@@ -53,7 +53,7 @@ class Face:
     score: float = 0.0
     tracked: bool = False
 
-    def scaled(self, sx: float, sy: float | None = None) -> "Face":
+    def scaled(self, sx: float, sy: float | None = None) -> Face:
         """The same face in an image resized by (sx, sy): coordinates multiplied, as the official code does."""
         sy = sx if sy is None else sy
         return replace(

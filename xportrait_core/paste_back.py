@@ -18,7 +18,7 @@ from .reference_crop import PreparedReference
 DEFAULT_FEATHER_FRACTION = 0.1  # of the crop side, when no feather width is given
 
 
-@dataclass
+@dataclass(eq=False)
 class PastedFrames:
     """frames: float32 (N, H, W, 3) in [0, 1], the full photos. mask: float32 (1, H, W) in [0, 1], the weight
     given to the animated crop (ComfyUI MASK layout; the same for every frame)."""

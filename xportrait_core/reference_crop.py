@@ -6,8 +6,8 @@ frame the way the model was trained on; `crop_box` records the square so `paste_
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ DETECT_MAX_SIDE = 1024  # HOG cost grows with area; big photos are searched on a
 HEADROOM = 0.2
 
 
-@dataclass
+@dataclass(eq=False)
 class PreparedReference:
     """A reference ready for the model, and the way back to the source photo.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -82,7 +83,7 @@ def write_video(
     """
     av = _import_av()
     path = Path(path)
-    if not (isinstance(fps, (int, float, Fraction)) and np.isfinite(float(fps)) and fps > 0):
+    if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and np.isfinite(float(fps)) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     batch = frames if isinstance(frames, np.ndarray) else list(frames)
     if len(batch) == 0:
@@ -93,7 +94,7 @@ def write_video(
     height, width = first.shape[:2]
     even_h, even_w = height + height % 2, width + width % 2
     path.parent.mkdir(parents=True, exist_ok=True)
-    rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+    rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(1001)
     try:
         container = av.open(str(path), mode="w")
     except av.error.FFmpegError as error:
