@@ -1,0 +1,106 @@
+"""Classifier-free guidance as the official `controlnet_important` mode, packaged as a `denoise` callable.
+
+    cond   = model.eps_cond(x, t, context, reference bank, global_hint, local_hint)   reference + both controls
+    uncond = model.eps_uncond(x, t, uncond_context)                                   UNet + motion modules only
+    eps    = uncond + scale * (cond - uncond)
+
+The reference net depends only on the timestep (the reference latents are not noised: official `wonoise`), so its
+bank is computed once per timestep, on the R references themselves (batch R), and shared by every window of that
+step; the official code ran it on one copy of the reference per frame of every window.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .model import XPortrait
+
+
+class GuidedDenoiser:
+    """`denoise(x_window, t, frame_indices) -> eps` for `sampler.sample_ddim`.
+
+    reference_latents: (R, 4, h, w) scaled, not noised; several references are appended in order.
+    global_hint / local_hint: (F, 3, H, W) in [-1, 1] for the whole video (None skips that ControlNet); they may
+        stay on the CPU: each window's frames are moved to the model's device when it is denoised.
+    context / uncond_context: (1, 77, C) text conditioning of the conditional / unconditional branch; None takes
+        the model's empty-prompt context (which needs CLIP weights in the checkpoint).
+    """
+
+    def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
+                 global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
+                 guidance_scale: float = 5.0, context: Optional[torch.Tensor] = None,
+                 uncond_context: Optional[torch.Tensor] = None,
+                 global_strength: float = 1.0, local_strength: float = 1.0):
+        if reference_latents.ndim == 3:
+            reference_latents = reference_latents[None]
+        if reference_latents.ndim != 4 or reference_latents.shape[0] < 1:
+            raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
+        for name, hint in (("global_hint", global_hint), ("local_hint", local_hint)):
+            if hint is not None and hint.ndim != 4:
+                raise ValueError(f"{name} must be (frames, 3, H, W), got {tuple(hint.shape)}")
+        if global_hint is not None and local_hint is not None and len(global_hint) != len(local_hint):
+            raise ValueError(f"global_hint has {len(global_hint)} frames but local_hint has {len(local_hint)}")
+        self.model = model
+        self.reference_latents = reference_latents
+        self.global_hint = global_hint
+        self.local_hint = local_hint
+        self.guidance_scale = float(guidance_scale)
+        self.global_strength = float(global_strength)
+        self.local_strength = float(local_strength)
+        needs_cond = self.guidance_scale != 0.0
+        needs_uncond = self.guidance_scale != 1.0
+        # The reference net reads the conditional context too (official `cond_txt_void`), so it is always needed.
+        self.context = context if context is not None else model.empty_prompt_context()
+        self.uncond_context = None
+        if needs_uncond:
+            self.uncond_context = uncond_context if uncond_context is not None else model.empty_prompt_context()
+        self._needs_cond = needs_cond
+        self._bank_t: Optional[int] = None
+        self._bank = None
+
+    @property
+    def num_frames(self) -> Optional[int]:
+        hint = self.global_hint if self.global_hint is not None else self.local_hint
+        return None if hint is None else len(hint)
+
+    def reference_bank(self, t: int):
+        """The bank of timestep t, computed on the first window of each step and reused by the others."""
+        if self._bank_t != t:
+            self._bank = None  # free the previous step's bank before building the next
+            self._bank = self.model.reference_bank(self.reference_latents, t, self.context)
+            self._bank_t = t
+        return self._bank
+
+    def release(self) -> None:
+        """Drop the cached reference bank (call when sampling ends or is cancelled)."""
+        self._bank = None
+        self._bank_t = None
+
+    @staticmethod
+    def _frames(hint: Optional[torch.Tensor], frame_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        if hint is None:
+            return None
+        return hint.index_select(0, frame_indices.to(hint.device))
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> torch.Tensor:
+        uncond = None
+        if self.uncond_context is not None:
+            uncond = self.model.eps_uncond(x, t, self.uncond_context).float()
+            if not self._needs_cond:
+                return uncond
+        cond = self.model.eps_cond(
+            x, t, self.context, self.reference_bank(t),
+            global_hint=self._frames(self.global_hint, frame_indices),
+            local_hint=self._frames(self.local_hint, frame_indices),
+            global_strength=self.global_strength, local_strength=self.local_strength,
+        ).float()
+        if uncond is None:
+            return cond
+        return uncond + self.guidance_scale * (cond - uncond)
+
+
+def guided_denoiser(model: XPortrait, reference_latents: torch.Tensor, **kwargs) -> GuidedDenoiser:
+    """Build the official `controlnet_important` denoiser; keyword arguments as `GuidedDenoiser`."""
+    return GuidedDenoiser(model, reference_latents, **kwargs)
