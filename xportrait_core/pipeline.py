@@ -191,9 +191,14 @@ def animate_latents(
         return sample_ddim(denoiser, x_T, model_alphas_cumprod(model), timesteps, eta=eta, window=window,
                            overlap=overlap, window_offsets=window_offsets, generator=generator, callback=callback,
                            should_cancel=should_cancel)
+    except SamplingCancelled as error:
+        message = str(error)
     finally:
         denoiser.release()
         del x_T
+    # Raised afresh outside the handler: the sampler's exception (whose traceback holds its frames and their
+    # arguments, x_T among them) is gone, so a host holding this one keeps no latents alive.
+    raise SamplingCancelled(message)
 
 
 def _video_frames(init_frames, num_frames: int, resolution: int) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""`animate` end to end with the real tiny model: shapes, seeds, initial latents, references, errors, cancellation."""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from xportrait_core.initial_latents import (
+    encode_reference,
+    model_alphas_cumprod,
+    reference_initial_latents,
+    video_initial_latents,
+)
+from xportrait_core.model import MissingTextEncoderError
+from xportrait_core.pipeline import animate, animate_latents, decode_frames, images_to_tensor, iter_frames
+from xportrait_core.reference_attention import ReferenceBank
+from xportrait_core.sampler import SamplingCancelled
+
+FRAMES = 10
+
+
+@pytest.fixture(scope="module")
+def inputs(golden_cases):
+    reference = ((golden_cases["vae_image"][0].permute(1, 2, 0).numpy() + 1) / 2).astype(np.float32)
+    name = "sample20_overlap4"
+    return dict(
+        reference=reference,
+        global_hint=golden_cases[f"{name}_global_hint"][:FRAMES].numpy(),
+        local_hint=golden_cases[f"{name}_local_hint"][:FRAMES].numpy(),
+        context=golden_cases[f"{name}_context"],
+        uncond_context=golden_cases[f"{name}_uncond_context"],
+    )
+
+
+def _animate(model, inputs, **kwargs):
+    args = dict(inputs)
+    reference = args.pop("reference")
+    kwargs = {"steps": 2, "window": 8, "overlap": 2, **kwargs}
+    return animate(model, reference, **args, **kwargs)
+
+
+def test_frames_shape_range_and_seed(tiny_model, inputs):
+    a = _animate(tiny_model, inputs, seed=3)
+    assert a.shape == (FRAMES, 64, 64, 3) and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert np.array_equal(a, _animate(tiny_model, inputs, seed=3))
+    assert np.abs(a - _animate(tiny_model, inputs, seed=4)).max() > 1e-3
+
+
+def test_motion_hints_object_is_accepted(tiny_model, inputs):
+    class Hints:  # the fields animate reads from face_alignment.MotionHints
+        global_hint = inputs["global_hint"]
+        local_hint = inputs["local_hint"]
+
+    args = {k: v for k, v in inputs.items() if k not in ("global_hint", "local_hint", "reference")}
+    via_object = animate_latents(tiny_model, inputs["reference"], Hints(), steps=2, seed=1, **args)
+    via_arrays = animate_latents(tiny_model, inputs["reference"], steps=2, seed=1, **{**args,
+                                 "global_hint": inputs["global_hint"], "local_hint": inputs["local_hint"]})
+    assert torch.equal(via_object, via_arrays)
+
+
+def test_initial_latent_choices(tiny_model, inputs):
+    base = animate_latents(tiny_model, **inputs, steps=2, seed=0)
+    noise = animate_latents(tiny_model, **inputs, steps=2, seed=0, init="noise")
+    video = animate_latents(tiny_model, **inputs, steps=2, seed=0, init="video",
+                            init_frames=np.repeat(inputs["reference"][None], FRAMES, axis=0)[..., ::-1])
+    assert base.shape == noise.shape == video.shape == (FRAMES, 4, 8, 8)
+    assert (base - noise).abs().max() > 1e-3 and (base - video).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="init_frames"):
+        animate_latents(tiny_model, **inputs, steps=2, init="video")
+    with pytest.raises(ValueError, match="init must be"):
+        animate_latents(tiny_model, **inputs, steps=2, init="sketch")
+
+
+def test_reference_initial_latents_are_noised_posterior_samples(tiny_model, inputs):
+    reference = images_to_tensor(inputs["reference"], "reference")
+    g = torch.Generator().manual_seed(0)
+    x_T = reference_initial_latents(tiny_model, reference, 6, g)
+    assert x_T.shape == (6, 4, 8, 8) and x_T.dtype == torch.float32
+    # Fresh noise per frame, reproducible from the seed.
+    assert (x_T[0] - x_T[1]).abs().max() > 0.1
+    assert torch.equal(x_T, reference_initial_latents(tiny_model, reference, 6, torch.Generator().manual_seed(0)))
+    # At t = 0 almost no noise is added: frames sit near the reference's posterior mean.
+    near_clean = reference_initial_latents(tiny_model, reference, 64, torch.Generator().manual_seed(0), timestep=0)
+    mean = encode_reference(tiny_model, reference, sample=False)[0]
+    assert (near_clean.mean(0) - mean).abs().mean() < 0.25 * (near_clean - mean).abs().mean()
+    # Video frames noised to 999 keep sqrt(alphas_cumprod[999]) of their content.
+    assert model_alphas_cumprod(tiny_model)[999] < 0.01
+    v = video_initial_latents(tiny_model, reference.expand(3, -1, -1, -1), torch.Generator().manual_seed(1), chunk=2)
+    assert v.shape == (3, 4, 8, 8)
+
+
+def test_several_references_go_into_one_bank(tiny_model, inputs, monkeypatch):
+    seen = []
+    original = tiny_model.reference_bank
+    monkeypatch.setattr(tiny_model, "reference_bank",
+                        lambda lat, t, ctx: seen.append(lat.shape[0]) or original(lat, t, ctx))
+    args = {k: v for k, v in inputs.items() if k != "reference"}
+    two = [inputs["reference"], inputs["reference"][::-1].copy()]
+    multi = animate_latents(tiny_model, two, steps=2, seed=0, **args)
+    single = animate_latents(tiny_model, inputs["reference"], steps=2, seed=0, **args)
+    assert seen == [2, 2, 1, 1]  # one bank per step, on all references at once
+    assert (multi - single).abs().max() > 1e-4
+
+
+def test_input_errors(tiny_model, inputs):
+    args = {k: v for k, v in inputs.items() if k not in ("context", "uncond_context")}
+    with pytest.raises(MissingTextEncoderError, match="CLIP"):
+        animate_latents(tiny_model, **args, steps=2)  # tiny weights have no CLIP and no context was given
+    small = np.zeros((32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match="same resolution"):
+        animate_latents(tiny_model, small, **{k: v for k, v in inputs.items() if k != "reference"}, steps=2)
+    with pytest.raises(ValueError, match="no motion"):
+        animate_latents(tiny_model, inputs["reference"], steps=2)
+    with pytest.raises(ValueError, match="differ in shape"):
+        animate_latents(tiny_model, **{**inputs, "local_hint": inputs["local_hint"][:3]}, steps=2)
+
+
+def test_decoding_in_chunks_matches_one_batch(tiny_model, inputs):
+    latents = animate_latents(tiny_model, **inputs, steps=2, seed=0)
+    chunks = list(iter_frames(tiny_model, latents, chunk=4))
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    whole = decode_frames(tiny_model, latents, chunk=FRAMES)
+    np.testing.assert_allclose(np.concatenate(chunks), whole, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects() touches deprecated torch aliases
+def test_cancellation_releases_everything(tiny_model, inputs):
+    calls = []
+    shape = (FRAMES, 4, 8, 8)
+    with pytest.raises(SamplingCancelled) as info:
+        animate_latents(tiny_model, **inputs, steps=4, window=8, overlap=2, callback=lambda d, t: calls.append(d),
+                        should_cancel=lambda: len(calls) >= 3)
+    assert len(calls) == 3
+    # While the host still holds the exception (and so every frame of its traceback), neither the reference bank
+    # nor any latents of the video are kept alive.
+    gc.collect()
+    assert info.value is not None
+    assert not [o for o in gc.get_objects() if isinstance(o, ReferenceBank)]
+    assert not [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) == shape]
+    with pytest.raises(SamplingCancelled):
+        list(iter_frames(tiny_model, torch.zeros(4, 4, 8, 8), chunk=2, should_cancel=lambda: True))
