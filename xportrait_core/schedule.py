@@ -11,8 +11,9 @@ from .config import ScheduleConfig
 
 
 def make_alphas_cumprod(config: ScheduleConfig = ScheduleConfig()) -> torch.Tensor:
+    # Always on the CPU: models are built under `torch.device("meta")` when loading, and the schedule must be real.
     sqrt_betas = torch.linspace(config.linear_start ** 0.5, config.linear_end ** 0.5, config.num_timesteps,
-                                dtype=torch.float64)
+                                dtype=torch.float64, device="cpu")
     alphas = 1.0 - sqrt_betas ** 2
     return torch.cumprod(alphas, dim=0).to(torch.float32)
 

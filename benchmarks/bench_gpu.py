@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Speed and memory of X-Portrait on a CUDA GPU: the whole sampler, and one call of each network.
+
+The full-size `official()` model is built with random weights on the GPU (speed does not depend on the weight
+values). A video run is what a user's job does after face preprocessing: VAE-encode the reference, noise it to
+t=999 for every frame, DDIM over the official 30-step schedule (31 timesteps) with guidance 5 in 16-frame
+windows, and VAE-decode every frame. Warm-up runs are excluded; the median of the timed runs is reported.
+
+    python benchmarks/bench_gpu.py --frames 16 64 --runs 3 --dtype bf16
+    python benchmarks/bench_gpu.py --check-golden GOLDEN_DIR      # fast path vs the official fp32 fixtures
+
+Prints one JSON object per measurement and a table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xportrait_core import attention  # noqa: E402
+from xportrait_core.config import XPortraitConfig  # noqa: E402
+from xportrait_core.guidance import GuidedDenoiser  # noqa: E402
+from xportrait_core.model import XPortrait  # noqa: E402
+from xportrait_core.sampler import ddim_timesteps, sample_ddim  # noqa: E402
+from xportrait_core.schedule import q_sample  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RESULTS: list[dict] = []
+
+
+def emit(**record):
+    RESULTS.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def build_random_model(config: XPortraitConfig, dtype: torch.dtype, device: str) -> XPortrait:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = XPortrait(config, with_text_encoder=False)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of fn() over `repeats` runs after `warmup` runs (host clock around a device sync)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class VideoJob:
+    """Random inputs of one video, and the user's job on them."""
+
+    def __init__(self, model: XPortrait, frames: int, resolution: int, seed: int = 999):
+        g = torch.Generator().manual_seed(seed)
+        self.model = model
+        self.frames = frames
+        self.reference = torch.rand(1, 3, resolution, resolution, generator=g) * 2 - 1
+        self.global_hint = torch.rand(frames, 3, resolution, resolution, generator=g) * 2 - 1
+        self.local_hint = torch.rand(frames, 3, resolution, resolution, generator=g) * 2 - 1
+        self.context = torch.randn(1, 77, model.config.unet.context_dim, generator=g)
+        self.seed = seed
+
+    @torch.no_grad()
+    def run(self, steps: int = 30, guidance: float = 5.0, overlap: int = 4, window: int = 16, decode: bool = True):
+        model, device = self.model, self.model.device
+        g = torch.Generator().manual_seed(self.seed)
+        reference_latent = model.encode_images(self.reference.to(device), generator=g)
+        noise = torch.randn((self.frames, *reference_latent.shape[1:]), generator=g).to(device)
+        x_T = q_sample(reference_latent.expand(self.frames, -1, -1, -1), 999, noise, model.alphas_cumprod)
+        denoise = GuidedDenoiser(model, reference_latent, global_hint=self.global_hint, local_hint=self.local_hint,
+                                 guidance_scale=guidance, context=self.context.to(device),
+                                 uncond_context=self.context.to(device))
+        latents = sample_ddim(denoise, x_T, model.alphas_cumprod, ddim_timesteps(steps), window=window,
+                              overlap=overlap, generator=g)
+        denoise.release()
+        if decode:
+            return model.decode_latents(latents).clamp(-1, 1)
+        return latents
+
+
+def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
+    """One call of each network on a 16-frame window: the per-step budget."""
+    device, dtype = model.device, model.dtype
+    h = resolution // 8
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(frames, 4, h, h, device=device, generator=g, dtype=dtype)
+    ref = torch.randn(1, 4, h, h, device=device, generator=g, dtype=dtype)
+    hint = torch.rand(frames, 3, resolution, resolution, device=device, generator=g, dtype=dtype) * 2 - 1
+    ctx = torch.randn(1, 77, model.config.unet.context_dim, device=device, generator=g, dtype=dtype)
+    t = torch.full((frames,), 500, device=device)
+    with torch.no_grad():
+        bank = model.reference_bank(ref, 500, ctx)
+        residuals = model.global_control(x, hint, t, ctx)
+        calls = {
+            "reference_net (batch 1)": lambda: model.reference_bank(ref, 500, ctx),
+            "global_control": lambda: model.global_control(x, hint, t, ctx),
+            "local_control": lambda: model.local_control(x, hint, t, ctx),
+            "unet cond (bank + control)": lambda: model.unet(x, t, ctx, reference=bank, control=residuals),
+            "unet uncond": lambda: model.unet(x, t, ctx),
+            "eps_cond (all of the above)": lambda: model.eps_cond(x, 500, ctx, model.reference_bank(ref, 500, ctx), hint, hint),
+            "vae decode 16 frames": lambda: model.decode_latents(x.float()),
+        }
+        for name, fn in calls.items():
+            emit(kind="network", name=name, seconds=round(cuda_time(fn), 4), frames=frames, dtype=str(dtype))
+
+
+def count_flops(job: VideoJob) -> tuple[float, float]:
+    """(FLOPs of one sampling timestep, FLOPs of the VAE work) of a video job, counted by
+    torch.utils.flop_counter. Sampling FLOPs scale with the number of timesteps; the VAE runs once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as sampling:
+        job_run_timesteps(job, [999])
+    size = job.reference.shape[-1] // 8
+    with FlopCounterMode(display=False) as vae, torch.no_grad():
+        job.model.decode_latents(torch.zeros(job.frames, 4, size, size, device=job.model.device))
+        job.model.encode_images(job.reference.to(job.model.device), sample=False)
+    return sampling.get_total_flops(), vae.get_total_flops()
+
+
+def job_run_timesteps(job: VideoJob, timesteps):
+    """Sampling over exactly these timesteps (no VAE), for counting."""
+    model, device = job.model, job.model.device
+    ref_latent = torch.zeros(1, 4, job.reference.shape[-1] // 8, job.reference.shape[-1] // 8, device=device)
+    denoise = GuidedDenoiser(model, ref_latent, global_hint=job.global_hint, local_hint=job.local_hint,
+                             guidance_scale=5.0, context=job.context.to(device), uncond_context=job.context.to(device))
+    x_T = torch.randn(job.frames, *ref_latent.shape[1:], device=device)
+    with torch.no_grad():
+        sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, window=16, overlap=4,
+                    generator=torch.Generator().manual_seed(0))
+
+
+def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overlap: int, label: str):
+    job = VideoJob(model, frames, resolution)
+    job.run(steps=2)  # warm-up: kernels, allocator, compiled graphs
+    sync()
+    on_cuda = model.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        job.run(overlap=overlap)
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")
+    median = statistics.median(times)
+    sampling_flops, vae_flops = count_flops(job)
+    timesteps = len(ddim_timesteps(30))
+    total_flops = sampling_flops * timesteps + vae_flops
+    emit(kind="video", variant=label, frames=frames, resolution=resolution, overlap=overlap, timesteps=timesteps,
+         seconds=round(median, 3), seconds_per_frame=round(median / frames, 4), runs=[round(t, 3) for t in times],
+         peak_vram_gib=round(peak, 2), tflop=round(total_flops / 1e12, 1),
+         tflop_per_frame_timestep=round(sampling_flops / frames / 1e12, 3),
+         achieved_tflops=round(total_flops / median / 1e12, 1),
+         attention=attention.resolve_backend(model.device, model.dtype), dtype=str(model.dtype),
+         gpu=torch.cuda.get_device_name() if on_cuda else "cpu")
+
+
+def check_golden(golden: Path, dtype: torch.dtype):
+    """The fast path (CUDA, this dtype, this attention backend) against the official fp32 fixtures."""
+    from safetensors.torch import load_file
+
+    from xportrait_core.checkpoint import load_xportrait
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = {k: v.to(device) for k, v in load_file(str(golden / "tiny_cases.safetensors")).items()}
+    model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device)
+    with torch.no_grad():
+        bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
+        eps_c = model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
+                               cases["local_hint"])
+        eps_u = model.eps_uncond(cases["x_noisy"], cases["timesteps"], cases["uncond_context"])
+        decoded = model.decode_latents(cases["vae_latent"])
+        sampled = {}
+        for case in ("sample16", "sample20_overlap4"):
+            denoise = GuidedDenoiser(model, cases[f"{case}_reference_latent"], global_hint=cases[f"{case}_global_hint"],
+                                     local_hint=cases[f"{case}_local_hint"], guidance_scale=5.0,
+                                     context=cases[f"{case}_context"], uncond_context=cases[f"{case}_uncond_context"])
+            sampled[case] = sample_ddim(denoise, cases[f"{case}_x_T"], model.alphas_cumprod, ddim_timesteps(4),
+                                        window=16, overlap=4 if "overlap" in case else 0,
+                                        window_offsets=cases[f"{case}_window_offsets"])
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    def mx(a, b):
+        return float((a.float() - b).abs().max())
+
+    emit(kind="golden", dtype=str(dtype), attention=attention.resolve_backend(torch.device(device), dtype),
+         eps_cond_max=mx(eps_c, cases["eps_cond"]), eps_cond_rel=rel(eps_c, cases["eps_cond"]),
+         eps_uncond_max=mx(eps_u, cases["eps_uncond"]), eps_uncond_rel=rel(eps_u, cases["eps_uncond"]),
+         vae_decoded_max=mx(decoded, cases["vae_decoded"]),
+         sample16_max=mx(sampled["sample16"], cases["sample16_out"]),
+         sample16_rel=rel(sampled["sample16"], cases["sample16_out"]),
+         sample20_max=mx(sampled["sample20_overlap4"], cases["sample20_overlap4_out"]),
+         sample20_rel=rel(sampled["sample20_overlap4"], cases["sample20_overlap4_out"]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["bf16"])
+    parser.add_argument("--frames", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--overlap", type=int, default=4)
+    parser.add_argument("--networks", action="store_true", help="time one call of each network")
+    parser.add_argument("--attention", default="auto", choices=attention.BACKENDS)
+    parser.add_argument("--check-golden", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--json", type=Path, default=None, help="also write all records to this file")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu with --config tiny for a smoke test")
+    parser.add_argument("--config", choices=["official", "tiny"], default="official")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
+    config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
+    attention.set_attention_backend(args.attention)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+    for name in args.dtype:
+        dtype = DTYPES[name]
+        if args.check_golden:
+            check_golden(args.check_golden, dtype)
+        if args.networks or args.frames:
+            model = build_random_model(config, dtype, args.device)
+            if args.networks:
+                bench_networks(model, args.resolution)
+            for frames in args.frames:
+                bench_video(model, frames, args.resolution, args.runs, args.overlap, label=f"eager-{name}")
+            del model
+            torch.cuda.empty_cache()
+
+    if args.json:
+        args.json.write_text("\n".join(json.dumps(r) for r in RESULTS) + "\n")
+    print("\n| what | frames | dtype | seconds | s/frame | peak GiB | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in RESULTS:
+        if r["kind"] == "video":
+            print(f"| video {r['variant']} | {r['frames']} | {r['dtype']} | {r['seconds']} | {r['seconds_per_frame']} | "
+                  f"{r['peak_vram_gib']} | {r['achieved_tflops']} |")
+        elif r["kind"] == "network":
+            print(f"| {r['name']} | {r['frames']} | {r['dtype']} | {r['seconds']} | | | |")
+
+
+if __name__ == "__main__":
+    main()
