@@ -1,0 +1,281 @@
+"""What every X-Portrait node shares: ComfyUI's services (progress, interruption, model management, model
+folders) behind small functions that also work without ComfyUI, and the conversions between ComfyUI's tensors
+and the core's arrays.
+
+Nothing here imports torch or the core at import time: ComfyUI imports the pack at start-up, and importing it
+outside ComfyUI (tests, linters, the registry's scanner) must stay cheap and must not fail.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("xportrait")
+
+CATEGORY = "X-Portrait"
+
+# Custom socket types. Only X-Portrait nodes produce or accept them, so the frontend lets users wire our objects
+# only between our nodes.
+MODEL_TYPE = "XPORTRAIT_MODEL"
+REFERENCE_TYPE = "XPORTRAIT_REFERENCE"
+MOTION_TYPE = "XPORTRAIT_MOTION"
+
+MODEL_FOLDER = "xportrait"
+MODEL_EXTENSIONS = (".th", ".ckpt", ".pt", ".safetensors")
+# Outside ComfyUI (tests, scripts) model files are looked up here instead of in ComfyUI's models/xportrait.
+MODEL_DIR_ENV = "XPORTRAIT_MODELS_DIR"
+
+try:  # ComfyUI present
+    import folder_paths as _folder_paths
+except ImportError:  # plain Python / pytest
+    _folder_paths = None
+
+
+def comfy_available() -> bool:
+    return _folder_paths is not None
+
+
+# ---- model folder ------------------------------------------------------------------------------------------------
+
+def register_model_folder() -> None:
+    """Make `models/xportrait` a ComfyUI model folder listing only checkpoint files.
+
+    extra_model_paths.yaml is read before custom nodes load, so an `xportrait:` entry there may already exist (with
+    no extension filter): its folders are kept, and the default folder is added after them.
+    """
+    if _folder_paths is None:
+        return
+    paths, _ = _folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
+    default = os.path.join(_folder_paths.models_dir, MODEL_FOLDER)
+    if default not in paths:
+        paths.append(default)
+    _folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(MODEL_EXTENSIONS))
+    try:  # shows users where the weights go; harmless when the models folder is read-only
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass
+
+
+def _fallback_model_dirs() -> list[str]:
+    value = os.environ.get(MODEL_DIR_ENV, "")
+    return [p for p in value.split(os.pathsep) if p]
+
+
+def list_model_files() -> list[str]:
+    if _folder_paths is not None:
+        return _folder_paths.get_filename_list(MODEL_FOLDER)
+    names = set()
+    for folder in _fallback_model_dirs():
+        for root, _dirs, files in os.walk(folder, followlinks=True):
+            for name in files:
+                if name.lower().endswith(MODEL_EXTENSIONS):
+                    names.add(os.path.relpath(os.path.join(root, name), folder))
+    return sorted(names)
+
+
+def model_file_path(name: str) -> str:
+    """Full path of a file listed by `list_model_files`; a clear error naming the searched folders otherwise."""
+    if not name:
+        raise ValueError("no X-Portrait model selected: put model_state-415001.th (or its .safetensors conversion) "
+                         "in ComfyUI/models/xportrait and refresh")
+    if not name.lower().endswith(MODEL_EXTENSIONS):
+        raise ValueError(f"{name!r} is not an X-Portrait checkpoint file (expected {', '.join(MODEL_EXTENSIONS)})")
+    if _folder_paths is not None:
+        path = _folder_paths.get_full_path(MODEL_FOLDER, name)
+        folders = _folder_paths.get_folder_paths(MODEL_FOLDER)
+    else:
+        folders = _fallback_model_dirs()
+        path = next((os.path.join(f, name) for f in folders if os.path.isfile(os.path.join(f, name))), None)
+    if path is None:
+        raise FileNotFoundError(f"X-Portrait model {name!r} not found in {', '.join(folders) or '(no folder)'}")
+    return path
+
+
+# ---- progress and interruption --------------------------------------------------------------------------------
+
+class _FallbackInterrupt:
+    """Outside ComfyUI, tests raise this flag to check that nodes stop between model calls."""
+
+    requested = False
+
+
+class Interrupted(Exception):
+    """Raised outside ComfyUI where ComfyUI would raise its InterruptProcessingException."""
+
+
+def request_interrupt(value: bool = True) -> None:
+    """Ask the running node to stop at its next check (ComfyUI's Cancel button does this inside ComfyUI)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        _FallbackInterrupt.requested = value
+        return
+    mm.interrupt_current_processing(value)
+
+
+def processing_interrupted() -> bool:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return _FallbackInterrupt.requested
+    return mm.processing_interrupted()
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interruption (which it reports as 'interrupted', not as an error) and clear the flag."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        if _FallbackInterrupt.requested:
+            _FallbackInterrupt.requested = False
+            raise Interrupted("X-Portrait: processing interrupted")
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """A ComfyUI progress bar fed by the core's `progress(done, total)` callbacks.
+
+    `updates` records every (done, total) so tests can check that progress was reported without ComfyUI.
+    """
+
+    def __init__(self, total: int = 1):
+        self.updates: list[tuple[int, int]] = []
+        try:
+            from comfy.utils import ProgressBar
+        except ImportError:
+            self._bar = None
+        else:
+            self._bar = ProgressBar(max(1, int(total)))
+
+    def __call__(self, done: int, total: int) -> None:
+        self.updates.append((int(done), int(total)))
+        if self._bar is not None:
+            self._bar.update_absolute(int(done), max(1, int(total)))
+
+
+def run_cancellable(work: Callable[[Callable[[], bool]], Any]) -> Any:
+    """Run `work(should_cancel)`; when the core stops because of the interruption, raise ComfyUI's interruption."""
+    try:
+        return work(processing_interrupted)
+    except Exception as exc:
+        if processing_interrupted() and _is_cancellation(exc):
+            throw_if_interrupted()
+        raise
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    return type(exc).__name__ in ("SamplingCancelled", "Cancelled", "ProcessingCancelled")
+
+
+# ---- model management -------------------------------------------------------------------------------------------
+
+def torch_device():
+    """The device ComfyUI computes on (its --cpu / --gpu-only / device choice), or CUDA when available elsewhere."""
+    import torch
+
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return mm.get_torch_device()
+
+
+def offload_device():
+    import torch
+
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return torch.device("cpu")
+    return mm.unet_offload_device()
+
+
+def auto_dtype(device):
+    """The dtype ComfyUI would pick for a UNet on this device (fp16/bf16 where fast, fp32 on CPU)."""
+    import torch
+
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return mm.unet_dtype(device=device, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+
+
+def soft_empty_cache() -> None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.soft_empty_cache()
+
+
+# ---- ComfyUI tensors <-> core arrays --------------------------------------------------------------------------
+
+def image_batch(image, what: str):
+    """A ComfyUI IMAGE (B, H, W, C) float 0..1 as a float32 numpy array, refusing empty or malformed batches."""
+    import numpy as np
+
+    if image is None:
+        raise ValueError(f"{what}: no image connected")
+    array = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, np.float32)
+    if array.ndim == 3:  # a single (H, W, C) image
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected an IMAGE batch (B, H, W, C) with C in 1/3/4, got shape {tuple(array.shape)}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{what}: the image batch is empty (0 images)")
+    if array.shape[1] == 0 or array.shape[2] == 0:
+        raise ValueError(f"{what}: images of size {array.shape[2]}x{array.shape[1]} are empty")
+    return array
+
+
+def to_image(frames):
+    """Core frames (N, H, W, C) float in [0, 1] (numpy or torch) -> ComfyUI IMAGE, float32 on the CPU."""
+    import torch
+
+    tensor = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(frames)
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+def to_comfy_latent(latents, scale_factor: float):
+    """Core latents (scaled by the VAE factor, as the UNet sees them) -> ComfyUI LATENT samples, which hold the
+    VAE's own unscaled latents (ComfyUI's SD1.5 latent format applies the 0.18215 inside its models)."""
+    import torch
+
+    return (latents.detach().to("cpu", torch.float32) / float(scale_factor)).contiguous()
+
+
+def hints_to_image(hints):
+    """Motion hints (N, 3, R, R) in [-1, 1] -> ComfyUI IMAGE (N, R, R, 3) in [0, 1], for previews."""
+    import torch
+
+    tensor = torch.as_tensor(hints).detach().to("cpu", torch.float32)
+    return ((tensor.permute(0, 2, 3, 1) + 1.0) * 0.5).clamp(0.0, 1.0).contiguous()
+
+
+def to_mask(mask):
+    """Core mask (B, H, W) or (H, W) float in [0, 1] -> ComfyUI MASK (B, H, W), float32 on the CPU."""
+    import torch
+
+    tensor = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(mask)
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+def mask_batch(mask) -> Optional[Any]:
+    """A ComfyUI MASK (B, H, W) or (H, W) as float32 numpy (B, H, W), or None."""
+    if mask is None:
+        return None
+    import numpy as np
+
+    array = mask.detach().cpu().float().numpy() if hasattr(mask, "detach") else np.asarray(mask, np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[0] == 0:
+        raise ValueError(f"mask: expected a MASK (B, H, W), got shape {tuple(array.shape)}")
+    return array

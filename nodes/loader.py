@@ -1,0 +1,142 @@
+"""Load X-Portrait Model: a checkpoint from models/xportrait, placed on the GPU by ComfyUI's model management."""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import common
+
+log = logging.getLogger("xportrait")
+
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+
+_managed_class = None
+
+
+def _managed_module(model):
+    """Wrap the network for ComfyUI's ModelPatcher, which sets `device` and bookkeeping attributes on the module
+    it manages; `XPortrait.device` is a read-only property, so the wrapper carries them instead."""
+    global _managed_class
+    if _managed_class is None:
+        import torch.nn as nn
+
+        class ManagedXPortrait(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.xportrait = inner
+                self.device = inner.device
+
+        _managed_class = ManagedXPortrait
+    return _managed_class(model)
+
+
+class LoadedXPortrait:
+    """What travels on an XPORTRAIT_MODEL socket: the network, its name, and ComfyUI's handle on its weights."""
+
+    def __init__(self, model, name: str, attention: str):
+        self.model = model
+        self.name = name
+        self.attention = attention
+        self.patcher = None
+        try:
+            import comfy.model_patcher
+        except ImportError:
+            return
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            _managed_module(model), load_device=common.torch_device(), offload_device=common.offload_device()
+        )
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def ready(self):
+        """The network on the compute device. Inside ComfyUI, `load_models_gpu` moves it there, unloading other
+        models first if the GPU is short of memory, and may offload it again when a later node needs the room."""
+        from xportrait_core.attention import set_attention_backend
+
+        # The attention dispatch is process-wide: re-assert this model's choice before every use.
+        set_attention_backend(self.attention)
+        if self.patcher is not None:
+            import comfy.model_management as mm
+
+            # Plain nn.Modules cannot run partially loaded (ComfyUI's low-VRAM mode needs its own layer classes).
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        else:
+            device = common.torch_device()
+            if self.model.device != device:
+                self.model.to(device)
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"LoadedXPortrait({self.name!r}, dtype={self.model.dtype}, attention={self.attention})"
+
+
+def check_model(model, node: str) -> LoadedXPortrait:
+    if not isinstance(model, LoadedXPortrait):
+        raise ValueError(f"{node}: 'xportrait_model' must come from Load X-Portrait Model, got {type(model).__name__}")
+    return model
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return common.auto_dtype(device)
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+class LoadXPortraitModel:
+    DESCRIPTION = ("Loads the X-Portrait network (UNet with motion modules, appearance reference net, global and "
+                   "local motion ControlNets, VAE and, when the file has it, CLIP text encoder) from "
+                   "ComfyUI/models/xportrait. The file's keys and shapes are checked: anything else is refused "
+                   "with the keys that do not fit.")
+    CATEGORY = common.CATEGORY
+    RETURN_TYPES = (common.MODEL_TYPE,)
+    RETURN_NAMES = ("xportrait_model",)
+    OUTPUT_TOOLTIPS = ("The X-Portrait network, for LoadReference and the Sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (common.list_model_files(), {
+                    "tooltip": "model_state-415001.th or its safetensors conversion, in ComfyUI/models/xportrait "
+                               "(or a folder named 'xportrait' in extra_model_paths.yaml)."}),
+                "dtype": (list(DTYPES), {
+                    "default": "auto",
+                    "tooltip": "Weight and compute precision. auto: fp16/bf16 on a GPU that runs them fast, fp32 on "
+                               "CPU. The official inference ran in fp16."}),
+                "attention": (list(ATTENTION_BACKENDS), {
+                    "default": "auto",
+                    "tooltip": "auto: xformers when it is installed and works with this torch, else PyTorch SDPA. "
+                               "Forcing xformers where it cannot run is an error, not a silent fallback."}),
+            }
+        }
+
+    def load(self, model_name: str, dtype: str = "auto", attention: str = "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        path = common.model_file_path(model_name)
+
+        from xportrait_core.attention import resolve_backend, set_attention_backend
+        from xportrait_core.checkpoint import load_xportrait
+
+        compute_device = common.torch_device()
+        weight_dtype = _dtype(dtype, compute_device)
+        set_attention_backend(attention)
+        resolve_backend(compute_device, weight_dtype)  # a forced backend that cannot run fails here, by name
+        try:
+            model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device())
+        except Exception as exc:
+            raise ValueError(f"Load X-Portrait Model: {os.path.basename(path)} could not be loaded: {exc}") from exc
+        log.info("X-Portrait: loaded %s (%s, attention %s)", model_name, weight_dtype, attention)
+        return (LoadedXPortrait(model, model_name, attention),)
+
+
+NODE_CLASS_MAPPINGS = {"XPortraitLoadModel": LoadXPortraitModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"XPortraitLoadModel": "Load X-Portrait Model"}

@@ -1,0 +1,131 @@
+"""X-Portrait Sampler: reference + motion -> animated frames (DDIM with guidance over overlapping windows)."""
+from __future__ import annotations
+
+from . import common
+from .loader import check_model
+from .motion import check_motion
+from .reference import check_reference
+
+INITIAL_LATENTS = {"noised reference": "reference", "noise": "noise"}
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _context(conditioning, name: str, width: int):
+    """The (1, tokens, width) tensor of a CONDITIONING ([[tensor, {...}]]), refusing what X-Portrait cannot use."""
+    node = "X-Portrait Sampler"
+    if conditioning is None:
+        return None
+    if not isinstance(conditioning, (list, tuple)) or not conditioning or not isinstance(conditioning[0], (list, tuple)):
+        raise ValueError(f"{node}: {name} is not a CONDITIONING (expected [[tensor, dict], ...])")
+    if len(conditioning) > 1:
+        raise ValueError(f"{node}: {name} holds {len(conditioning)} conditionings (Conditioning Combine?); X-Portrait "
+                         "takes one: use Conditioning (Concat) or a single CLIP Text Encode")
+    tensor = conditioning[0][0]
+    if getattr(tensor, "ndim", 0) != 3 or tensor.shape[0] != 1:
+        raise ValueError(f"{node}: {name} must be one (1, tokens, width) embedding, got "
+                         f"{tuple(getattr(tensor, 'shape', ()))}")
+    if tensor.shape[-1] != width:
+        raise ValueError(f"{node}: {name} is {tensor.shape[-1]} wide but this X-Portrait model takes {width}: encode "
+                         f"the prompt with an SD1.5 CLIP (ViT-L/14, 768 wide)")
+    return tensor
+
+
+class Sampler:
+    DESCRIPTION = ("Animates the reference with the motion: DDIM (official schedule) with classifier-free guidance "
+                   "over 16-frame windows that overlap by 'window_overlap' frames. The conditional branch sees the "
+                   "reference (attention bank) and both motion ControlNets; the unconditional branch neither. "
+                   "Seed 999, 30 steps, guidance 5 and overlap 4 are the official demo's settings.")
+    CATEGORY = common.CATEGORY
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("frames", "latent")
+    OUTPUT_TOOLTIPS = ("The animated frames at the reference's resolution, one per driving frame.",
+                       "The same frames as SD1.5 latents, for decoding elsewhere (e.g. VAE Decode with an SD1.5 VAE).")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From Load X-Portrait Model."}),
+                "reference": (common.REFERENCE_TYPE, {"tooltip": "From X-Portrait Load Reference."}),
+                "motion": (common.MOTION_TYPE, {"tooltip": "From X-Portrait Extract Motion or Hierarchical Motion "
+                                                           "Attention."}),
+                "seed": ("INT", {"default": 999, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Seeds every random draw (reference posterior, initial latents, window "
+                                            "offsets): the same seed gives the same frames."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 1000,
+                                  "tooltip": "DDIM steps on the official uniform schedule (30 runs 31 timesteps)."}),
+                "guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                       "tooltip": "Classifier-free guidance scale (official: 5). 1 skips the "
+                                                  "unconditional branch."}),
+                "window_overlap": ("INT", {"default": 4, "min": 0, "max": 15,
+                                           "tooltip": "Frames shared by neighbouring 16-frame windows; more overlap "
+                                                      "is smoother and slower."}),
+                "initial_latents": (list(INITIAL_LATENTS), {
+                    "default": "noised reference",
+                    "tooltip": "noised reference: start from the reference's latent noised to t=999 (official). "
+                               "noise: start from pure noise."}),
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {
+                    "tooltip": "Text conditioning of the conditional branch (CLIP Text Encode with an SD1.5 CLIP). "
+                               "Default: the empty prompt through the checkpoint's own CLIP, as the official."}),
+                "negative": ("CONDITIONING", {
+                    "tooltip": "Text conditioning of the unconditional branch. Default: the empty prompt through the "
+                               "checkpoint's CLIP, or 'positive' when the checkpoint has no CLIP."}),
+            },
+        }
+
+    def sample(self, xportrait_model, reference, motion, seed: int = 999, steps: int = 30, guidance: float = 5.0,
+               window_overlap: int = 4, initial_latents: str = "noised reference", positive=None, negative=None):
+        node = "X-Portrait Sampler"
+        handle = check_model(xportrait_model, node)
+        reference = check_reference(reference, node)
+        motion = check_motion(motion, node)
+        if initial_latents not in INITIAL_LATENTS:
+            raise ValueError(f"{node}: initial_latents must be one of {', '.join(INITIAL_LATENTS)}, got {initial_latents!r}")
+        if reference.resolution != motion.resolution:
+            raise ValueError(f"{node}: the reference is {reference.resolution}px but the motion was extracted at "
+                             f"{motion.resolution}px: connect the same reference to Extract Motion and the Sampler")
+        width = handle.config.unet.context_dim
+        context = _context(positive, "positive", width)
+        uncond_context = _context(negative, "negative", width)
+        if uncond_context is None and context is not None and handle.model.text_encoder is None:
+            uncond_context = context  # no CLIP in the checkpoint to encode the empty prompt with
+
+        from xportrait_core.pipeline import animate_latents, iter_frames
+
+        model = handle.ready()
+        progress = common.Progress(int(steps))
+        decode_chunk = 16
+        decode_calls = -(-motion.num_frames // decode_chunk)
+        sampling_total = [0]
+
+        def on_model_call(done: int, total: int) -> None:
+            sampling_total[0] = total
+            progress(done, total + decode_calls)
+
+        def run(should_cancel):
+            latents = animate_latents(
+                model, reference.prepared, global_hint=motion.global_hint, local_hint=motion.local_hint,
+                steps=int(steps), guidance_scale=float(guidance), overlap=int(window_overlap), seed=int(seed),
+                init=INITIAL_LATENTS[initial_latents], context=context, uncond_context=uncond_context,
+                global_strength=motion.global_strength, local_strength=motion.local_strength,
+                callback=on_model_call, should_cancel=should_cancel)
+            frames = []
+            for index, chunk in enumerate(iter_frames(model, latents, decode_chunk, should_cancel)):
+                frames.append(chunk)
+                progress(sampling_total[0] + index + 1, sampling_total[0] + decode_calls)
+            return latents, frames
+
+        latents, frames = common.run_cancellable(run)
+        import numpy as np
+
+        samples = common.to_comfy_latent(latents, model.config.vae.scale_factor)
+        del latents
+        common.soft_empty_cache()
+        return (common.to_image(np.concatenate(frames)), {"samples": samples})
+
+
+NODE_CLASS_MAPPINGS = {"XPortraitSampler": Sampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"XPortraitSampler": "X-Portrait Sampler"}
