@@ -24,7 +24,7 @@ def test_animate_defaults_are_the_official_ones():
     assert (args.steps, args.guidance, args.overlap, args.window, args.seed) == (30, 5.0, 4, 16, 999)
     assert (args.best_frame, args.eta, args.spacing, args.init) == (-1, 0.0, "uniform", "reference")
     assert (args.resolution, args.reference_mode, args.frames, args.checkpoint) == (512, "resize", None, None)
-    assert (args.device, args.dtype) == ("auto", "auto")
+    assert (args.device, args.dtype, args.decode_chunk) == ("auto", "auto", 16)
 
 
 def test_animate_options_parse():
@@ -133,7 +133,7 @@ def test_demo_writes_an_mp4_with_one_frame_per_driving_frame(tmp_path, golden_st
     out = tmp_path / "demo.mp4"
     code = cli.main(["demo", "-o", str(out), "--weights", str(golden_state_dict_path),
                      "--reference", str(source_image_path), "--driving", str(driving_video_path),
-                     "--frames", "6", "--steps", "2", "--fps", "10"])
+                     "--frames", "6", "--steps", "2", "--fps", "10", "--decode-chunk", "4"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "sampling" in err and "wrote" in err  # progress was shown

@@ -114,6 +114,10 @@ def test_input_errors(tiny_model, inputs):
         animate_latents(tiny_model, small, **{k: v for k, v in inputs.items() if k != "reference"}, steps=2)
     with pytest.raises(ValueError, match="no motion"):
         animate_latents(tiny_model, inputs["reference"], steps=2)
+    long_hint = np.repeat(inputs["global_hint"], 3, axis=0)
+    with pytest.raises(ValueError, match="motion modules"):
+        animate_latents(tiny_model, inputs["reference"], global_hint=long_hint, context=inputs["context"],
+                        uncond_context=inputs["uncond_context"], window=30, steps=2)
     with pytest.raises(ValueError, match="differ in shape"):
         animate_latents(tiny_model, **{**inputs, "local_hint": inputs["local_hint"][:3]}, steps=2)
 

@@ -142,6 +142,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cuda, cuda:1, cpu")
     g.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                    help="weights dtype (auto: fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--decode-chunk", type=int, default=16,
+                   help="frames per VAE decode batch (default 16, as official; at 512 that needs ~10 GB on top of "
+                        "the weights in fp16: lower it on small GPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +254,7 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     # uint8 as soon as decoded: a quarter of the float frames' memory for long videos.
     decode_bar = ProgressBar("decoding", enabled=show)
     chunks = []
-    for chunk in iter_frames(model, latents):
+    for chunk in iter_frames(model, latents, chunk=args.decode_chunk):
         chunks.append(to_uint8(chunk))
         decode_bar(sum(len(c) for c in chunks), latents.shape[0])
     path = write_video(args.output, np.concatenate(chunks), args.fps or fps)

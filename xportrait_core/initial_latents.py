@@ -29,8 +29,8 @@ INITS = (REFERENCE, NOISE, VIDEO)
 def model_alphas_cumprod(model: XPortrait) -> torch.Tensor:
     """The model's DDPM schedule (float32, CPU).
 
-    A model built on the meta device by the loader can carry a meta `alphas_cumprod`; the schedule is fixed by the
-    config (the loader checks the checkpoint's against it), so it is rebuilt from there in that case.
+    The schedule is fixed by the config (the loader checks the checkpoint's against it), so a model without a
+    usable `alphas_cumprod` (e.g. one still on the meta device) gets it rebuilt from there.
     """
     alphas = getattr(model, "alphas_cumprod", None)
     if alphas is None or alphas.is_meta:

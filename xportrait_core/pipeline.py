@@ -164,6 +164,10 @@ def animate_latents(
     if tuple(references.shape[-2:]) != (resolution, resolution):
         raise ValueError(f"the reference is {tuple(references.shape[-2:])} but the motion hints are "
                          f"{resolution}x{resolution}: prepare both at the same resolution")
+    max_window = model.config.motion.max_frames
+    if min(window, num_frames) > max_window:
+        raise ValueError(f"window {window} is longer than the motion modules' {max_window} frames; "
+                         f"use at most {max_window} (the model was trained on {model.config.motion.window})")
     context, uncond_context = _text_contexts(model, context, uncond_context, guidance_scale)
     timesteps = ddim_timesteps(steps, timestep_spacing, model.config.schedule.num_timesteps)
     if generator is None:
