@@ -1,0 +1,433 @@
+"""Writes the example workflows, each in ComfyUI's UI format (`<name>.json`, what the frontend loads and saves) and
+API format (`<name>_api.json`, what `POST /prompt` takes), from one description per graph.
+
+    python3 workflows/make_workflows.py
+
+Node inputs, outputs and widgets come from the X-Portrait nodes' own INPUT_TYPES and, for ComfyUI's core nodes,
+from tests/fixtures/comfyui_core_nodes.json (a snapshot of ComfyUI's /object_info). The UI format follows what
+ComfyUI's frontend (1.27) serializes: socket inputs first (optional ones with shape 7), then one input per widget,
+`widgets_values` in widget order (a seed widget is followed by its "control after generate" value). Notes are
+frontend-only nodes and do not appear in the API format. tests/test_workflows.py checks both files against the
+node declarations, and tests/test_comfyui_headless.py runs the API files in a real ComfyUI.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CORE_NODES = ROOT / "tests" / "fixtures" / "comfyui_core_nodes.json"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL_NODES = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
+# Widgets the frontend adds to a node on its own (not declared by the server) and sends with the prompt.
+FRONTEND_INPUTS = {"PreviewAny": {"preview": ""}}
+NOTE_COLOURS = {"color": "#432", "bgcolor": "#653"}
+
+
+def load_pack_specs() -> dict:
+    """Our nodes in /object_info form, from their declarations (no ComfyUI needed)."""
+    name = "comfyui_xportrait"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    specs = {}
+    for node_type, cls in sys.modules[name].NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        specs[node_type] = {
+            "input": {group: {k: list(v) for k, v in inputs.get(group, {}).items()} for group in ("required", "optional")
+                      if group in inputs},
+            "input_order": {group: list(inputs[group]) for group in ("required", "optional") if group in inputs},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(cls.RETURN_NAMES),
+            "display_name": sys.modules[name].NODE_DISPLAY_NAME_MAPPINGS[node_type],
+        }
+    return specs
+
+
+def load_specs() -> dict:
+    specs = json.loads(CORE_NODES.read_text())["nodes"]
+    specs.update(load_pack_specs())
+    return specs
+
+
+def input_kind(entry) -> str:
+    """The socket type of an /object_info input entry: a list of choices is a COMBO."""
+    kind = entry[0]
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def options(entry) -> dict:
+    return entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+
+
+def is_widget(entry) -> bool:
+    return input_kind(entry) in WIDGET_TYPES and not options(entry).get("forceInput", False)
+
+
+def widget_slots(entry) -> list[str]:
+    """Values a widget input stores in widgets_values: its own, plus the seed control or the upload button."""
+    extra = options(entry)
+    slots = ["value"]
+    if extra.get("control_after_generate"):
+        slots.append("control_after_generate")
+    if extra.get("image_upload") or extra.get("video_upload"):
+        slots.append("upload")
+    return slots
+
+
+def ordered_inputs(spec: dict) -> list[tuple[str, list, bool]]:
+    """(name, entry, optional) in declaration order (/object_info's input_order): required then optional."""
+    out = []
+    for group in ("required", "optional"):
+        declared = spec["input"].get(group, {})
+        for name in spec.get("input_order", {}).get(group, list(declared)):
+            out.append((name, declared[name], group == "optional"))
+    return out
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: dict = field(default_factory=dict)
+    title: str | None = None
+    size: tuple[int, int] | None = None
+    text: str | None = None  # Note nodes
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: list[Node] = field(default_factory=list)
+    links: list[tuple[int, str, int, str]] = field(default_factory=list)  # (from id, output name, to id, input name)
+
+    def add(self, node: Node) -> Node:
+        self.nodes.append(node)
+        return node
+
+    def link(self, source: Node, output: str, target: Node, input_name: str) -> None:
+        self.links.append((source.id, output, target.id, input_name))
+
+
+def _output_index(spec: dict, node_type: str, output: str) -> int:
+    names = spec.get("output_name") or spec["output"]
+    if output not in names:
+        raise KeyError(f"{node_type} has no output {output!r} (outputs: {names})")
+    return list(names).index(output)
+
+
+def _widget_value(node: Node, name: str, entry) -> object:
+    if name in node.widgets:
+        return node.widgets[name]
+    extra = options(entry)
+    if "default" in extra:
+        return extra["default"]
+    if isinstance(entry[0], list) and entry[0]:
+        return entry[0][0]
+    if extra.get("options"):
+        return extra["options"][0]
+    raise KeyError(f"{node.type}.{name}: no value given and no default")
+
+
+def to_ui(graph: Graph, specs: dict) -> dict:
+    by_id = {node.id: node for node in graph.nodes}
+    links = []
+    incoming: dict[tuple[int, str], int] = {}
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for link_id, (src, output, dst, input_name) in enumerate(graph.links, start=1):
+        src_spec = specs[by_id[src].type]
+        slot = _output_index(src_spec, by_id[src].type, output)
+        incoming[(dst, input_name)] = link_id
+        outgoing.setdefault((src, slot), []).append(link_id)
+        links.append([link_id, src, slot, dst, None, src_spec["output"][slot]])
+
+    nodes = []
+    for order, node in enumerate(graph.nodes):
+        if node.type in VIRTUAL_NODES:
+            nodes.append({"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size or (400, 200)),
+                          "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                          "widgets_values": [node.text or ""], **({"title": node.title} if node.title else {}),
+                          **NOTE_COLOURS})
+            continue
+        spec = specs[node.type]
+        sockets, widgets, values = [], [], []
+        for name, entry, optional in ordered_inputs(spec):
+            slot = {"localized_name": name, "name": name, "type": input_kind(entry)}
+            if is_widget(entry):
+                slot["widget"] = {"name": name}
+                slot["link"] = incoming.get((node.id, name))
+                widgets.append(slot)
+                for kind in widget_slots(entry):
+                    if kind == "value":
+                        values.append(_widget_value(node, name, entry))
+                    elif kind == "control_after_generate":
+                        values.append(node.widgets.get(f"{name}:control", "fixed"))
+                    else:
+                        widgets.append({"localized_name": "choose file to upload", "name": "upload",
+                                        "type": "IMAGEUPLOAD", "widget": {"name": "upload"}, "link": None})
+                        values.append("image")
+            else:
+                if optional:
+                    slot["shape"] = 7
+                slot["link"] = incoming.get((node.id, name))
+                sockets.append(slot)
+        inputs = sockets + widgets
+        for position, slot in enumerate(inputs):
+            if slot["link"] is not None:
+                links[slot["link"] - 1][4] = position
+        names = spec.get("output_name") or spec["output"]
+        outputs = [{"localized_name": name, "name": name, "type": kind,
+                    "links": outgoing.get((node.id, index)) or None,
+                    **({"slot_index": index} if outgoing.get((node.id, index)) else {})}
+                   for index, (name, kind) in enumerate(zip(names, spec["output"]))]
+        entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size or (320, 180)),
+                 "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                 "properties": {"Node name for S&R": node.type}}
+        entry["widgets_values"] = values
+        if node.title:
+            entry["title"] = node.title
+        nodes.append(entry)
+    return {
+        "id": _stable_id(graph.name),
+        "revision": 0,
+        "last_node_id": max(node.id for node in graph.nodes),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def _stable_id(name: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}"
+
+
+def to_api(graph: Graph, specs: dict) -> dict:
+    by_id = {node.id: node for node in graph.nodes}
+    incoming = {}
+    for src, output, dst, input_name in graph.links:
+        incoming[(dst, input_name)] = [str(src), _output_index(specs[by_id[src].type], by_id[src].type, output)]
+    prompt = {}
+    for node in graph.nodes:
+        if node.type in VIRTUAL_NODES:
+            continue
+        spec = specs[node.type]
+        inputs = {}
+        for name, entry, _optional in ordered_inputs(spec):
+            if (node.id, name) in incoming:
+                inputs[name] = incoming[(node.id, name)]
+            elif is_widget(entry):
+                inputs[name] = _widget_value(node, name, entry)
+        inputs.update(FRONTEND_INPUTS.get(node.type, {}))
+        title = node.title or spec.get("display_name") or node.type
+        prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type, "_meta": {"title": title}}
+    return prompt
+
+
+# ---- the graphs ----------------------------------------------------------------------------------------------------
+
+MODEL_FILE = "model_state-415001.th"
+REFERENCE_FILE = "xportrait_reference.png"
+SECOND_REFERENCE_FILE = "xportrait_reference_2.png"
+DRIVING_FILE = "xportrait_driving.mp4"
+
+VIDEO_NOTE = ("Load Video + Get Video Components and Create Video + Save Video are ComfyUI core nodes. For frame "
+              "caps, frame skipping and more output formats, install ComfyUI-VideoHelperSuite and use its "
+              "'Load Video (Upload)' (IMAGE output -> driving_frames) and 'Video Combine' (frames -> images, "
+              "frame_rate from the source video) instead.")
+
+
+def _driving(graph: Graph, first_id: int, x: int, y: int):
+    video = graph.add(Node(first_id, "LoadVideo", (x, y), {"file": DRIVING_FILE}, size=(300, 420)))
+    parts = graph.add(Node(first_id + 1, "GetVideoComponents", (x + 330, y), size=(240, 90)))
+    frames = graph.add(Node(first_id + 2, "ImageFromBatch", (x + 330, y + 140), {"batch_index": 0, "length": 4096},
+                            title="Driving frames (first frame, how many)", size=(300, 110)))
+    graph.link(video, "VIDEO", parts, "video")
+    graph.link(parts, "images", frames, "image")
+    return parts, frames
+
+
+def _save(graph: Graph, first_id: int, x: int, y: int, frames_from: tuple[Node, str], fps_from: Node, prefix: str):
+    create = graph.add(Node(first_id, "CreateVideo", (x, y), {"fps": 24.0}, size=(260, 80)))
+    save = graph.add(Node(first_id + 1, "SaveVideo", (x, y + 130), {"filename_prefix": prefix, "format": "auto",
+                                                                    "codec": "auto"}, size=(320, 420)))
+    graph.link(frames_from[0], frames_from[1], create, "images")
+    graph.link(fps_from, "fps", create, "fps")
+    graph.link(create, "VIDEO", save, "video")
+
+
+def basic_animation() -> Graph:
+    g = Graph("xportrait_basic_animation")
+    model = g.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
+                                                           "attention": "auto"}, size=(320, 110)))
+    photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360)))
+    reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
+                                                                     "mode": "crop"}, size=(320, 130)))
+    crops = g.add(Node(4, "PreviewImage", (400, 380), size=(320, 300), title="Reference crop"))
+    parts, driving = _driving(g, 5, 40, 620)
+    motion = g.add(Node(8, "XPortraitExtractMotion", (760, 420), {"best_frame": -1, "track_missed_faces": True},
+                        size=(320, 150)))
+    hints = g.add(Node(9, "PreviewImage", (760, 620), size=(320, 300), title="Global motion hints"))
+    sampler = g.add(Node(10, "XPortraitSampler", (1120, 40), {"seed": 999, "steps": 30, "guidance": 5.0,
+                                                              "window_overlap": 4,
+                                                              "initial_latents": "noised reference"},
+                         size=(320, 280)))
+    g.link(model, "xportrait_model", sampler, "xportrait_model")
+    g.link(photo, "IMAGE", reference, "image")
+    g.link(reference, "crops", crops, "images")
+    g.link(reference, "reference", motion, "reference")
+    g.link(driving, "IMAGE", motion, "driving_frames")
+    g.link(motion, "global_hints", hints, "images")
+    g.link(reference, "reference", sampler, "reference")
+    g.link(motion, "motion", sampler, "motion")
+    _save(g, 11, 1480, 40, (sampler, "frames"), parts, "xportrait/animation")
+    g.add(Node(13, "Note", (1120, 380), size=(460, 330), title="X-Portrait: basic animation", text=(
+        "Animate one portrait with the motion of a driving video.\n\n"
+        f"1. Put {MODEL_FILE} (or its .safetensors conversion) in ComfyUI/models/xportrait and pick it in "
+        "Load X-Portrait Model.\n"
+        "2. Load the portrait (any photo with one clear face) and the driving video (a talking/moving face).\n"
+        "3. Queue. The Sampler's defaults are the official demo's (seed 999, 30 steps, guidance 5, overlap 4).\n\n"
+        "Driving frames: the 'first frame, how many' node trims the video (length 4096 = all frames); try 16 "
+        "frames first.\nbest_frame -1 picks the driving frame whose pose matches the portrait; set a frame "
+        "number if the alignment looks off, -2 to skip alignment.\n"
+        "If your checkpoint has no CLIP text encoder, connect CLIP Text Encode (SD1.5 CLIP, empty text) to the "
+        "Sampler's positive input.\n\n" + VIDEO_NOTE)))
+    return g
+
+
+def multi_reference_identity() -> Graph:
+    g = Graph("xportrait_multi_reference_identity")
+    model = g.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
+                                                           "attention": "auto"}, size=(320, 110)))
+    first = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360),
+                       title="Reference 1 (animated)"))
+    second = g.add(Node(3, "LoadImage", (40, 600), {"image": SECOND_REFERENCE_FILE}, size=(320, 360),
+                        title="Reference 2 (extra appearance)"))
+    batch = g.add(Node(4, "ImageBatch", (400, 200), size=(220, 70)))
+    reference = g.add(Node(5, "XPortraitLoadReference", (400, 320), {"crop_margin": 0.5, "resolution": 512,
+                                                                     "mode": "crop"}, size=(320, 130)))
+    crops = g.add(Node(6, "PreviewImage", (400, 500), size=(320, 300), title="Reference crops"))
+    parts, driving = _driving(g, 7, 40, 1000)
+    motion = g.add(Node(10, "XPortraitExtractMotion", (760, 500), {"best_frame": -1, "track_missed_faces": True},
+                        size=(320, 150)))
+    control = g.add(Node(11, "XPortraitHierarchicalMotionAttention", (760, 200),
+                         {"global_strength": 1.0, "local_strength": 1.0, "eyes": True, "mouth": True},
+                         size=(340, 200)))
+    sampler = g.add(Node(12, "XPortraitSampler", (1140, 40), {"seed": 999, "steps": 30, "guidance": 5.0,
+                                                              "window_overlap": 4,
+                                                              "initial_latents": "noised reference"},
+                         size=(320, 280)))
+    identity = g.add(Node(13, "XPortraitIdentityCheck", (1140, 380), {"threshold": 0.6}, size=(320, 130)))
+    report = g.add(Node(14, "PreviewAny", (1500, 380), size=(420, 200), title="Identity report"))
+    plot = g.add(Node(15, "PreviewImage", (1500, 620), size=(420, 260), title="Identity per frame"))
+    g.link(first, "IMAGE", batch, "image1")
+    g.link(second, "IMAGE", batch, "image2")
+    g.link(batch, "IMAGE", reference, "image")
+    g.link(reference, "crops", crops, "images")
+    g.link(reference, "reference", motion, "reference")
+    g.link(driving, "IMAGE", motion, "driving_frames")
+    g.link(model, "xportrait_model", control, "xportrait_model")
+    g.link(motion, "motion", control, "motion")
+    g.link(model, "xportrait_model", sampler, "xportrait_model")
+    g.link(reference, "reference", sampler, "reference")
+    g.link(control, "motion", sampler, "motion")
+    g.link(reference, "reference", identity, "reference")
+    g.link(sampler, "frames", identity, "frames")
+    g.link(driving, "IMAGE", identity, "driving_frames")
+    g.link(identity, "report", report, "source")
+    g.link(identity, "plot", plot, "images")
+    _save(g, 16, 1960, 40, (sampler, "frames"), parts, "xportrait/multi_reference")
+    g.add(Node(18, "Note", (1500, 920), size=(460, 300), title="X-Portrait: several references + identity check",
+               text=(
+                   "Several photos of the SAME person go in as one batch (Batch Images resizes the second to the "
+                   "first's size; chain more Batch Images for more). The first is animated; the others add "
+                   "appearance the first does not show (the other side of the face, teeth, hair). Their attention "
+                   "banks are appended in order, as the official more_source_image option does.\n\n"
+                   "Hierarchical Motion Attention sets the global (head pose) and local (eyes, mouth) ControlNet "
+                   "strengths; 0 turns one off, the switches or a mask limit where the local one looks.\n\n"
+                   "Identity Check compares every frame's face descriptor with the reference (dlib; under 0.6 is "
+                   "usually the same person) and with its driving frame (leakage of the driver's identity).")))
+    return g
+
+
+def upscale_restore_paste_back() -> Graph:
+    g = Graph("xportrait_upscale_restore_paste_back")
+    model = g.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
+                                                           "attention": "auto"}, size=(320, 110)))
+    photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360),
+                       title="Full photo"))
+    reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
+                                                                     "mode": "crop"}, size=(320, 130)))
+    parts, driving = _driving(g, 4, 40, 620)
+    motion = g.add(Node(7, "XPortraitExtractMotion", (760, 420), {"best_frame": -1, "track_missed_faces": True},
+                        size=(320, 150)))
+    sampler = g.add(Node(8, "XPortraitSampler", (1120, 40), {"seed": 999, "steps": 30, "guidance": 5.0,
+                                                             "window_overlap": 4,
+                                                             "initial_latents": "noised reference"},
+                         size=(320, 280)))
+    upscale = g.add(Node(9, "ImageScaleBy", (1480, 40), {"upscale_method": "lanczos", "scale_by": 2.0},
+                         title="Upscale (swap for a model upscaler / face restorer)", size=(320, 110)))
+    identity = g.add(Node(10, "XPortraitIdentityCheck", (1480, 420), {"threshold": 0.6}, size=(320, 130)))
+    report = g.add(Node(11, "PreviewAny", (1840, 420), size=(420, 200), title="Identity after upscaling"))
+    paste = g.add(Node(12, "XPortraitPasteBack", (1840, 40), {"feather": -1}, size=(320, 110)))
+    mask = g.add(Node(13, "MaskPreview", (1840, 660), size=(320, 300), title="Paste-back blend"))
+    g.link(photo, "IMAGE", reference, "image")
+    g.link(reference, "reference", motion, "reference")
+    g.link(driving, "IMAGE", motion, "driving_frames")
+    g.link(model, "xportrait_model", sampler, "xportrait_model")
+    g.link(reference, "reference", sampler, "reference")
+    g.link(motion, "motion", sampler, "motion")
+    g.link(sampler, "frames", upscale, "image")
+    g.link(reference, "reference", identity, "reference")
+    g.link(upscale, "IMAGE", identity, "frames")
+    g.link(driving, "IMAGE", identity, "driving_frames")
+    g.link(identity, "report", report, "source")
+    g.link(upscale, "IMAGE", paste, "frames")
+    g.link(reference, "reference", paste, "reference")
+    g.link(paste, "mask", mask, "mask")
+    _save(g, 14, 2200, 40, (paste, "frames"), parts, "xportrait/full_resolution")
+    g.add(Node(16, "Note", (1120, 380), size=(330, 520), title="Upscale, restore, paste back", text=(
+        "The Sampler animates a square crop of the photo at 512px. This graph sharpens the crop and pastes it "
+        "back into the full-resolution photo.\n\n"
+        "Upscale: 'Upscale Image By' (core, no model) stands in. For a learned upscaler use the core "
+        "'Load Upscale Model' + 'Upscale Image (using Model)' with e.g. 4x-UltraSharp or RealESRGAN_x2 in "
+        "ComfyUI/models/upscale_models.\n\n"
+        "Face restore: add a face-restoration pack between the upscaler and Identity Check / Paste Back, e.g. "
+        "comfyui-reactor-node ('Restore Face': GFPGAN / CodeFormer) or facerestore_cf "
+        "('FaceRestoreCFWithModel').\n\n"
+        "Identity Check works on any frames: keep it after the restorer to see whether restoration kept the "
+        "identity.\n\nPaste Back takes frames of any size (resized to the crop) and blends them in with a "
+        "feathered edge; outside the crop the photo is unchanged.\n\n" + VIDEO_NOTE)))
+    return g
+
+
+GRAPHS = (basic_animation, multi_reference_identity, upscale_restore_paste_back)
+
+
+def build_all() -> dict[str, tuple[dict, dict]]:
+    specs = load_specs()
+    return {graph.name: (to_ui(graph, specs), to_api(graph, specs)) for graph in (make() for make in GRAPHS)}
+
+
+def main() -> None:
+    for name, (ui, api) in build_all().items():
+        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+        (HERE / f"{name}_api.json").write_text(json.dumps(api, indent=2) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/{name}_api.json")
+
+
+if __name__ == "__main__":
+    main()
