@@ -273,3 +273,40 @@ def test_cancel_stops_the_sampler_between_model_calls(server):
     kinds = {m[0]: m[1] for m in entry["status"]["messages"]}
     assert "execution_interrupted" in kinds and "execution_error" not in kinds, entry["status"]
     assert kinds["execution_interrupted"]["node_type"] == "XPortraitSampler"
+
+
+def _playwright_dir() -> Path | None:
+    """A folder whose node_modules holds playwright-core: PLAYWRIGHT_DIR, else none."""
+    folder = os.environ.get("PLAYWRIGHT_DIR")
+    if folder and (Path(folder) / "node_modules" / "playwright-core").is_dir():
+        return Path(folder)
+    return None
+
+
+def test_ui_workflows_load_in_the_frontend_and_queue_the_api_files(server):
+    """In ComfyUI's own frontend: no missing node types, graphToPrompt gives exactly the API-format file, and the
+    graph saves back with the same inputs, links and widget values."""
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    folder = _playwright_dir()
+    if shutil.which("node") is None or not Path(chromium).exists() or folder is None:
+        pytest.skip("the frontend check needs node, Chromium (CHROMIUM, default /usr/bin/chromium) and "
+                    "playwright-core installed under PLAYWRIGHT_DIR (npm install playwright-core there)")
+    files = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+    out = subprocess.run(["node", str(ROOT / "tests" / "frontend_roundtrip.js"), server.url + "/", *map(str, files)],
+                         capture_output=True, text=True, timeout=300, cwd=folder,
+                         env={**os.environ, "NODE_PATH": str(folder / "node_modules")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout)
+    for path in files:
+        result = results[str(path)]
+        assert result["missing"] == [], f"{path.name}: node types unknown to the frontend: {result['missing']}"
+        api = json.loads((ROOT / "workflows" / f"{path.stem}_api.json").read_text())
+        assert result["output"] == api, f"{path.name}: the UI queues something else than {path.stem}_api.json"
+        mine = json.loads(path.read_text())
+
+        def shape(graph):
+            return ({n["id"]: ([(i["name"], i["type"], i["link"]) for i in n.get("inputs", [])],
+                               n.get("widgets_values")) for n in graph["nodes"]},
+                    sorted(map(tuple, graph["links"])))
+
+        assert shape(result["saved"]) == shape(mine), f"{path.name}: the frontend saves a different graph"
