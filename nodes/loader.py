@@ -123,13 +123,18 @@ class LoadXPortraitModel:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
         path = common.model_file_path(model_name)
 
-        from xportrait_core.attention import resolve_backend, set_attention_backend
+        from xportrait_core.attention import get_attention_backend_setting, resolve_backend, set_attention_backend
         from xportrait_core.checkpoint import load_xportrait
 
         compute_device = common.torch_device()
         weight_dtype = _dtype(dtype, compute_device)
+        previous = get_attention_backend_setting()
         set_attention_backend(attention)
-        resolve_backend(compute_device, weight_dtype)  # a forced backend that cannot run fails here, by name
+        try:
+            resolve_backend(compute_device, weight_dtype)  # a forced backend that cannot run fails here, by name
+        except Exception:
+            set_attention_backend(previous)  # leave other models' attention as it was
+            raise
         try:
             model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device())
         except Exception as exc:

@@ -11,7 +11,7 @@ BEST_FRAME_AUTO = -1
 NO_ALIGNMENT = -2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds numpy arrays: compare by identity
 class XPortraitMotion:
     """What travels on an XPORTRAIT_MOTION socket.
 

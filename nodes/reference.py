@@ -8,7 +8,7 @@ from . import common
 CROP_MODES = ("crop", "resize")
 
 
-@dataclass
+@dataclass(eq=False)  # holds numpy arrays: compare by identity
 class XPortraitReference:
     """What travels on an XPORTRAIT_REFERENCE socket.
 

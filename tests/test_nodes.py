@@ -196,9 +196,13 @@ def test_loader_refuses_wrong_files(models_dir, model_name, error, message):
 def test_loader_refuses_forced_xformers_where_it_cannot_run(models_dir):
     from xportrait_core.attention import set_attention_backend
 
+    from xportrait_core.attention import get_attention_backend_setting
+
+    set_attention_backend("sdpa")
     try:
         with pytest.raises(RuntimeError, match="xformers"):
             run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="xformers")
+        assert get_attention_backend_setting() == "sdpa", "a refused model leaves the setting as it was"
     finally:
         set_attention_backend("auto")
 
