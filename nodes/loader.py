@@ -54,10 +54,12 @@ class LoadedXPortrait:
     def ready(self):
         """The network on the compute device. Inside ComfyUI, `load_models_gpu` moves it there, unloading other
         models first if the GPU is short of memory, and may offload it again when a later node needs the room."""
-        from xportrait_core.attention import set_attention_backend
+        from xportrait_core.attention import get_attention_backend_setting, set_attention_backend
 
-        # The attention dispatch is process-wide: re-assert this model's choice before every use.
-        set_attention_backend(self.attention)
+        # The attention dispatch is process-wide: re-assert this model's choice before every use (only when it
+        # differs, since a change drops the dispatch's resolved-backend cache).
+        if get_attention_backend_setting() != self.attention:
+            set_attention_backend(self.attention)
         if self.patcher is not None:
             import comfy.model_management as mm
 
