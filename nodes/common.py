@@ -156,17 +156,15 @@ class Progress:
 
 
 def run_cancellable(work: Callable[[Callable[[], bool]], Any]) -> Any:
-    """Run `work(should_cancel)`; when the core stops because of the interruption, raise ComfyUI's interruption."""
+    """Run `work(should_cancel)`; when the core stops because of the interruption (`SamplingCancelled`), raise
+    ComfyUI's own interruption instead, which ComfyUI reports as "interrupted" rather than as an error."""
+    from xportrait_core.sampler import SamplingCancelled
+
     try:
         return work(processing_interrupted)
-    except Exception as exc:
-        if processing_interrupted() and _is_cancellation(exc):
-            throw_if_interrupted()
+    except SamplingCancelled:
+        throw_if_interrupted()
         raise
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    return type(exc).__name__ in ("SamplingCancelled", "Cancelled", "ProcessingCancelled")
 
 
 # ---- model management -------------------------------------------------------------------------------------------
