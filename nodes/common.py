@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("xportrait")
 
@@ -265,7 +266,7 @@ def to_mask(mask):
     return tensor.detach().to("cpu", torch.float32).contiguous()
 
 
-def mask_batch(mask) -> Optional[Any]:
+def mask_batch(mask) -> Any | None:
     """A ComfyUI MASK (B, H, W) or (H, W) as float32 numpy (B, H, W), or None."""
     if mask is None:
         return None

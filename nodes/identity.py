@@ -14,8 +14,8 @@ class IdentityCheck:
     RETURN_TYPES = ("FLOAT", "STRING", "IMAGE", "FLOAT")
     RETURN_NAMES = ("mean_similarity", "report", "plot", "mean_distance")
     OUTPUT_TOOLTIPS = (
-        "Mean cosine similarity of the frames' face descriptors to the reference's (1 = identical; NaN when no "
-        "frame has a face).",
+        ("Mean cosine similarity of the frames' face descriptors to the reference's (1 = identical; NaN when no "
+         "frame has a face)."),
         "A short text report: mean and worst distance, frames over the threshold, frames without a face, leakage.",
         "A chart of the per-frame distances (reference, driving, threshold).",
         "Mean descriptor distance to the reference (lower is closer; under 0.6 is usually the same person).",

@@ -19,7 +19,7 @@ def _managed_module(model):
     it manages; `XPortrait.device` is a read-only property, so the wrapper carries them instead."""
     global _managed_class
     if _managed_class is None:
-        import torch.nn as nn
+        from torch import nn
 
         class ManagedXPortrait(nn.Module):
             def __init__(self, inner):
@@ -54,7 +54,10 @@ class LoadedXPortrait:
     def ready(self):
         """The network on the compute device. Inside ComfyUI, `load_models_gpu` moves it there, unloading other
         models first if the GPU is short of memory, and may offload it again when a later node needs the room."""
-        from xportrait_core.attention import get_attention_backend_setting, set_attention_backend
+        from xportrait_core.attention import (
+            get_attention_backend_setting,
+            set_attention_backend,
+        )
 
         # The attention dispatch is process-wide: re-assert this model's choice before every use (only when it
         # differs, since a change drops the dispatch's resolved-backend cache).
@@ -125,7 +128,11 @@ class LoadXPortraitModel:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
         path = common.model_file_path(model_name)
 
-        from xportrait_core.attention import get_attention_backend_setting, resolve_backend, set_attention_backend
+        from xportrait_core.attention import (
+            get_attention_backend_setting,
+            resolve_backend,
+            set_attention_backend,
+        )
         from xportrait_core.checkpoint import load_xportrait
 
         compute_device = common.torch_device()

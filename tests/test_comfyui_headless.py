@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from pack_loader import ROOT, tiny_checkpoint_with_text_encoder
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -100,8 +99,8 @@ def server(tmp_path_factory, golden_state_dict_path, source_image_path, driving_
     (base / "models" / "xportrait").mkdir(parents=True)  # the default folder stays empty
     weights = tmp_path_factory.mktemp("xportrait_weights")
     tiny_checkpoint_with_text_encoder(golden_state_dict_path, weights / "tiny_with_clip.safetensors")
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(4, 4)}, str(weights / "not_xportrait.safetensors"))
     (weights / "notes.txt").write_text("not a checkpoint: must not be listed")
@@ -193,7 +192,7 @@ def test_core_nodes_match_the_snapshot_the_workflow_tests_use(server):
             live_inputs, snap_inputs = live["input"].get(group, {}), snap["input"].get(group, {})
             assert list(live_inputs) == list(snap_inputs), f"{name} {group} inputs changed"
             for key in live_inputs:
-                kind = lambda e: "COMBO" if isinstance(e[0], list) else e[0]  # noqa: E731
+                kind = lambda e: "COMBO" if isinstance(e[0], list) else e[0]
                 assert kind(live_inputs[key]) == kind(snap_inputs[key]), f"{name}.{key} changed type"
 
 

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from pack_loader import ROOT, load_pack, node_classes, tiny_checkpoint_with_text_encoder
 
 RESOLUTION = 64
@@ -194,9 +193,10 @@ def test_loader_refuses_wrong_files(models_dir, model_name, error, message):
 
 
 def test_loader_refuses_forced_xformers_where_it_cannot_run(models_dir):
-    from xportrait_core.attention import set_attention_backend
-
-    from xportrait_core.attention import get_attention_backend_setting
+    from xportrait_core.attention import (
+        get_attention_backend_setting,
+        set_attention_backend,
+    )
 
     set_attention_backend("sdpa")
     try:

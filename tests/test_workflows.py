@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from pack_loader import ROOT, node_classes
 
 WORKFLOWS = ROOT / "workflows"
