@@ -70,7 +70,8 @@ def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> float:
 class VideoJob:
     """Random inputs of one video, and the user's job on them."""
 
-    def __init__(self, model: XPortrait, frames: int, resolution: int, seed: int = 999):
+    def __init__(self, model: XPortrait, frames: int, resolution: int, seed: int = 999, decode_chunk: int = 16):
+        self.decode_chunk = decode_chunk
         g = torch.Generator().manual_seed(seed)
         self.model = model
         self.frames = frames
@@ -94,7 +95,7 @@ class VideoJob:
                               overlap=overlap, generator=g)
         denoise.release()
         if decode:
-            return model.decode_latents(latents).clamp(-1, 1)
+            return model.decode_latents(latents, chunk=self.decode_chunk).clamp(-1, 1)
         return latents
 
 
@@ -124,6 +125,47 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             emit(kind="network", name=name, seconds=round(cuda_time(fn), 4), frames=frames, dtype=str(dtype))
 
 
+def window_probe(model: XPortrait, resolution: int, frames: int = 16):
+    """A fixed guided window call, to compare two ways of running the same weights."""
+    job = VideoJob(model, frames, resolution)
+    device = model.device
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(1, 4, resolution // 8, resolution // 8, generator=g).to(device)
+    x = torch.randn(frames, 4, resolution // 8, resolution // 8, generator=g).to(device)
+
+    @torch.no_grad()
+    def call():
+        denoise = GuidedDenoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint,
+                                 guidance_scale=5.0, context=job.context.to(device),
+                                 uncond_context=job.context.to(device))
+        return denoise(x, 500, torch.arange(frames)).float()
+
+    return call
+
+
+def profile_window(model: XPortrait, resolution: int, frames: int = 16):
+    """Top CUDA kernels of one guided window call (reference net, both ControlNets, both UNet passes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    job = VideoJob(model, frames, resolution)
+    device = model.device
+    ref = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
+    denoise = GuidedDenoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
+                             context=job.context.to(device), uncond_context=job.context.to(device))
+    x = torch.randn(frames, 4, resolution // 8, resolution // 8, device=device)
+    idx = torch.arange(frames)
+    with torch.no_grad():
+        for t in (500, 501):
+            denoise(x, t, idx)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            denoise(x, 502, idx)
+            sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    print(table)
+    emit(kind="profile", total_cuda_ms=round(sum(e.self_device_time_total for e in prof.key_averages()) / 1000, 2))
+
+
 def count_flops(job: VideoJob) -> tuple[float, float]:
     """(FLOPs of one sampling timestep, FLOPs of the VAE work) of a video job, counted by
     torch.utils.flop_counter. Sampling FLOPs scale with the number of timesteps; the VAE runs once."""
@@ -150,8 +192,9 @@ def job_run_timesteps(job: VideoJob, timesteps):
                     generator=torch.Generator().manual_seed(0))
 
 
-def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overlap: int, label: str):
-    job = VideoJob(model, frames, resolution)
+def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overlap: int, label: str,
+                decode_chunk: int = 16):
+    job = VideoJob(model, frames, resolution, decode_chunk=decode_chunk)
     job.run(steps=2)  # warm-up: kernels, allocator, compiled graphs
     sync()
     on_cuda = model.device.type == "cuda"
@@ -170,6 +213,7 @@ def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overl
     timesteps = len(ddim_timesteps(30))
     total_flops = sampling_flops * timesteps + vae_flops
     emit(kind="video", variant=label, frames=frames, resolution=resolution, overlap=overlap, timesteps=timesteps,
+         decode_chunk=decode_chunk,
          seconds=round(median, 3), seconds_per_frame=round(median / frames, 4), runs=[round(t, 3) for t in times],
          peak_vram_gib=round(peak, 2), tflop=round(total_flops / 1e12, 1),
          tflop_per_frame_timestep=round(sampling_flops / frames / 1e12, 3),
@@ -185,6 +229,8 @@ def check_golden(golden: Path, dtype: torch.dtype):
     from xportrait_core.checkpoint import load_xportrait
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Full float32 matrix products here: TF32 would blur the float32 comparison by ~1e-3.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     cases = {k: v.to(device) for k, v in load_file(str(golden / "tiny_cases.safetensors")).items()}
     model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device)
     with torch.no_grad():
@@ -228,7 +274,12 @@ def main(argv=None):
     parser.add_argument("--networks", action="store_true", help="time one call of each network")
     parser.add_argument("--attention", default="auto", choices=attention.BACKENDS)
     parser.add_argument("--check-golden", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--golden-dtypes", choices=DTYPES, nargs="+", default=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", type=Path, default=None, help="also write all records to this file")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune-no-cudagraphs"],
+                        help="torch.compile the four networks with this mode")
+    parser.add_argument("--decode-chunk", type=int, default=16, help="frames per VAE decode batch")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one window's calls")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with --config tiny for a smoke test")
     parser.add_argument("--config", choices=["official", "tiny"], default="official")
     args = parser.parse_args(argv)
@@ -240,16 +291,34 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
 
+    if args.check_golden:
+        for name in args.golden_dtypes:
+            check_golden(args.check_golden, DTYPES[name])
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for name in args.dtype:
         dtype = DTYPES[name]
-        if args.check_golden:
-            check_golden(args.check_golden, dtype)
         if args.networks or args.frames:
             model = build_random_model(config, dtype, args.device)
+            label = f"eager-{name}"
+            if args.compile != "none":
+                from xportrait_core.acceleration import compile_networks
+
+                probe = window_probe(model, args.resolution)
+                eager = probe()
+                start = time.perf_counter()
+                compile_networks(model, mode=args.compile)
+                compiled = probe()
+                sync()
+                emit(kind="compile", mode=args.compile, seconds=round(time.perf_counter() - start, 1),
+                     rel_diff_vs_eager=float((compiled - eager).norm() / eager.norm()))
+                label = f"compile-{args.compile}-{name}"
+            if args.profile:
+                profile_window(model, args.resolution)
             if args.networks:
                 bench_networks(model, args.resolution)
             for frames in args.frames:
-                bench_video(model, frames, args.resolution, args.runs, args.overlap, label=f"eager-{name}")
+                bench_video(model, frames, args.resolution, args.runs, args.overlap, label=label,
+                            decode_chunk=args.decode_chunk)
             del model
             torch.cuda.empty_cache()
 

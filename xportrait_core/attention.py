@@ -37,6 +37,7 @@ _xformers_ops = None
 _xformers_import_error: Optional[str] = None
 _xformers_works: dict[tuple[str, torch.dtype], bool] = {}
 _logged: set[tuple[str, str, torch.dtype]] = set()
+_resolved: dict[tuple[str, torch.dtype], str] = {}
 
 # CUDA attention kernels launch one block row per (batch x head); grids past 65535 fail on some kernels, so very
 # large batches (temporal attention over every pixel of a 64x64 latent) are split.
@@ -50,6 +51,7 @@ def set_attention_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
     _setting = name
+    _resolved.clear()
 
 
 def get_attention_backend_setting() -> str:
@@ -101,6 +103,18 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     return _setting
 
 
+def _resolve_and_log(device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve once per (device type, dtype), log the choice, and remember it: later calls (compiled graphs
+    included) only look it up."""
+    backend = resolve_backend(device, dtype)
+    key = (backend, device.type, dtype)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("X-Portrait attention backend: %s (%s, %s)", backend, device.type, str(dtype).replace("torch.", ""))
+    _resolved[(device.type, dtype)] = backend
+    return backend
+
+
 def _math_attention(q, k, v, causal: bool):
     scale = 1.0 / math.sqrt(q.shape[-1])
     weights = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
@@ -134,11 +148,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     k and v may be expanded views (stride 0 over the batch), as the reference bank is: they are made contiguous
     only where a backend needs it.
     """
-    backend = resolve_backend(q.device, q.dtype)
-    key = (backend, q.device.type, q.dtype)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("X-Portrait attention backend: %s (%s, %s)", backend, q.device.type, str(q.dtype).replace("torch.", ""))
+    backend = _resolved.get((q.device.type, q.dtype))
+    if backend is None:
+        backend = _resolve_and_log(q.device, q.dtype)
     if backend == "xformers":
         k, v = k.contiguous(), v.contiguous()
     batch, heads = q.shape[0], q.shape[1]

@@ -136,11 +136,10 @@ class UNet(nn.Module):
         emb = self.time_embed(timesteps)
         skips = []
         h = x
-        motion_modules = iter(self.input_motion_modules) if self.has_motion else None
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context, reference)
             if i in self.motion_after_input:
-                h = next(motion_modules)(h, num_frames)
+                h = self.input_motion_modules[self.motion_after_input.index(i)](h, num_frames)
             skips.append(h)
         h = self.middle_block(h, emb, context, reference)
         if control is not None:
