@@ -125,6 +125,24 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             emit(kind="network", name=name, seconds=round(cuda_time(fn), 4), frames=frames, dtype=str(dtype))
 
 
+def apply_variant(model: XPortrait, step: str, args) -> None:
+    from xportrait_core.acceleration import compile_networks, use_channels_last
+
+    if step == "eager":
+        return
+    probe = window_probe(model, args.resolution)
+    before = probe()
+    start = time.perf_counter()
+    if step == "channels_last":
+        use_channels_last(model)
+    else:
+        compile_networks(model, mode=args.compile_mode, regional=step == "compile")
+    after = probe()  # compiles, for the compile variants
+    sync()
+    emit(kind="variant", step=step, seconds_to_apply=round(time.perf_counter() - start, 1),
+         rel_diff_vs_previous=float((after - before).norm() / before.norm()))
+
+
 def window_probe(model: XPortrait, resolution: int, frames: int = 16):
     """A fixed guided window call, to compare two ways of running the same weights."""
     job = VideoJob(model, frames, resolution)
@@ -163,6 +181,9 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
             sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
     print(table)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
+            f.write(table + "\n")
     emit(kind="profile", total_cuda_ms=round(sum(e.self_device_time_total for e in prof.key_averages()) / 1000, 2))
 
 
@@ -268,6 +289,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["bf16"])
     parser.add_argument("--frames", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--final-frames", type=int, nargs="*", default=[],
+                        help="frame counts measured only after the last variant")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--overlap", type=int, default=4)
@@ -276,8 +299,10 @@ def main(argv=None):
     parser.add_argument("--check-golden", type=Path, default=None, metavar="DIR")
     parser.add_argument("--golden-dtypes", choices=DTYPES, nargs="+", default=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", type=Path, default=None, help="also write all records to this file")
-    parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune-no-cudagraphs"],
-                        help="torch.compile the four networks with this mode")
+    parser.add_argument("--variants", nargs="+", default=["eager"],
+                        choices=["eager", "channels_last", "compile", "compile_whole"],
+                        help="cumulative speed-ups, each measured after the previous ones are applied")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     parser.add_argument("--decode-chunk", type=int, default=16, help="frames per VAE decode batch")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one window's calls")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with --config tiny for a smoke test")
@@ -297,30 +322,22 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for name in args.dtype:
         dtype = DTYPES[name]
-        if args.networks or args.frames:
-            model = build_random_model(config, dtype, args.device)
-            label = f"eager-{name}"
-            if args.compile != "none":
-                from xportrait_core.acceleration import compile_networks
-
-                probe = window_probe(model, args.resolution)
-                eager = probe()
-                start = time.perf_counter()
-                compile_networks(model, mode=args.compile)
-                compiled = probe()
-                sync()
-                emit(kind="compile", mode=args.compile, seconds=round(time.perf_counter() - start, 1),
-                     rel_diff_vs_eager=float((compiled - eager).norm() / eager.norm()))
-                label = f"compile-{args.compile}-{name}"
+        model = build_random_model(config, dtype, args.device)
+        applied = []
+        for step in args.variants:
+            apply_variant(model, step, args)
+            applied.append(step)
+            label = "+".join(applied) + f"-{name}"
             if args.profile:
                 profile_window(model, args.resolution)
             if args.networks:
                 bench_networks(model, args.resolution)
-            for frames in args.frames:
+            frame_counts = list(args.frames) + (list(args.final_frames) if step == args.variants[-1] else [])
+            for frames in frame_counts:
                 bench_video(model, frames, args.resolution, args.runs, args.overlap, label=label,
                             decode_chunk=args.decode_chunk)
-            del model
-            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
 
     if args.json:
         args.json.write_text("\n".join(json.dumps(r) for r in RESULTS) + "\n")

@@ -41,6 +41,7 @@ class XPortrait(nn.Module):
         # A plain float32 tensor, not a buffer: `model.half()` must not round the noise schedule.
         self.alphas_cumprod = make_alphas_cumprod(config.schedule)
         self._empty_prompt: Optional[torch.Tensor] = None
+        self.memory_format = torch.contiguous_format
 
     @property
     def dtype(self) -> torch.dtype:
@@ -55,7 +56,12 @@ class XPortrait(nn.Module):
         return t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
 
     def _inputs(self, *tensors):
-        return [None if x is None else x.to(device=self.device, dtype=self.dtype) for x in tensors]
+        return [None if x is None else self._placed(x) for x in tensors]
+
+    def _placed(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        # Images and latents follow the networks' memory format (channels-last after `use_channels_last`).
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     # ---- appearance ---------------------------------------------------------------------------------------
 

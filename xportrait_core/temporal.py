@@ -91,5 +91,11 @@ class MotionModule(nn.Module):
         for block in self.transformer_blocks:
             h = block(h)
         h = self.proj_out(h)
-        h = h.view(windows, height * width, num_frames, channels).permute(0, 2, 3, 1)
-        return h.reshape(frames_total, channels, height, width) + x
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # Back to (frames, H, W, C) in memory: the channels-last layout the rest of the network runs in.
+            h = h.view(windows, height * width, num_frames, channels).transpose(1, 2)
+            h = h.reshape(frames_total, height, width, channels).permute(0, 3, 1, 2)
+        else:
+            h = h.view(windows, height * width, num_frames, channels).permute(0, 2, 3, 1)
+            h = h.reshape(frames_total, channels, height, width)
+        return h + x
