@@ -96,6 +96,12 @@ class GuidedDenoiser:
     def _frames(hint: Optional[torch.Tensor], frame_indices: torch.Tensor) -> Optional[torch.Tensor]:
         if hint is None:
             return None
+        # Windows are runs of consecutive frames, wrapping round the end of the video: slice them, so a
+        # device-resident hint needs no index tensor copied to the device (a stream sync from pageable memory).
+        first, count, total = int(frame_indices[0]), len(frame_indices), len(hint)
+        if count <= total and torch.equal(frame_indices, (torch.arange(count) + first) % total):
+            end = first + count
+            return hint[first:end] if end <= total else torch.cat([hint[first:], hint[: end - total]])
         return hint.index_select(0, frame_indices.to(hint.device))
 
     @torch.no_grad()

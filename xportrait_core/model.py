@@ -52,6 +52,10 @@ class XPortrait(nn.Module):
         return self.unet.time_embed[0].weight.device
 
     def _timesteps(self, t, batch: int) -> torch.Tensor:
+        if isinstance(t, int):
+            # A fill kernel, not a host-to-device copy: copies from pageable memory stall the host until the GPU
+            # has drained its queue, which would serialise kernel launches with execution at every call.
+            return torch.full((batch,), t, device=self.device, dtype=torch.long)
         t = torch.as_tensor(t, device=self.device)
         return t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
 

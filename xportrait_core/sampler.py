@@ -212,7 +212,8 @@ def sample_ddim(
             if should_cancel is not None and should_cancel():
                 cancelled = True
                 break
-            idx = indices.to(x.device)
+            # Pinned and asynchronous: a pageable host-to-device copy would stall the host on every window.
+            idx = indices.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else indices
             eps = denoise(x.index_select(0, idx), t, indices)
             if eps.shape != (len(indices), *x.shape[1:]):
                 raise ValueError(f"denoise returned eps of shape {tuple(eps.shape)} for a window of "
