@@ -213,11 +213,31 @@ def job_run_timesteps(job: VideoJob, timesteps):
                     generator=torch.Generator().manual_seed(0))
 
 
+def count_syncs(job: "VideoJob") -> tuple[int, list[str]]:
+    """Host-device synchronisations during a 2-step sampling run (no VAE): each one stalls kernel launches."""
+    import traceback
+    import warnings
+
+    if not torch.cuda.is_available():
+        return 0, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            job.run(steps=2, decode=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = [str(w.message)[:120] + " @ " + f"{Path(w.filename).name}:{w.lineno}" for w in caught]
+    return len(caught), sorted(set(messages))[:8]
+
+
 def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overlap: int, label: str,
                 decode_chunk: int = 16):
     job = VideoJob(model, frames, resolution, decode_chunk=decode_chunk)
     job.run(steps=2)  # warm-up: kernels, allocator, compiled graphs
     sync()
+    syncs, where = count_syncs(job)
+    emit(kind="syncs", variant=label, frames=frames, count=syncs, where=where)
     on_cuda = model.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
