@@ -93,11 +93,11 @@ class Sampler:
         if uncond_context is None and context is not None and handle.model.text_encoder is None:
             uncond_context = context  # no CLIP in the checkpoint to encode the empty prompt with
 
-        from xportrait_core.pipeline import animate_latents, iter_frames
+        from xportrait_core.pipeline import DECODE_CHUNK, animate_latents, iter_frames
 
         model = handle.ready()
         progress = common.Progress(int(steps))
-        decode_chunk = 16
+        decode_chunk = DECODE_CHUNK
         decode_calls = -(-motion.num_frames // decode_chunk)
         sampling_total = [0]
 

@@ -24,7 +24,7 @@ def test_animate_defaults_are_the_official_ones():
     assert (args.steps, args.guidance, args.overlap, args.window, args.seed) == (30, 5.0, 4, 16, 999)
     assert (args.best_frame, args.eta, args.spacing, args.init) == (-1, 0.0, "uniform", "reference")
     assert (args.resolution, args.reference_mode, args.frames, args.checkpoint) == (512, "resize", None, None)
-    assert (args.device, args.dtype, args.decode_chunk) == ("auto", "auto", 16)
+    assert (args.device, args.dtype, args.decode_chunk) == ("auto", "auto", 4)  # decode chunk: memory only, frames identical
 
 
 def test_animate_options_parse():

@@ -138,13 +138,17 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from .pipeline import DECODE_CHUNK
+
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cuda, cuda:1, cpu")
     g.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                    help="weights dtype (auto: fp16 on GPU, fp32 on CPU)")
-    g.add_argument("--decode-chunk", type=int, default=16,
-                   help="frames per VAE decode batch (default 16, as official; at 512 that needs ~10 GB on top of "
-                        "the weights in fp16: lower it on small GPUs)")
+    g.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK,
+                   help=f"frames per VAE decode batch (default {DECODE_CHUNK}; the official 16 needs ~7 GB more at 512; "
+                        "frames are identical either way)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks' repeated blocks (CUDA): ~1 min of compiling, then ~15%% faster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +238,10 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device)
+    if getattr(args, "compile", False):
+        from .acceleration import compile_networks
+
+        compile_networks(model)
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
     context = context_fn(model) if context_fn else model.empty_prompt_context()
 

@@ -43,7 +43,10 @@ DEFAULT_GUIDANCE = 5.0
 DEFAULT_OVERLAP = 4
 DEFAULT_SEED = 999
 DEFAULT_WINDOW = 16
-DECODE_CHUNK = 16  # the official decodes 16 latents at a time
+# The official decodes 16 latents at a time. Frames decode independently, so the chunk changes memory, not
+# pixels: at 512 in bf16 on an H100, 16 frames a chunk peaked at 15.1 GiB for a 16-frame job, 4 at 8.0 GiB,
+# for the same speed (benchmarks/bench_gpu.py, 2026-11-24).
+DECODE_CHUNK = 4
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
