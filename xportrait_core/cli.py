@@ -239,9 +239,10 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device)
     if getattr(args, "compile", False):
-        from .acceleration import compile_networks
+        from .acceleration import compile_networks, use_channels_last
 
-        compile_networks(model)
+        # The combination measured in the README (benchmarks/bench_gpu.py --variants ... channels_last compile).
+        compile_networks(use_channels_last(model))
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
     context = context_fn(model) if context_fn else model.empty_prompt_context()
 
