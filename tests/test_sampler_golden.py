@@ -43,13 +43,29 @@ class _OfficialReferenceBatch:
         return bank
 
 
+@pytest.fixture(scope="module")
+def sample20_run(tiny_model, golden_cases):
+    """The sample20_overlap4 run, once for the module: its output and (batch, t) of every reference-net call."""
+    calls = []
+    original = tiny_model.reference_bank
+
+    def counting(latents, t, context):
+        calls.append((latents.shape[0], int(t)))
+        return original(latents, t, context)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny_model, "reference_bank", counting)
+        out = _sample(tiny_model, golden_cases, "sample20_overlap4")
+    return out, calls
+
+
 def test_schedule_is_the_official_one(tiny_model, golden_cases):
     assert torch.equal(model_alphas_cumprod(tiny_model), golden_cases["alphas_cumprod"])
     assert torch.equal(ddim_timesteps(4), golden_cases["ddim4_timesteps"])
 
 
-def test_sample20_overlap4_matches_official(tiny_model, golden_cases):
-    out = _sample(tiny_model, golden_cases, "sample20_overlap4")
+def test_sample20_overlap4_matches_official(sample20_run, golden_cases):
+    out, _calls = sample20_run
     expected = golden_cases["sample20_overlap4_out"]
     assert out.shape == expected.shape
     assert (out - expected).abs().max().item() < 1e-4
@@ -70,16 +86,8 @@ def test_sample16_matches_official(tiny_model, golden_cases):
     assert (production - expected).abs().max().item() < 5e-4
 
 
-def test_reference_net_runs_once_per_step_on_the_reference(tiny_model, golden_cases, monkeypatch):
-    calls = []
-    original = tiny_model.reference_bank
-
-    def counting(latents, t, context):
-        calls.append((latents.shape[0], int(t)))
-        return original(latents, t, context)
-
-    monkeypatch.setattr(tiny_model, "reference_bank", counting)
-    _sample(tiny_model, golden_cases, "sample20_overlap4")
+def test_reference_net_runs_once_per_step_on_the_reference(sample20_run):
+    _out, calls = sample20_run
     # Two windows per step, but one bank per step, built on the single reference (batch 1).
     assert calls == [(1, 751), (1, 501), (1, 251), (1, 1)]
 
