@@ -75,3 +75,20 @@ def source_image_path() -> Path:
 @pytest.fixture(scope="session")
 def driving_video_path() -> Path:
     return asset_path("driving_video.mp4")
+
+
+@pytest.fixture(scope="session")
+def portrait(source_image_path):
+    """The sample portrait as uint8 RGB (H, W, 3), decoded once per session."""
+    import numpy as np
+    from PIL import Image
+
+    return np.array(Image.open(source_image_path).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def driving_frames(driving_video_path):
+    """Every frame of the sample driving video as uint8 (N, H, W, 3), decoded once per session."""
+    from xportrait_core.video_io import read_video
+
+    return read_video(driving_video_path)[0]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from xportrait_core.identity import (
     IdentityReport,
@@ -14,18 +13,11 @@ from xportrait_core.identity import (
     plot_identity,
 )
 from xportrait_core.landmarks import NoFaceFoundError
-from xportrait_core.video_io import read_video
 
 
 @pytest.fixture(scope="session")
-def portrait(source_image_path) -> np.ndarray:
-    return np.array(Image.open(source_image_path))
-
-
-@pytest.fixture(scope="session")
-def two_driving_frames(driving_video_path) -> np.ndarray:
-    frames, _ = read_video(driving_video_path, max_frames=21)
-    return frames[[0, 20]]
+def two_driving_frames(driving_frames) -> np.ndarray:
+    return driving_frames[[0, 20]]
 
 
 @pytest.fixture(scope="session")

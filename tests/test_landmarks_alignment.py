@@ -4,7 +4,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from xportrait_core.face_alignment import (
     LOCAL_REGIONS,
@@ -22,24 +21,12 @@ from xportrait_core.landmarks import (
     detect_faces,
     find_face,
 )
-from xportrait_core.video_io import read_video
 
 
 @pytest.fixture(scope="session")
-def source_image(source_image_path) -> np.ndarray:
-    return np.array(Image.open(source_image_path))
-
-
-@pytest.fixture(scope="session")
-def driving_frames(driving_video_path) -> np.ndarray:
-    frames, _ = read_video(driving_video_path)
-    return frames
-
-
-@pytest.fixture(scope="session")
-def motion(driving_frames, source_image) -> MotionHints:
+def motion(driving_frames, portrait) -> MotionHints:
     """The whole 60-frame video at 512 with the best-frame search, once per session."""
-    return extract_motion(driving_frames, source_image, resolution=512, best_frame=-1)
+    return extract_motion(driving_frames, portrait, resolution=512, best_frame=-1)
 
 
 def _copy_256(image_uint8: np.ndarray) -> np.ndarray:
@@ -53,8 +40,8 @@ def _box_mask(boxes: np.ndarray, resolution: int) -> np.ndarray:
     return mask
 
 
-def test_reference_face_found(source_image):
-    faces = detect_faces(source_image)
+def test_reference_face_found(portrait):
+    faces = detect_faces(portrait)
     assert len(faces) == 1
     face = faces[0]
     assert face.landmarks.shape == (68, 2) and face.landmarks.dtype == np.float32
@@ -84,11 +71,11 @@ def test_motion_hint_layout(motion, driving_frames):
     assert motion.warnings == []
 
 
-def test_best_frame_is_the_closest_pose(motion, driving_frames, source_image):
+def test_best_frame_is_the_closest_pose(motion, driving_frames, portrait):
     best = motion.best_frame
     assert isinstance(best, int) and 0 <= best < len(driving_frames)
     backend = default_face_backend()
-    reference = backend.detect(_copy_256(source_image))[0].landmarks
+    reference = backend.detect(_copy_256(portrait))[0].landmarks
     diffs = {}
     for index in sorted({0, 12, 24, 36, 48, 59, best}):
         landmarks = backend.detect(_copy_256(driving_frames[index]))[0].landmarks
@@ -119,7 +106,7 @@ def test_alignment_puts_the_driving_face_on_the_reference(motion):
         assert np.abs(corners - reference).max() <= 48.0
 
 
-def test_alignment_undoes_a_moved_and_shrunk_driving_video(driving_frames, source_image):
+def test_alignment_undoes_a_moved_and_shrunk_driving_video(driving_frames, portrait):
     """Driving frames shrunk to 60% and pushed into a corner: the affine brings the face back onto the reference."""
     frames = []
     for index in (10, 30, 50):
@@ -127,7 +114,7 @@ def test_alignment_undoes_a_moved_and_shrunk_driving_video(driving_frames, sourc
         small = cv2.resize(driving_frames[index], (307, 307), interpolation=cv2.INTER_AREA)
         canvas[20:327, 190:497] = small
         frames.append(canvas)
-    hints = extract_motion(np.stack(frames), source_image, resolution=512)
+    hints = extract_motion(np.stack(frames), portrait, resolution=512)
     reference = alignment_box_corners(hints.reference_face.landmarks)
     best = hints.best_frame
     assert best in (0, 1, 2)
@@ -201,10 +188,10 @@ def test_a_plugged_in_backend_is_used():
     np.testing.assert_array_equal(hints.local_boxes[1], local_hint_boxes(landmarks, 256))
 
 
-def test_a_frame_without_a_face_gets_an_empty_local_hint_and_a_warning(driving_frames, source_image):
+def test_a_frame_without_a_face_gets_an_empty_local_hint_and_a_warning(driving_frames, portrait):
     frames = driving_frames[[0, 1, 2]].copy()
     frames[1] = 128  # a flat grey frame
-    hints = extract_motion(frames, source_image, resolution=256, best_frame=0)
+    hints = extract_motion(frames, portrait, resolution=256, best_frame=0)
     assert hints.faces_found.tolist() == [True, False, True]
     assert (hints.local_hint[1] == -1.0).all()
     assert (hints.local_boxes[1] == -1).all() and hints.aligned_faces[1] is None
@@ -212,30 +199,30 @@ def test_a_frame_without_a_face_gets_an_empty_local_hint_and_a_warning(driving_f
     assert not (hints.local_hint[0] == -1.0).all()
 
 
-def test_a_briefly_lost_face_is_recovered_near_the_previous_box(driving_frames, source_image):
+def test_a_briefly_lost_face_is_recovered_near_the_previous_box(driving_frames, portrait):
     frames = driving_frames[[4, 5]].copy()
     x0, y0, x1, y1 = (default_face_backend().detect(_copy_256(frames[1]))[0].box * 2).astype(int)
     frames[1, y0 : y0 + int(0.3 * (y1 - y0)), x0:x1] = 0  # brows and forehead hidden: the detector misses
     assert default_face_backend().detect(_copy_256(frames[1])) == []
-    tracked = extract_motion(frames, source_image, resolution=256, best_frame=-2)
+    tracked = extract_motion(frames, portrait, resolution=256, best_frame=-2)
     assert tracked.faces_found.tolist() == [True, True] and tracked.tracked.tolist() == [False, True]
     assert any("frame 1" in w and "recovered" in w for w in tracked.warnings)
-    strict = extract_motion(frames, source_image, resolution=256, best_frame=-2, track_missed_faces=False)
+    strict = extract_motion(frames, portrait, resolution=256, best_frame=-2, track_missed_faces=False)
     assert strict.faces_found.tolist() == [True, False] and (strict.local_hint[1] == -1).all()
 
 
-def test_no_alignment_mode(driving_frames, source_image):
+def test_no_alignment_mode(driving_frames, portrait):
     frames = driving_frames[:2]
-    hints = extract_motion(frames, source_image, resolution=256, best_frame=-2)
+    hints = extract_motion(frames, portrait, resolution=256, best_frame=-2)
     assert hints.best_frame is None and hints.affine is None and hints.reference_face is None
     expected = resize_image(frames[1].astype(np.float32) / 255.0, 256, 256).transpose(2, 0, 1) * 2 - 1
     np.testing.assert_allclose(hints.global_hint[1], expected, atol=1e-6)
 
 
-def test_explicit_best_frame_and_resolution_scaling(driving_frames, source_image):
+def test_explicit_best_frame_and_resolution_scaling(driving_frames, portrait):
     frames = driving_frames[30:40]
-    at_512 = extract_motion(frames, source_image, resolution=512, best_frame=6)
-    at_256 = extract_motion(frames, source_image, resolution=256, best_frame=6)
+    at_512 = extract_motion(frames, portrait, resolution=512, best_frame=6)
+    at_256 = extract_motion(frames, portrait, resolution=256, best_frame=6)
     assert at_512.best_frame == 6 == at_256.best_frame
     # the same alignment at both sizes: linear part equal, translation proportional to the resolution
     np.testing.assert_allclose(at_512.affine[:, :2], at_256.affine[:, :2], rtol=1e-6)
@@ -244,29 +231,29 @@ def test_explicit_best_frame_and_resolution_scaling(driving_frames, source_image
     assert at_256.global_hint.shape == (10, 3, 256, 256)
 
 
-def test_float_frames_in_any_size_are_accepted(driving_frames, source_image):
+def test_float_frames_in_any_size_are_accepted(driving_frames, portrait):
     frames_u8 = driving_frames[[3, 7]]
     frames_float = frames_u8.astype(np.float32) / 255.0
-    a = extract_motion(frames_u8, source_image, resolution=256, best_frame=0)
-    b = extract_motion(frames_float, source_image.astype(np.float32) / 255.0, resolution=256, best_frame=0)
+    a = extract_motion(frames_u8, portrait, resolution=256, best_frame=0)
+    b = extract_motion(frames_float, portrait.astype(np.float32) / 255.0, resolution=256, best_frame=0)
     np.testing.assert_allclose(a.global_hint, b.global_hint, atol=1e-6)
     np.testing.assert_array_equal(a.local_boxes, b.local_boxes)
     wide = np.stack([cv2.resize(f, (400, 300)) for f in frames_u8])  # non-square: stretched like the official
-    c = extract_motion(wide, source_image, resolution=256, best_frame=0)
+    c = extract_motion(wide, portrait, resolution=256, best_frame=0)
     assert c.global_hint.shape == (2, 3, 256, 256) and c.faces_found.all()
 
 
-def test_bad_inputs_give_clear_errors(driving_frames, source_image):
+def test_bad_inputs_give_clear_errors(driving_frames, portrait):
     with pytest.raises(ValueError, match="empty"):
-        extract_motion(np.zeros((0, 64, 64, 3), np.uint8), source_image)
+        extract_motion(np.zeros((0, 64, 64, 3), np.uint8), portrait)
     with pytest.raises(ValueError, match="empty"):
-        extract_motion([], source_image)
+        extract_motion([], portrait)
     with pytest.raises(ValueError, match="out of range"):
-        extract_motion(driving_frames[:3], source_image, best_frame=3)
+        extract_motion(driving_frames[:3], portrait, best_frame=3)
     with pytest.raises(ValueError, match="best_frame"):
-        extract_motion(driving_frames[:3], source_image, best_frame=-3)
+        extract_motion(driving_frames[:3], portrait, best_frame=-3)
     with pytest.raises(ValueError, match="multiple of 64"):
-        extract_motion(driving_frames[:1], source_image, resolution=500)
+        extract_motion(driving_frames[:1], portrait, resolution=500)
 
 
 def test_an_image_without_a_face_raises_no_face_found():

@@ -18,11 +18,6 @@ PLACE_X, PLACE_Y = 500, 200
 
 
 @pytest.fixture(scope="session")
-def portrait(source_image_path) -> np.ndarray:
-    return np.array(Image.open(source_image_path))[..., :3]
-
-
-@pytest.fixture(scope="session")
 def photo(portrait) -> np.ndarray:
     """A 1400x900 photo with the portrait pasted off-centre on a textured background."""
     rng = np.random.default_rng(1)

@@ -63,7 +63,8 @@ class XPortrait(nn.Module):
         return [None if x is None else self._placed(x) for x in tensors]
 
     def _placed(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        # Asynchronous only towards a GPU: a non-blocking copy to the host could be read before it lands.
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=self.device.type == "cuda")
         # Images and latents follow the networks' memory format (channels-last after `use_channels_last`).
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
