@@ -161,3 +161,33 @@ def test_animate_reports_a_missing_reference(tmp_path, golden_state_dict_path, c
                      str(tmp_path / "nope.png"), "--driving", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4")])
     assert code == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_convert_writes_a_loadable_safetensors(tmp_path, golden_state_dict_path, capsys):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from xportrait_core.checkpoint import load_xportrait
+
+    source = tmp_path / "model_state-415001.th"
+    torch.save({"state_dict": load_file(str(golden_state_dict_path))}, source)
+    out = tmp_path / "xportrait-fp16.safetensors"
+    assert cli.main(["convert", str(source), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["format"] == "xportrait-core"
+        assert f.get_tensor("unet.out.2.weight").dtype == torch.float16
+    model = load_xportrait(out)
+    assert model.config.unet.model_channels == 32
+
+
+def test_convert_refuses_a_file_that_is_not_xportrait(tmp_path, capsys):
+    import torch
+
+    source = tmp_path / "other.ckpt"
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, source)
+    code = cli.main(["convert", str(source), str(tmp_path / "out.safetensors")])
+    err = capsys.readouterr().err
+    assert code != 0 and "not an X-Portrait checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()
