@@ -263,8 +263,9 @@ def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overl
          gpu=torch.cuda.get_device_name() if on_cuda else "cpu")
 
 
-def check_golden(golden: Path, dtype: torch.dtype):
-    """The fast path (CUDA, this dtype, this attention backend) against the official fp32 fixtures."""
+def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
+    """The fast path (CUDA, this dtype, this attention backend; with fast=True also channels-last and compiled
+    blocks) against the official fp32 fixtures."""
     from safetensors.torch import load_file
 
     from xportrait_core.checkpoint import load_xportrait
@@ -274,6 +275,10 @@ def check_golden(golden: Path, dtype: torch.dtype):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     cases = {k: v.to(device) for k, v in load_file(str(golden / "tiny_cases.safetensors")).items()}
     model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device)
+    if fast:
+        from xportrait_core.acceleration import compile_networks, use_channels_last
+
+        compile_networks(use_channels_last(model))
     with torch.no_grad():
         bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
         eps_c = model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
@@ -295,7 +300,7 @@ def check_golden(golden: Path, dtype: torch.dtype):
     def mx(a, b):
         return float((a.float() - b).abs().max())
 
-    emit(kind="golden", dtype=str(dtype), attention=attention.resolve_backend(torch.device(device), dtype),
+    emit(kind="golden", dtype=str(dtype), fast=fast, attention=attention.resolve_backend(torch.device(device), dtype),
          eps_cond_max=mx(eps_c, cases["eps_cond"]), eps_cond_rel=rel(eps_c, cases["eps_cond"]),
          eps_uncond_max=mx(eps_u, cases["eps_uncond"]), eps_uncond_rel=rel(eps_u, cases["eps_uncond"]),
          vae_decoded_max=mx(decoded, cases["vae_decoded"]),
@@ -317,6 +322,7 @@ def main(argv=None):
     parser.add_argument("--networks", action="store_true", help="time one call of each network")
     parser.add_argument("--attention", default="auto", choices=attention.BACKENDS)
     parser.add_argument("--check-golden", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--golden-fast", action="store_true", help="check golden with channels-last + compile")
     parser.add_argument("--golden-dtypes", choices=DTYPES, nargs="+", default=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", type=Path, default=None, help="also write all records to this file")
     parser.add_argument("--variants", nargs="+", default=["eager"],
@@ -338,7 +344,7 @@ def main(argv=None):
 
     if args.check_golden:
         for name in args.golden_dtypes:
-            check_golden(args.check_golden, DTYPES[name])
+            check_golden(args.check_golden, DTYPES[name], fast=args.golden_fast)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for name in args.dtype:
         dtype = DTYPES[name]
