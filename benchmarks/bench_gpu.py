@@ -312,7 +312,7 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["bf16"])
+    parser.add_argument("--dtype", choices=DTYPES, nargs="*", default=["bf16"])
     parser.add_argument("--frames", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--final-frames", type=int, nargs="*", default=[],
                         help="frame counts measured only after the last variant")
