@@ -215,7 +215,6 @@ def job_run_timesteps(job: VideoJob, timesteps):
 
 def count_syncs(job: "VideoJob") -> tuple[int, list[str]]:
     """Host-device synchronisations during a 2-step sampling run (no VAE): each one stalls kernel launches."""
-    import traceback
     import warnings
 
     if not torch.cuda.is_available():

@@ -250,6 +250,12 @@ VIDEO_NOTE = ("Load Video + Get Video Components and Create Video + Save Video a
               "frame_rate from the source video) instead.")
 
 
+def _model_loader(graph: Graph) -> Node:
+    """Node 1 of every example: Load X-Portrait Model with its defaults, top left."""
+    return graph.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
+                                                              "attention": "auto"}, size=(320, 110)))
+
+
 def _driving(graph: Graph, first_id: int, x: int, y: int):
     video = graph.add(Node(first_id, "LoadVideo", (x, y), {"file": DRIVING_FILE}, size=(300, 420)))
     parts = graph.add(Node(first_id + 1, "GetVideoComponents", (x + 330, y), size=(240, 90)))
@@ -271,8 +277,7 @@ def _save(graph: Graph, first_id: int, x: int, y: int, frames_from: tuple[Node, 
 
 def basic_animation() -> Graph:
     g = Graph("xportrait_basic_animation")
-    model = g.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
-                                                           "attention": "auto"}, size=(320, 110)))
+    model = _model_loader(g)
     photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360)))
     reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
                                                                      "mode": "crop"}, size=(320, 130)))
@@ -310,8 +315,7 @@ def basic_animation() -> Graph:
 
 def multi_reference_identity() -> Graph:
     g = Graph("xportrait_multi_reference_identity")
-    model = g.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
-                                                           "attention": "auto"}, size=(320, 110)))
+    model = _model_loader(g)
     first = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360),
                        title="Reference 1 (animated)"))
     second = g.add(Node(3, "LoadImage", (40, 600), {"image": SECOND_REFERENCE_FILE}, size=(320, 360),
@@ -365,8 +369,7 @@ def multi_reference_identity() -> Graph:
 
 def upscale_restore_paste_back() -> Graph:
     g = Graph("xportrait_upscale_restore_paste_back")
-    model = g.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
-                                                           "attention": "auto"}, size=(320, 110)))
+    model = _model_loader(g)
     photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360),
                        title="Full photo"))
     reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,

@@ -27,7 +27,6 @@ from .initial_latents import (
     INITS,
     NOISE,
     REFERENCE,
-    VIDEO,
     encode_reference,
     model_alphas_cumprod,
     noise_initial_latents,
