@@ -11,6 +11,11 @@ mid-block attention, CLIP's causal attention) calls `attention(q, k, v)`. The ba
   PyTorch). Always available; the fallback.
 - ``math``: explicit ``softmax(q k^T / sqrt(d)) v`` in float32, for checking the other two only.
 
+Whatever the backend (but math), CUDA half-precision self-attention over at most 32 tokens, the motion modules'
+attention along frames, runs `frame_attention`'s Triton kernel where Triton is installed: flash kernels fill their
+tiles a quarter full at 16 tokens and need the heads transposed in and out (see frame_attention.py for how much
+faster it measured). ``XPORTRAIT_FRAME_KERNEL=0`` or `set_frame_kernel(False)` turns it off.
+
 ``XPORTRAIT_ATTENTION=auto|xformers|sdpa|math`` or `set_attention_backend()` forces a choice; forcing xformers
 where it cannot run raises instead of silently falling back. The backend actually used is logged once per
 (device type, dtype).
@@ -25,6 +30,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import frame_attention
+
 log = logging.getLogger("xportrait")
 
 BACKENDS = ("auto", "xformers", "sdpa", "math")
@@ -38,6 +45,7 @@ _xformers_import_error: Optional[str] = None
 _xformers_works: dict[tuple[str, torch.dtype], bool] = {}
 _logged: set[tuple[str, str, torch.dtype]] = set()
 _resolved: dict[tuple[str, torch.dtype], str] = {}
+_frame_kernel: bool = os.environ.get("XPORTRAIT_FRAME_KERNEL", "1").strip() not in ("0", "false", "no", "off")
 
 # CUDA attention kernels launch one block row per (batch x head); grids past 65535 fail on some kernels, so very
 # large batches (temporal attention over every pixel of a 64x64 latent) are split.
@@ -52,6 +60,12 @@ def set_attention_backend(name: str) -> None:
         raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
     _setting = name
     _resolved.clear()
+
+
+def set_frame_kernel(enabled: bool) -> None:
+    """Use (default) or bypass the Triton kernel for short CUDA half-precision sequences (temporal attention)."""
+    global _frame_kernel
+    _frame_kernel = bool(enabled)
 
 
 def get_attention_backend_setting() -> str:
@@ -151,6 +165,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backend = _resolved.get((q.device.type, q.dtype))
     if backend is None:
         backend = _resolve_and_log(q.device, q.dtype)
+    if _frame_kernel and backend != "math" and frame_attention.supports(q, k, v, causal):
+        return frame_attention.frame_attention(q, k, v)
     if backend == "xformers":
         k, v = k.contiguous(), v.contiguous()
     batch, heads = q.shape[0], q.shape[1]
