@@ -9,6 +9,7 @@ from .model import XPortrait
 from .temporal import MotionModule
 
 NETWORKS = ("unet", "reference_net", "global_control", "local_control")
+RECOMPILE_LIMIT = 128
 
 
 def use_channels_last(model: XPortrait) -> XPortrait:
@@ -29,6 +30,14 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
     """
     # Resolve (and log) the attention backend eagerly, so compiled graphs only look it up.
     attention._resolve_and_log(model.device, model.dtype)
+    # Every input shape of a block is its own compiled graph (dynamic=False): the UNet, reference net and
+    # ControlNets give a ResBlock some 30 shapes. Past the recompile limit (8 by default) Dynamo silently runs
+    # the remaining shapes eagerly, so raise it to cover them all.
+    import torch._dynamo  # noqa: PLC0415
+
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
     for name in NETWORKS:
         network = getattr(model, name)
         if not regional:

@@ -7,7 +7,7 @@ checkpoint maps onto them by prefix alone; see checkpoint.py.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -174,14 +174,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, reference: Optional[ReferenceBank] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, appended: Optional[torch.Tensor] = None,
+                recorded: Optional[list] = None) -> torch.Tensor:
+        """appended: reference tokens added to the self-attention's keys and values (main UNet reading the bank).
+        recorded: a list that receives the self-attention's input (the reference net filling the bank)."""
         h = self.norm1(x)
-        appended = None
-        if reference is not None:
-            if reference.recording:
-                reference.write(self.bank_slot, h)
-            else:
-                appended = reference.read(self.bank_slot)
+        if recorded is not None:
+            recorded.append(h)
         x = self.attn1(h, appended=appended) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
@@ -200,11 +199,30 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, reference: Optional[ReferenceBank] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, appended: Optional[Sequence[torch.Tensor]] = None,
+                recorded: Optional[list] = None) -> torch.Tensor:
+        """appended: one entry per transformer block, or None; recorded: as BasicTransformerBlock's."""
         b, c, height, width = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks:
-            h = block(h, context, reference)
+        for i, block in enumerate(self.transformer_blocks):
+            h = block(h, context, None if appended is None else appended[i], recorded)
         h = h.transpose(1, 2).reshape(b, -1, height, width)
         return self.proj_out(h) + x
+
+    def forward_with_bank(self, x: torch.Tensor, context: torch.Tensor,
+                          reference: Optional[ReferenceBank] = None) -> torch.Tensor:
+        """`forward`, writing to or reading from the reference bank by the blocks' slots.
+
+        The bank is handled here, outside `forward`, so a compiled forward sees only tensors and lists: no guard
+        on the bank's state, hence no recompilation for every slot.
+        """
+        if reference is None:
+            return self(x, context)
+        if reference.recording:
+            recorded: list[torch.Tensor] = []
+            x = self(x, context, recorded=recorded)
+            for block, tokens in zip(self.transformer_blocks, recorded):
+                reference.write(block.bank_slot, tokens)
+            return x
+        return self(x, context, appended=[reference.read(block.bank_slot) for block in self.transformer_blocks])

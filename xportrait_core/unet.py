@@ -32,7 +32,7 @@ class TimestepSequential(nn.Sequential):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, reference)
+                x = layer.forward_with_bank(x, context, reference)
             else:
                 x = layer(x)
         return x
