@@ -10,6 +10,7 @@ log = logging.getLogger("xportrait")
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+VRAM_MODES = ("normal", "low")
 
 _managed_class = None
 
@@ -34,10 +35,11 @@ def _managed_module(model):
 class LoadedXPortrait:
     """What travels on an XPORTRAIT_MODEL socket: the network, its name, and ComfyUI's handle on its weights."""
 
-    def __init__(self, model, name: str, attention: str):
+    def __init__(self, model, name: str, attention: str, low_vram: bool = False):
         self.model = model
         self.name = name
         self.attention = attention
+        self.low_vram = low_vram
         self.patcher = None
         try:
             import comfy.model_patcher
@@ -72,10 +74,17 @@ class LoadedXPortrait:
             device = common.torch_device()
             if self.model.device != device:
                 self.model.to(device)
+        if self.low_vram:
+            from xportrait_core.offload import place_for_low_vram
+
+            # After ComfyUI placed the whole network: the reference net and VAE go back to the CPU and visit the
+            # GPU only while they work (the sampler brings them in and out).
+            place_for_low_vram(self.model, self.model.device)
         return self.model
 
     def __repr__(self) -> str:
-        return f"LoadedXPortrait({self.name!r}, dtype={self.model.dtype}, attention={self.attention})"
+        vram = ", low_vram" if self.low_vram else ""
+        return f"LoadedXPortrait({self.name!r}, dtype={self.model.dtype}, attention={self.attention}{vram})"
 
 
 def check_model(model, node: str) -> LoadedXPortrait:
@@ -118,14 +127,22 @@ class LoadXPortraitModel:
                     "default": "auto",
                     "tooltip": "auto: xformers when it is installed and works with this torch, else PyTorch SDPA. "
                                "Forcing xformers where it cannot run is an error, not a silent fallback."}),
+                "vram": (list(VRAM_MODES), {
+                    "default": "normal",
+                    "tooltip": "low: the reference net and VAE stay in system memory and visit the GPU only while "
+                               "they work (the reference net once per job, for every step at once). Measured at 512, "
+                               "bf16, 16 frames on an H100: peak 6.3 GiB instead of 8.0, 11.5 s instead of 8.1-8.8 s. "
+                               "Same frames."}),
             }
         }
 
-    def load(self, model_name: str, dtype: str = "auto", attention: str = "auto"):
+    def load(self, model_name: str, dtype: str = "auto", attention: str = "auto", vram: str = "normal"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        if vram not in VRAM_MODES:
+            raise ValueError(f"vram must be one of {', '.join(VRAM_MODES)}, got {vram!r}")
         path = common.model_file_path(model_name)
 
         from xportrait_core.attention import (
@@ -149,7 +166,7 @@ class LoadXPortraitModel:
         except Exception as exc:
             raise ValueError(f"Load X-Portrait Model: {os.path.basename(path)} could not be loaded: {exc}") from exc
         log.info("X-Portrait: loaded %s (%s, attention %s)", model_name, weight_dtype, attention)
-        return (LoadedXPortrait(model, model_name, attention),)
+        return (LoadedXPortrait(model, model_name, attention, low_vram=vram == "low"),)
 
 
 NODE_CLASS_MAPPINGS = {"XPortraitLoadModel": LoadXPortraitModel}

@@ -180,6 +180,22 @@ def test_loader_infers_the_config_and_applies_the_dtype(tiny, tiny_with_clip, mo
     assert half.model.dtype == torch.bfloat16
 
 
+def test_loader_low_vram_places_idle_networks_apart_when_the_model_is_made_ready(models_dir, monkeypatch):
+    from xportrait_core import offload
+
+    placed = []
+    monkeypatch.setattr(offload, "place_for_low_vram", lambda model, device: placed.append(device) or model)
+    low = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto", vram="low")[0]
+    normal = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto")[0]
+    assert low.low_vram and not normal.low_vram and "low_vram" in repr(low)
+    normal.ready()
+    assert placed == []
+    low.ready()
+    assert placed == [low.model.device]
+    with pytest.raises(ValueError, match="vram must be one of normal, low"):
+        run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto", vram="tiny")
+
+
 @pytest.mark.parametrize("model_name, error, message", [
     ("not_xportrait.safetensors", ValueError, "not_xportrait.safetensors could not be loaded: .*X-Portrait"),
     ("garbage.ckpt", ValueError, "garbage.ckpt could not be loaded"),

@@ -146,3 +146,21 @@ def test_cancellation_releases_everything(tiny_model, inputs):
     assert not [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) == shape]
     with pytest.raises(SamplingCancelled):
         list(iter_frames(tiny_model, torch.zeros(4, 4, 8, 8), chunk=2, should_cancel=lambda: True))
+
+
+def test_low_vram_precomputes_every_bank_and_samples_the_same(tiny_model, inputs, monkeypatch):
+    """In low-VRAM mode the reference net runs for every timestep before sampling (so it can leave the GPU);
+    the banks are the same, so the latents are identical. The device moves themselves are tested on a GPU
+    (tests/test_cuda.py)."""
+    from xportrait_core import offload
+    from xportrait_core.sampler import ddim_timesteps
+
+    args = {k: v for k, v in inputs.items() if k != "reference"}
+    normal = animate_latents(tiny_model, inputs["reference"], steps=3, seed=1, window=8, overlap=2, **args)
+    calls = []
+    original = tiny_model.reference_bank
+    monkeypatch.setattr(tiny_model, "reference_bank", lambda lat, t, ctx: calls.append(t) or original(lat, t, ctx))
+    monkeypatch.setattr(offload, "is_low_vram", lambda model: True)
+    low = animate_latents(tiny_model, inputs["reference"], steps=3, seed=1, window=8, overlap=2, **args)
+    assert calls == ddim_timesteps(3).tolist()  # all up front, once each, none during sampling (2 windows a step)
+    assert torch.equal(low, normal)

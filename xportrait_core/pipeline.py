@@ -33,6 +33,7 @@ from .initial_latents import (
     reference_initial_latents,
     video_initial_latents,
 )
+from . import offload
 from .model import XPortrait
 from .sampler import UNIFORM, SamplingCancelled, ddim_timesteps, sample_ddim
 
@@ -179,21 +180,26 @@ def animate_latents(
         else:
             generator.seed()
 
-    reference_latents = encode_reference(model, references, generator)
-    if init == REFERENCE:
-        x_T = reference_initial_latents(model, references[:1], num_frames, generator, init_timestep)
-    elif init == NOISE:
-        x_T = noise_initial_latents(model, num_frames, resolution, resolution, generator)
-    else:
-        if init_frames is None:
-            raise ValueError('init="video" needs init_frames')
-        frames = _video_frames(init_frames, num_frames, resolution)
-        x_T = video_initial_latents(model, frames, generator, init_timestep, encode_chunk)
+    if init == "video" and init_frames is None:
+        raise ValueError('init="video" needs init_frames')
+    with offload.resident(model, "vae"):  # on the compute device already, unless the model runs low-VRAM
+        reference_latents = encode_reference(model, references, generator)
+        if init == REFERENCE:
+            x_T = reference_initial_latents(model, references[:1], num_frames, generator, init_timestep)
+        elif init == NOISE:
+            x_T = noise_initial_latents(model, num_frames, resolution, resolution, generator)
+        else:
+            frames = _video_frames(init_frames, num_frames, resolution)
+            x_T = video_initial_latents(model, frames, generator, init_timestep, encode_chunk)
 
     denoiser = GuidedDenoiser(model, reference_latents, global_hint=g_hint, local_hint=l_hint,
                               guidance_scale=guidance_scale, context=context, uncond_context=uncond_context,
                               global_strength=global_strength, local_strength=local_strength)
     try:
+        if offload.is_low_vram(model):
+            # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
+            with offload.resident(model, "reference_net"):
+                denoiser.precompute_reference_banks(timesteps)
         return sample_ddim(denoiser, x_T, model_alphas_cumprod(model), timesteps, eta=eta, window=window,
                            overlap=overlap, window_offsets=window_offsets, generator=generator, callback=callback,
                            should_cancel=should_cancel)
@@ -227,13 +233,14 @@ def iter_frames(model: XPortrait, latents: torch.Tensor, chunk: int = DECODE_CHU
     """Decode `chunk` latents at a time; yields float32 (n, R, R, 3) numpy frames in [0, 1] (clamped as official)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    for start in range(0, latents.shape[0], chunk):
-        if should_cancel is not None and should_cancel():
-            raise SamplingCancelled(f"decoding cancelled after {start} of {latents.shape[0]} frames")
-        images = model.decode_latents(latents[start:start + chunk], chunk=chunk)
-        images = images.float().clamp(-1.0, 1.0).add(1.0).mul(0.5)
-        yield images.permute(0, 2, 3, 1).cpu().numpy()
-        del images
+    with offload.resident(model, "vae"):
+        for start in range(0, latents.shape[0], chunk):
+            if should_cancel is not None and should_cancel():
+                raise SamplingCancelled(f"decoding cancelled after {start} of {latents.shape[0]} frames")
+            images = model.decode_latents(latents[start:start + chunk], chunk=chunk)
+            images = images.float().clamp(-1.0, 1.0).add(1.0).mul(0.5)
+            yield images.permute(0, 2, 3, 1).cpu().numpy()
+            del images
 
 
 def decode_frames(model: XPortrait, latents: torch.Tensor, chunk: int = DECODE_CHUNK,

@@ -39,6 +39,18 @@ class ReferenceBank:
             )
         return self.entries[slot]
 
+    def to(self, device: torch.device | str) -> "ReferenceBank":
+        """A finished copy of this bank on `device` (pinned when on the CPU, so copies back to a GPU are
+        asynchronous)."""
+        device = torch.device(device)
+        bank = ReferenceBank(self.num_references)
+        for entry in self.entries:
+            if device.type == "cpu" and entry.device.type == "cuda":
+                bank.entries.append(entry.to("cpu").pin_memory())
+            else:
+                bank.entries.append(entry.to(device, non_blocking=entry.is_pinned()))
+        return bank.finish()
+
     def finish(self) -> "ReferenceBank":
         self.recording = False
         return self

@@ -1,0 +1,112 @@
+"""What only a CUDA GPU can check: the Triton frame-attention kernel for real, inside compiled motion modules, and
+the low-VRAM arrangement (networks moved off the GPU and back). Skipped on machines without CUDA (CI); run on the
+GPU with `python -m pytest -q tests/test_cuda.py`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xportrait_core import attention, frame_attention, offload
+from xportrait_core.config import MotionModuleConfig
+from xportrait_core.temporal import MotionModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 16, 8, 40), (1024, 16, 8, 80), (256, 16, 8, 160), (64, 16, 8, 160),
+                                   (77, 24, 8, 40), (100, 5, 2, 64)])
+def test_frame_kernel_matches_float32_attention(shape, dtype):
+    batch, tokens, heads, dim = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, tokens, 3, heads * dim, device="cuda", dtype=dtype, generator=g)
+    q, k, v = (x[:, :, i].view(batch, tokens, heads, dim).transpose(1, 2) for i in range(3))
+    assert frame_attention.supports(q, k, v, causal=False)
+    out = frame_attention.frame_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    kernel_err = (out.float() - ref).abs().max().item()
+    sdpa_err = (sdpa.float() - ref).abs().max().item()
+    assert out.shape == q.shape
+    # No worse than PyTorch's own half-precision kernels (plus one rounding step of the output).
+    assert kernel_err <= 1.5 * sdpa_err + 4e-3, (kernel_err, sdpa_err)
+    # The output is a transposed view of (batch, tokens, heads, dim): merging heads back costs no copy.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_motion_module_with_frame_kernel_matches_sdpa(compiled):
+    torch.manual_seed(0)
+    module = MotionModule(320, MotionModuleConfig()).cuda().to(torch.bfloat16).eval()
+    for p in module.parameters():  # zero-initialised output projections would hide the attention entirely
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(32, 320, 16, 16, device="cuda", dtype=torch.bfloat16)  # two 16-frame windows
+    run = torch.compile(module, dynamic=False) if compiled else module
+    with torch.no_grad():
+        attention.set_frame_kernel(False)
+        try:
+            reference = module(x, 16).float()
+        finally:
+            attention.set_frame_kernel(True)
+        out = run(x, 16).float()
+    rel = ((out - reference).norm() / reference.norm()).item()
+    assert rel < 1e-2, rel
+
+
+@pytest.fixture(scope="module")
+def cuda_model(golden_state_dict_path):
+    from xportrait_core.checkpoint import load_xportrait
+
+    return load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda")
+
+
+def test_low_vram_keeps_idle_networks_on_the_cpu_and_gives_the_same_frames(cuda_model, golden_cases):
+    from xportrait_core.pipeline import animate
+
+    name = "sample20_overlap4"
+    reference = ((golden_cases["vae_image"][0].permute(1, 2, 0).numpy() + 1) / 2).astype(np.float32)
+    args = dict(global_hint=golden_cases[f"{name}_global_hint"][:10].numpy(),
+                local_hint=golden_cases[f"{name}_local_hint"][:10].numpy(),
+                context=golden_cases[f"{name}_context"], uncond_context=golden_cases[f"{name}_uncond_context"],
+                steps=3, window=8, overlap=2, seed=3)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    normal = animate(cuda_model, reference, **args)
+    offload.place_for_low_vram(cuda_model, "cuda")
+    try:
+        assert offload.is_low_vram(cuda_model)
+        low = animate(cuda_model, reference, **args)
+        assert next(cuda_model.reference_net.parameters()).device.type == "cpu"
+        assert next(cuda_model.vae.parameters()).device.type == "cpu"
+        assert next(cuda_model.unet.parameters()).device.type == "cuda"
+    finally:
+        cuda_model.to("cuda")
+    np.testing.assert_allclose(low, normal, atol=1e-5)
+
+
+def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_state_dict_path, golden_cases, caplog):
+    """Every block shape gets its own graph: none falls back to eager for want of recompiles, and the result is
+    the eager one (float32, TF32 off)."""
+    from xportrait_core.acceleration import compile_networks, use_channels_last
+    from xportrait_core.checkpoint import load_xportrait
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cases = {k: v.cuda() for k, v in golden_cases.items()}
+    model = load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda")
+
+    def predict():
+        with torch.no_grad():
+            bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
+            cond = model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
+                                  cases["local_hint"])
+            return cond, model.eps_uncond(cases["x_noisy"], cases["timesteps"], cases["uncond_context"])
+
+    eager = predict()
+    compile_networks(use_channels_last(model))
+    with caplog.at_level("WARNING"):
+        compiled = predict()
+        compiled = predict()
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    for a, b in zip(eager, compiled):
+        assert ((a - b).norm() / a.norm()).item() < 1e-5
