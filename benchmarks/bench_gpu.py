@@ -29,6 +29,7 @@ from xportrait_core import attention  # noqa: E402
 from xportrait_core.config import XPortraitConfig  # noqa: E402
 from xportrait_core.guidance import GuidedDenoiser  # noqa: E402
 from xportrait_core.model import XPortrait  # noqa: E402
+from xportrait_core.pipeline import animate_latents, decode_frames  # noqa: E402
 from xportrait_core.sampler import ddim_timesteps, sample_ddim  # noqa: E402
 from xportrait_core.schedule import q_sample  # noqa: E402
 
@@ -83,19 +84,13 @@ class VideoJob:
 
     @torch.no_grad()
     def run(self, steps: int = 30, guidance: float = 5.0, overlap: int = 4, window: int = 16, decode: bool = True):
-        model, device = self.model, self.model.device
-        g = torch.Generator().manual_seed(self.seed)
-        reference_latent = model.encode_images(self.reference.to(device), generator=g)
-        noise = torch.randn((self.frames, *reference_latent.shape[1:]), generator=g).to(device)
-        x_T = q_sample(reference_latent.expand(self.frames, -1, -1, -1), 999, noise, model.alphas_cumprod)
-        denoise = GuidedDenoiser(model, reference_latent, global_hint=self.global_hint, local_hint=self.local_hint,
-                                 guidance_scale=guidance, context=self.context.to(device),
-                                 uncond_context=self.context.to(device))
-        latents = sample_ddim(denoise, x_T, model.alphas_cumprod, ddim_timesteps(steps), window=window,
-                              overlap=overlap, generator=g)
-        denoise.release()
+        """The user's pipeline (pipeline.animate_latents + decode_frames) on these inputs, frames to host memory."""
+        reference = ((self.reference[0].permute(1, 2, 0) + 1) / 2).numpy()
+        latents = animate_latents(self.model, reference, global_hint=self.global_hint, local_hint=self.local_hint,
+                                  steps=steps, guidance_scale=guidance, overlap=overlap, window=window, seed=self.seed,
+                                  context=self.context, uncond_context=self.context)
         if decode:
-            return model.decode_latents(latents, chunk=self.decode_chunk).clamp(-1, 1)
+            return decode_frames(self.model, latents, chunk=self.decode_chunk)
         return latents
 
 
@@ -127,8 +122,13 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
 
 def apply_variant(model: XPortrait, step: str, args) -> None:
     from xportrait_core.acceleration import compile_networks, use_channels_last
+    from xportrait_core.offload import place_for_low_vram
 
     if step == "eager":
+        return
+    if step == "low_vram":
+        place_for_low_vram(model, model.device)
+        emit(kind="variant", step=step, vram_after_placing_gib=round(torch.cuda.memory_allocated() / 2**30, 2))
         return
     probe = window_probe(model, args.resolution)
     before = probe()
@@ -187,15 +187,75 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
     emit(kind="profile", total_cuda_ms=round(sum(e.self_device_time_total for e in prof.key_averages()) / 1000, 2))
 
 
+def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):
+    """GPU milliseconds of one guided window call by kind of block and network, from CUDA events around every
+    block call (eager or compiled blocks alike; a compiled block is timed as a whole)."""
+    from xportrait_core.blocks import Attention, FeedForward, ResBlock, SpatialTransformer
+    from xportrait_core.temporal import MotionModule, TemporalSelfAttention
+
+    kinds = [(TemporalSelfAttention, "temporal attention"), (Attention, "spatial attention"),
+             (FeedForward, "feed-forward"), (ResBlock, "ResBlock"), (SpatialTransformer, "spatial transformer (all)"),
+             (MotionModule, "motion module (all)")]
+    events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+    handles = []
+
+    def label_of(network: str, name: str, module) -> str | None:
+        for cls, kind in kinds:
+            if isinstance(module, cls):
+                if isinstance(module, Attention) and not isinstance(module, TemporalSelfAttention):
+                    kind += " (self)" if name.endswith("attn1") else " (cross)"
+                if isinstance(module, FeedForward):
+                    kind += " (temporal)" if "motion_modules" in name else " (spatial)"
+                return f"{network}: {kind}"
+        return None
+
+    for network in ("unet", "reference_net", "global_control", "local_control"):
+        for name, module in [(network, getattr(model, network))] + list(getattr(model, network).named_modules()):
+            label = f"{network}: whole network" if module is getattr(model, network) else label_of(network, name, module)
+            if label is None:
+                continue
+            stack = []
+
+            def pre(_m, _a, stack=stack):
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                stack.append(start)
+
+            def post(_m, _a, _o, stack=stack, label=label):
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                events.append((label, stack.pop(), end))
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    call = window_probe(model, resolution, frames)
+    call()
+    events.clear()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    sync()
+    for h in handles:
+        h.remove()
+    totals: dict[str, float] = {}
+    for label, a, b in events:
+        totals[label] = totals.get(label, 0.0) + a.elapsed_time(b)
+    emit(kind="breakdown", window_ms=round(start.elapsed_time(end), 2),
+         **{k: round(v, 2) for k, v in sorted(totals.items())})
+
+
 def count_flops(job: VideoJob) -> tuple[float, float]:
     """(FLOPs of one sampling timestep, FLOPs of the VAE work) of a video job, counted by
     torch.utils.flop_counter. Sampling FLOPs scale with the number of timesteps; the VAE runs once."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as sampling:
+    from xportrait_core.offload import resident
+
+    with resident(job.model, "reference_net"), FlopCounterMode(display=False) as sampling:
         job_run_timesteps(job, [999])
     size = job.reference.shape[-1] // 8
-    with FlopCounterMode(display=False) as vae, torch.no_grad():
+    with resident(job.model, "vae"), FlopCounterMode(display=False) as vae, torch.no_grad():
         job.model.decode_latents(torch.zeros(job.frames, 4, size, size, device=job.model.device))
         job.model.encode_images(job.reference.to(job.model.device), sample=False)
     return sampling.get_total_flops(), vae.get_total_flops()
@@ -325,11 +385,13 @@ def main(argv=None):
     parser.add_argument("--golden-dtypes", choices=DTYPES, nargs="+", default=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", type=Path, default=None, help="also write all records to this file")
     parser.add_argument("--variants", nargs="+", default=["eager"],
-                        choices=["eager", "channels_last", "compile", "compile_whole"],
+                        choices=["eager", "channels_last", "compile", "compile_whole", "low_vram"],
                         help="cumulative speed-ups, each measured after the previous ones are applied")
     parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     parser.add_argument("--decode-chunk", type=int, default=16, help="frames per VAE decode batch")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one window's calls")
+    parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
+    parser.add_argument("--frame-kernel", type=int, default=1, help="0: temporal attention through SDPA too")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with --config tiny for a smoke test")
     parser.add_argument("--config", choices=["official", "tiny"], default="official")
     args = parser.parse_args(argv)
@@ -337,6 +399,7 @@ def main(argv=None):
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
     attention.set_attention_backend(args.attention)
+    attention.set_frame_kernel(bool(args.frame_kernel))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -355,6 +418,8 @@ def main(argv=None):
             label = "+".join(applied) + f"-{name}"
             if args.profile:
                 profile_window(model, args.resolution)
+            if args.breakdown:
+                breakdown_window(model, args.resolution)
             if args.networks:
                 bench_networks(model, args.resolution)
             frame_counts = list(args.frames) + (list(args.final_frames) if step == args.variants[-1] else [])

@@ -5,7 +5,6 @@ an alpha channel. Everything here is plain numpy/cv2 so the face modules stay fr
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 
@@ -72,6 +71,8 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if (h, w) == (height, width):
         return image
     shrinking = width * height < w * h
+    import cv2  # noqa: PLC0415 - only resizing needs OpenCV; the sampling path imports this module without it
+
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     out = cv2.resize(image, (int(width), int(height)), interpolation=interpolation)
     if out.ndim == 2 and image.ndim == 3:
