@@ -46,7 +46,8 @@ class ReferenceBank:
         bank = ReferenceBank(self.num_references)
         for entry in self.entries:
             if device.type == "cpu" and entry.device.type == "cuda":
-                bank.entries.append(entry.to("cpu").pin_memory())
+                pinned = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=True)
+                bank.entries.append(pinned.copy_(entry))
             else:
                 bank.entries.append(entry.to(device, non_blocking=entry.is_pinned()))
         return bank.finish()
