@@ -83,3 +83,49 @@ def test_launch_config_fills_the_gpu_and_keeps_whole_sequences():
     assert frame_attention.launch_config(16, 8, 16, 80, 132)[0] == 16
     # A 24-frame sequence pads to 32 rows.
     assert frame_attention.launch_config(1, 1, 24, 40, 132)[0] == 32
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_the_backend_with_one_warning(monkeypatch, caplog):
+    """Triton installed but unable to build its launcher (no C compiler, say): the probe fails once, the dispatch
+    serves those sequences with the backend, and the job goes on."""
+    def broken(q, k, v):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(frame_attention, "supports", lambda q, k, v, causal: not causal)
+    monkeypatch.setattr(frame_attention, "frame_attention", broken)
+    monkeypatch.setattr(attention, "_frame_kernel_works", {})
+    monkeypatch.setattr(attention, "_resolved", {})
+    q, k, v = (torch.randn(5, 2, 16, 8) for _ in range(3))
+    with caplog.at_level("WARNING", logger="xportrait"):
+        out = attention.attention(q, k, v)
+        again = attention.attention(q, k, v)
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
+    assert torch.equal(out, again)
+    warnings = [r for r in caplog.records if "frame-attention kernel cannot run" in r.getMessage()]
+    assert len(warnings) == 1 and "C compiler" in warnings[0].getMessage()
+
+
+def test_a_working_kernel_is_used_for_short_sequences_only(monkeypatch):
+    calls = []
+
+    def fake(q, k, v):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(frame_attention, "supports",
+                        lambda q, k, v, causal: not causal and q.shape[2] <= frame_attention.MAX_TOKENS)
+    monkeypatch.setattr(frame_attention, "frame_attention", fake)
+    monkeypatch.setattr(attention, "_frame_kernel_works", {})
+    monkeypatch.setattr(attention, "_resolved", {})
+    short = torch.randn(4, 2, 16, 8)
+    long = torch.randn(1, 2, 64, 8)
+    attention.attention(short, short, short)
+    attention.attention(long, long, long)
+    assert calls[0] == (3, 2, 16, 32)  # the probe
+    assert calls[1:] == [short.shape]  # the long sequence went to SDPA
+    attention.set_frame_kernel(False)
+    try:
+        attention.attention(short, short, short)
+    finally:
+        attention.set_frame_kernel(True)
+    assert len(calls) == 2

@@ -46,6 +46,7 @@ _xformers_works: dict[tuple[str, torch.dtype], bool] = {}
 _logged: set[tuple[str, str, torch.dtype]] = set()
 _resolved: dict[tuple[str, torch.dtype], str] = {}
 _frame_kernel: bool = os.environ.get("XPORTRAIT_FRAME_KERNEL", "1").strip() not in ("0", "false", "no", "off")
+_frame_kernel_works: dict[tuple[str, torch.dtype], bool] = {}
 
 # CUDA attention kernels launch one block row per (batch x head); grids past 65535 fail on some kernels, so very
 # large batches (temporal attention over every pixel of a 64x64 latent) are split.
@@ -104,6 +105,30 @@ def xformers_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _xformers_works[key]
 
 
+def frame_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton frame-attention kernel runs, and agrees with SDPA, for this device type and dtype
+    (probed once). Triton can be installed yet unable to build its launcher (no C compiler, say): then the
+    dispatch keeps to the backend for those sequences too, with one warning."""
+    key = (device.type, dtype)
+    if key not in _frame_kernel_works:
+        # Fixed values, not random ones: a probe must not move anyone's random stream.
+        q = torch.arange(3 * 2 * 16 * 32, device=device, dtype=torch.float32).sin().reshape(3, 2, 16, 32).to(dtype)
+        works = False
+        if frame_attention.supports(q, q, q, causal=False):
+            try:
+                out = frame_attention.frame_attention(q, q, q).float()
+                expected = F.scaled_dot_product_attention(q.float(), q.float(), q.float())
+                works = bool(torch.allclose(out, expected, atol=2e-2, rtol=2e-2))
+                if not works:
+                    log.warning("X-Portrait frame-attention kernel disagrees with SDPA on %s/%s: not used",
+                                device.type, dtype)
+            except Exception as exc:  # e.g. Triton without a C compiler to build its launcher
+                log.warning("X-Portrait frame-attention kernel cannot run on %s/%s (%s: %s): using %s instead",
+                            device.type, dtype, type(exc).__name__, exc, "SDPA")
+        _frame_kernel_works[key] = works
+    return _frame_kernel_works[key]
+
+
 def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend `attention()` will use for tensors of this device and dtype."""
     if _setting == "auto":
@@ -121,10 +146,12 @@ def _resolve_and_log(device: torch.device, dtype: torch.dtype) -> str:
     """Resolve once per (device type, dtype), log the choice, and remember it: later calls (compiled graphs
     included) only look it up."""
     backend = resolve_backend(device, dtype)
+    frames = frame_kernel_usable(device, dtype)
     key = (backend, device.type, dtype)
     if key not in _logged:
         _logged.add(key)
-        log.info("X-Portrait attention backend: %s (%s, %s)", backend, device.type, str(dtype).replace("torch.", ""))
+        log.info("X-Portrait attention backend: %s (%s, %s)%s", backend, device.type, str(dtype).replace("torch.", ""),
+                 ", frame-attention kernel for the motion modules" if frames and _frame_kernel else "")
     _resolved[(device.type, dtype)] = backend
     return backend
 
@@ -165,7 +192,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backend = _resolved.get((q.device.type, q.dtype))
     if backend is None:
         backend = _resolve_and_log(q.device, q.dtype)
-    if _frame_kernel and backend != "math" and frame_attention.supports(q, k, v, causal):
+    if (_frame_kernel and backend != "math" and _frame_kernel_works.get((q.device.type, q.dtype))
+            and frame_attention.supports(q, k, v, causal)):
         return frame_attention.frame_attention(q, k, v)
     if backend == "xformers":
         k, v = k.contiguous(), v.contiguous()
