@@ -268,13 +268,17 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
         uncond_context=context, global_strength=args.global_strength, local_strength=args.local_strength,
         callback=ProgressBar("sampling", enabled=show),
     )
-    # uint8 as soon as decoded: a quarter of the float frames' memory for long videos.
     decode_bar = ProgressBar("decoding", enabled=show)
-    chunks = []
-    for chunk in iter_frames(model, latents, chunk=args.decode_chunk):
-        chunks.append(to_uint8(chunk))
-        decode_bar(sum(len(c) for c in chunks), latents.shape[0])
-    path = write_video(args.output, np.concatenate(chunks), args.fps or fps)
+
+    def decoded_frames():
+        # Decoded a chunk at a time and encoded as they come: no video-length buffer of frames.
+        done = 0
+        for chunk in iter_frames(model, latents, chunk=args.decode_chunk):
+            yield from to_uint8(chunk)
+            done += len(chunk)
+            decode_bar(done, latents.shape[0])
+
+    path = write_video(args.output, decoded_frames(), args.fps or fps)
     say(f"wrote {path} ({latents.shape[0]} frames, {resolution}x{resolution})")
     return 0
 

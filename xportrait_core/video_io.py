@@ -1,6 +1,7 @@
 """Reading driving videos and writing results, through PyAV (its wheels bundle FFmpeg; no system ffmpeg needed)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
 import os
@@ -78,17 +79,19 @@ def write_video(
 ) -> Path:
     """Encode frames to an H.264 mp4 (yuv420p, playable everywhere). Returns the path.
 
-    frames: (N, H, W, 3) or (N, H, W) array or a sequence of images, uint8 or float in [0, 1]. yuv420p needs even
-    sizes: an odd width or height is padded by repeating the last column/row. crf: quality (0 lossless .. 51).
+    frames: (N, H, W, 3) or (N, H, W) array, or any iterable of images (a generator too: frames are encoded as they
+    come, so a long video never has to sit in memory whole), uint8 or float in [0, 1]. yuv420p needs even sizes:
+    an odd width or height is padded by repeating the last column/row. crf: quality (0 lossless .. 51).
     """
     av = _import_av()
     path = Path(path)
     if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and np.isfinite(float(fps)) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
-    batch = frames if isinstance(frames, np.ndarray) else list(frames)
-    if len(batch) == 0:
+    remaining = iter(frames)
+    first = next(remaining, None)
+    if first is None:
         raise ValueError("no frames to write (empty batch)")
-    first = np.asarray(batch[0])
+    first = np.asarray(first)
     if first.ndim not in (2, 3) or (first.ndim == 3 and first.shape[2] not in (1, 3)):
         raise ValueError(f"frames must be (H, W, 3) or (H, W) images, got a frame of shape {first.shape}")
     height, width = first.shape[:2]
@@ -104,7 +107,7 @@ def write_video(
         stream.width, stream.height = even_w, even_h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(int(crf))}
-        for index, frame in enumerate(batch):
+        for index, frame in enumerate(itertools.chain([first], remaining)):
             image = np.asarray(frame)
             if image.shape[:2] != (height, width):
                 raise ValueError(f"frame {index} is {image.shape[:2]}, the first frame is {(height, width)}")
