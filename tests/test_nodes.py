@@ -391,6 +391,33 @@ def test_interruption_stops_motion_extraction(reference, driving_frames, common)
     assert not common.processing_interrupted()
 
 
+def test_identity_check_reports_progress_and_stops_between_frames(reference, driving_frames, common, monkeypatch):
+    bars = []
+
+    class Recorder(common.Progress):
+        interrupt_at = None
+
+        def __init__(self, total=1):
+            super().__init__(total)
+            bars.append(self)
+
+        def __call__(self, done, total):
+            super().__call__(done, total)
+            if done == self.interrupt_at:
+                common.request_interrupt()
+
+    monkeypatch.setattr(common, "Progress", Recorder)
+    n = len(driving_frames)
+    run_node("XPortraitIdentityCheck", reference=reference[0], frames=driving_frames, threshold=0.6,
+             driving_frames=driving_frames)
+    assert bars[-1].updates == [(i, 2 * n) for i in range(1, 2 * n + 1)]  # output frames, then driving frames
+    Recorder.interrupt_at = 2
+    with pytest.raises(common.Interrupted):
+        run_node("XPortraitIdentityCheck", reference=reference[0], frames=driving_frames, threshold=0.6)
+    assert bars[-1].updates == [(1, n), (2, n)]  # stopped at the next frame
+    assert not common.processing_interrupted()
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 def test_no_face_in_the_reference_is_a_clear_error():

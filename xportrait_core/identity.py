@@ -8,6 +8,7 @@ face is found are reported (NaN), never fatal; only the reference must have a fa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -47,8 +48,11 @@ def face_descriptor(
     return backend.describe(image, face)
 
 
-def frame_descriptors(frames, backend: FaceBackend | None = None, what: str = "frames") -> np.ndarray:
-    """float32 (N, 128): one descriptor per frame, a NaN row where no face is found."""
+def frame_descriptors(frames, backend: FaceBackend | None = None, what: str = "frames",
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """float32 (N, 128): one descriptor per frame, a NaN row where no face is found.
+
+    progress: called with the number of frames done after each one (it may raise to stop the work)."""
     backend = backend or default_face_backend()
     batch = as_frame_batch(frames, what)
     out = np.full((len(batch), DESCRIPTOR_SIZE), np.nan, np.float32)
@@ -57,6 +61,8 @@ def frame_descriptors(frames, backend: FaceBackend | None = None, what: str = "f
         faces = detect_faces(image, backend, max_side=DETECT_MAX_SIDE)
         if faces:
             out[index] = backend.describe(image, faces[0])
+        if progress is not None:
+            progress(index + 1)
     return out
 
 
@@ -168,11 +174,14 @@ def measure_identity(
     driving_frames=None,
     threshold: float = DEFAULT_THRESHOLD,
     backend: FaceBackend | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> IdentityReport:
     """Compare every output frame with the reference (and with its driving frame when given).
 
     reference: an image (any layout; it must show a face, else NoFaceFoundError) or a precomputed (128,) descriptor.
     frames, driving_frames: (N, H, W, C) arrays or sequences of images, uint8 or float [0, 1]; equal lengths.
+    progress: called as progress(done, total) after every frame looked at (output frames, then driving frames);
+        it may raise to stop the work (a host's interruption).
     """
     backend = backend or default_face_backend()
     reference = np.asarray(reference)
@@ -180,17 +189,25 @@ def measure_identity(
         reference_descriptor = reference.astype(np.float32)
     else:
         reference_descriptor = face_descriptor(reference, "the reference image", backend)
-    outputs = frame_descriptors(frames, backend, "output frames")
-    output_found = ~np.isnan(outputs[:, 0])
-    driving_distance = driving_cosine = driving_found = None
+    output_batch = as_frame_batch(frames, "output frames")
+    driving_batch = None
     if driving_frames is not None:
         driving_batch = as_frame_batch(driving_frames, "driving frames")
-        if len(driving_batch) != len(outputs):
+        if len(driving_batch) != len(output_batch):
             raise ValueError(
-                f"got {len(outputs)} output frames but {len(driving_batch)} driving frames: pass one driving frame "
-                "per output frame"
+                f"got {len(output_batch)} output frames but {len(driving_batch)} driving frames: pass one driving "
+                "frame per output frame"
             )
-        driving = frame_descriptors(driving_batch, backend, "driving frames")
+    total = len(output_batch) * (1 if driving_batch is None else 2)
+
+    def step(offset: int):
+        return None if progress is None else (lambda done: progress(offset + done, total))
+
+    outputs = frame_descriptors(output_batch, backend, "output frames", step(0))
+    output_found = ~np.isnan(outputs[:, 0])
+    driving_distance = driving_cosine = driving_found = None
+    if driving_batch is not None:
+        driving = frame_descriptors(driving_batch, backend, "driving frames", step(len(output_batch)))
         driving_found = ~np.isnan(driving[:, 0])
         driving_distance = descriptor_distance(outputs, driving)
         driving_cosine = cosine_similarity(outputs, driving)
