@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import offload
 from .guidance import GuidedDenoiser
 from .image_formats import as_rgb_float, check_resolution, resize_image
 from .initial_latents import (
@@ -27,13 +28,13 @@ from .initial_latents import (
     INITS,
     NOISE,
     REFERENCE,
+    VIDEO,
     encode_reference,
     model_alphas_cumprod,
     noise_initial_latents,
     reference_initial_latents,
     video_initial_latents,
 )
-from . import offload
 from .model import XPortrait
 from .sampler import UNIFORM, SamplingCancelled, ddim_timesteps, sample_ddim
 
@@ -180,7 +181,7 @@ def animate_latents(
         else:
             generator.seed()
 
-    if init == "video" and init_frames is None:
+    if init == VIDEO and init_frames is None:
         raise ValueError('init="video" needs init_frames')
     with offload.resident(model, "vae"):  # on the compute device already, unless the model runs low-VRAM
         reference_latents = encode_reference(model, references, generator)
