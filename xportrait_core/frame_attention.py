@@ -3,12 +3,13 @@
 A motion module attends along frames at every pixel: at 64x64 latents that is 4096 sequences of 16 tokens per
 head. Flash-style kernels tile 64 or 128 query rows per (sequence, head), so a 16-token sequence fills a tile a
 quarter full or less, and the projections' (tokens, heads x dim) output has to be transposed to their layout and
-back. Here one program takes BLOCK_M = several whole sequences of one head straight from the projections' layout,
-computes their scores as one (BLOCK_M x BLOCK_M) product masked to its block diagonal (a token sees only tokens of
-its own sequence), and writes the output in the layout the output projection reads: no copies, full tiles.
+back. Here one program takes BLOCK_M rows = one or more whole sequences of one head straight from the projections'
+layout, computes their scores as one (BLOCK_M x BLOCK_M) product masked to its block diagonal (a token sees only
+tokens of its own sequence), and writes the output in the layout the output projection reads: no copies, no
+padding beyond the next power of two.
 
-The extra products outside the diagonal are cheap: the work is bound by memory traffic, which this keeps at one
-read of q, k, v and one write of the output. Used by `attention.attention` for CUDA half-precision tensors when
+Products outside the diagonal (when a program holds several sequences) are cheap: the work is bound by memory
+traffic, which this keeps at one read of q, k, v and one write of the output. Used by `attention.attention` for CUDA half-precision tensors when
 Triton is available; the arithmetic is flash attention's (float32 scores and softmax, half-precision products).
 """
 from __future__ import annotations
