@@ -38,6 +38,8 @@ def test_frame_kernel_matches_float32_attention(shape, dtype):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_motion_module_with_frame_kernel_matches_sdpa(compiled):
+    # The dispatch's one-time probe must accept the kernel, or both runs below would be SDPA.
+    assert attention.frame_kernel_usable(torch.device("cuda"), torch.bfloat16)
     torch.manual_seed(0)
     module = MotionModule(320, MotionModuleConfig()).cuda().to(torch.bfloat16).eval()
     for p in module.parameters():  # zero-initialised output projections would hide the attention entirely
