@@ -161,6 +161,35 @@ def window_probe(model: XPortrait, resolution: int, frames: int = 16):
     return call
 
 
+# Kernel-name patterns, in order: the first that matches names a kernel's kind in `--profile`'s summary.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attn", "frame_attention", "sdpa")),
+    ("inductor fused", ("triton_",)),
+    ("convolutions", ("conv", "implicit", "fprop", "winograd", "dgrad")),
+    ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas")),
+    ("normalisation", ("group_norm", "layer_norm", "groupnorm", "layernorm")),
+    ("copies and concatenation", ("copy", "cat", "transpose", "permute", "contiguous")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p in lowered for p in patterns):
+            return kind
+    return "other"
+
+
+def kernel_kind_totals(kernels) -> dict[str, float]:
+    """Milliseconds per kernel kind from (name, microseconds) pairs, largest first."""
+    totals: dict[str, float] = {}
+    for name, micros in kernels:
+        kind = kernel_kind(name)
+        totals[kind] = totals.get(kind, 0.0) + micros / 1000
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def profile_window(model: XPortrait, resolution: int, frames: int = 16):
     """Top CUDA kernels of one guided window call (reference net, both ControlNets, both UNet passes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -184,7 +213,8 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
             f.write(table + "\n")
-    emit(kind="profile", total_cuda_ms=round(sum(e.self_device_time_total for e in prof.key_averages()) / 1000, 2))
+    kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages()]
+    emit(kind="profile", total_cuda_ms=round(sum(us for _, us in kernels) / 1000, 2), **kernel_kind_totals(kernels))
 
 
 def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):

@@ -1,0 +1,48 @@
+"""The GPU benchmark script keeps working: a smoke run of the tiny model on the CPU, and its kernel summary."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_kinds_sum_profiled_time_by_kind():
+    bench = _bench_module()
+    totals = bench.kernel_kind_totals([
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 3000.0),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", 1000.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", 2500.0),
+        ("xportrait_core.frame_attention._frame_attention_kernel", 500.0),
+        ("triton_red_fused_native_group_norm_silu_0", 700.0),
+        ("void at::native::elementwise_kernel<128, 2>", 200.0),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy", 400.0),
+        ("sm90_xmma_fprop_implicit_gemm_bf16", 900.0),
+        ("something_else", 10.0),
+    ])
+    assert totals == {"matrix products": 4.0, "attention": 3.0, "convolutions": 0.9, "inductor fused": 0.7,
+                      "copies and concatenation": 0.4, "elementwise": 0.2, "other": 0.01}
+    assert list(totals) == sorted(totals, key=lambda k: -totals[k])
+
+
+def test_smoke_run_on_the_cpu(tmp_path):
+    out = tmp_path / "records.jsonl"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
+                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    (video,) = [r for r in records if r["kind"] == "video"]
+    assert video["frames"] == 4 and video["timesteps"] == 31 and video["seconds"] > 0
+    assert video["dtype"] == "torch.float32" and video["attention"] == "sdpa"
