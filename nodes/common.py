@@ -156,6 +156,18 @@ class Progress:
             self._bar.update_absolute(int(done), max(1, int(total)))
 
 
+def interruptible_progress(total: int) -> Callable[[int, int], None]:
+    """A `progress(done, total)` callback for slow per-frame core work (face landmarks, face descriptors): it
+    raises ComfyUI's interruption at the next frame once Cancel was pressed, then moves the progress bar."""
+    bar = Progress(total)
+
+    def report(done: int, total: int) -> None:
+        throw_if_interrupted()
+        bar(done, total)
+
+    return report
+
+
 def run_cancellable(work: Callable[[Callable[[], bool]], Any]) -> Any:
     """Run `work(should_cancel)`; when the core stops because of the interruption (`SamplingCancelled`), raise
     ComfyUI's own interruption instead, which ComfyUI reports as "interrupted" rather than as an error."""

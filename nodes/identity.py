@@ -54,14 +54,10 @@ class IdentityCheck:
         from xportrait_core.identity import measure_identity, plot_identity
         from xportrait_core.image_formats import as_rgb_float
 
-        progress = common.Progress(len(frames) * (2 if driving is not None else 1))
-
-        def report_progress(done: int, total: int) -> None:
-            common.throw_if_interrupted()  # face descriptors take a while per frame: stop between frames
-            progress(done, total)
-
+        # Face descriptors take a while per frame: stop between frames.
+        progress = common.interruptible_progress(len(frames) * (2 if driving is not None else 1))
         report = measure_identity(reference.primary.image, frames, driving, threshold=float(threshold),
-                                  progress=report_progress)
+                                  progress=progress)
         summary = report.summary()
         plot = as_rgb_float(plot_identity(report), "identity plot")
         return (float(summary["mean_cosine"]), report.summary_text(), common.to_image(plot),

@@ -90,14 +90,10 @@ class ExtractMotion:
 
         from xportrait_core.face_alignment import extract_motion
 
-        progress = common.Progress(len(frames))
-
-        def report(done: int, total: int) -> None:
-            common.throw_if_interrupted()  # landmark detection is slow on long videos: stop between frames
-            progress(done, total)
-
+        # Landmark detection is slow on long videos: stop between frames.
         hints = extract_motion(frames, reference.primary.image, resolution=reference.resolution,
-                               best_frame=best_frame, track_missed_faces=bool(track_missed_faces), progress=report)
+                               best_frame=best_frame, track_missed_faces=bool(track_missed_faces),
+                               progress=common.interruptible_progress(len(frames)))
         motion = XPortraitMotion(hints=hints, local_hint=hints.local_hint)
         chosen = NO_ALIGNMENT if hints.best_frame is None else int(hints.best_frame)
         return (motion, common.hints_to_image(hints.global_hint), common.hints_to_image(hints.local_hint), chosen)
