@@ -112,3 +112,34 @@ def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
     for a, b in zip(eager, compiled):
         assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases):
+    """The recorded reference and window graphs replay the eager computation exactly (two windows a step, so the
+    bank graph serves both; the first step runs eagerly as the warm-up)."""
+    from xportrait_core.guidance import GuidedDenoiser
+    from xportrait_core.initial_latents import model_alphas_cumprod
+    from xportrait_core.sampler import ddim_timesteps, sample_ddim
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    name = "sample20_overlap4"
+
+    def run(graphs: bool):
+        denoiser = GuidedDenoiser(
+            cuda_model, golden_cases[f"{name}_reference_latent"], global_hint=golden_cases[f"{name}_global_hint"],
+            local_hint=golden_cases[f"{name}_local_hint"], guidance_scale=5.0,
+            context=golden_cases[f"{name}_context"], uncond_context=golden_cases[f"{name}_uncond_context"],
+            cuda_graphs=graphs)
+        out = sample_ddim(denoiser, golden_cases[f"{name}_x_T"].cuda(), model_alphas_cumprod(cuda_model),
+                          ddim_timesteps(4), eta=0.0, window=16, overlap=4,
+                          window_offsets=golden_cases[f"{name}_window_offsets"])
+        replays = denoiser._graphs.replays if denoiser._graphs is not None else 0
+        denoiser.release()
+        return out, replays
+
+    eager, _ = run(False)
+    graphed, replays = run(True)
+    assert replays == 6  # steps 2-4, two windows each
+    torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=1e-6)
+    # And both are the official run (float32 on the GPU: the CPU golden tolerance, loosened for GPU kernels).
+    torch.testing.assert_close(graphed.cpu(), golden_cases[f"{name}_out"], atol=1e-3, rtol=1e-3)

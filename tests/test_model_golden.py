@@ -89,3 +89,32 @@ def test_full_size_official_keys_map_onto_official_config():
     assert len(ignored) == 16 + 13
     params = sum(t.numel() for k, t in state.items() if k not in ignored and "pos_encoder" not in k)
     assert abs(params / 1e9 - 2.94) < 0.01
+
+
+@torch.no_grad()
+def test_batched_guidance_pass_matches_both_official_branches(tiny_model, golden_cases):
+    """One UNet pass over [cond rows | uncond rows]: the bank and the control reach only the conditional rows,
+    so each half is the official branch's output (per-frame contexts that differ between the branches)."""
+    c = golden_cases
+    bank = tiny_model.reference_bank(c["reference_latent"][:1], c["timesteps"][0], c["context"])
+    cond, uncond = tiny_model.eps_guided(c["x_noisy"], c["timesteps"], c["context"], c["uncond_context"], bank,
+                                         c["global_hint"], c["local_hint"])
+    assert _max_err(cond, c["eps_cond"]) < TOL
+    assert _max_err(uncond, c["eps_uncond"]) < TOL
+
+
+@torch.no_grad()
+def test_batched_guidance_pass_with_one_shared_context(tiny_model, golden_cases):
+    """With one context tensor for both branches it is passed once (batch 1); an equal copy goes per row. Either
+    way the halves match separate calls."""
+    c = golden_cases
+    context = c["context"][:1]
+    bank = tiny_model.reference_bank(c["reference_latent"][:1], 500, context)
+    expected_cond = tiny_model.eps_cond(c["x_noisy"], 500, context, bank, c["global_hint"], None)
+    expected_uncond = tiny_model.eps_uncond(c["x_noisy"], 500, context)
+    for uncond_context in (context, context.clone()):
+        cond, uncond = tiny_model.eps_guided(c["x_noisy"], 500, context, uncond_context, bank, c["global_hint"],
+                                             None, local_strength=0.0)
+        assert _max_err(cond, expected_cond) < 1e-5
+        assert _max_err(uncond, expected_uncond) < 1e-5
+        assert _max_err(cond, uncond) > 1e-3

@@ -150,8 +150,8 @@ def test_cancellation_releases_everything(tiny_model, inputs):
 
 def test_low_vram_precomputes_every_bank_and_samples_the_same(tiny_model, inputs, monkeypatch):
     """In low-VRAM mode the reference net runs for every timestep before sampling (so it can leave the GPU);
-    the banks are the same, so the latents are identical. The device moves themselves are tested on a GPU
-    (tests/test_cuda.py)."""
+    the banks are the same. It also runs the two guidance branches one after the other instead of as one batch,
+    so the latents agree to float32 rounding. The device moves themselves are tested on a GPU (tests/test_cuda.py)."""
     from xportrait_core import offload
     from xportrait_core.sampler import ddim_timesteps
 
@@ -163,4 +163,4 @@ def test_low_vram_precomputes_every_bank_and_samples_the_same(tiny_model, inputs
     monkeypatch.setattr(offload, "is_low_vram", lambda model: True)
     low = animate_latents(tiny_model, inputs["reference"], steps=3, seed=1, window=8, overlap=2, **args)
     assert calls == ddim_timesteps(3).tolist()  # all up front, once each, none during sampling (2 windows a step)
-    assert torch.equal(low, normal)
+    torch.testing.assert_close(low, normal, atol=1e-4, rtol=1e-5)

@@ -94,7 +94,15 @@ class Upsample(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward (x * gelu(gate), 4x inner width), as SD1.5's transformers and AnimateDiff use."""
+    """GEGLU feed-forward (x * gelu(gate), 4x inner width), as SD1.5's transformers and AnimateDiff use.
+
+    Its inner activations are the largest tensors of the UNet (a motion module at 64x64 with 640 channels and a
+    batched guidance pass: 1.3 GB for the projection alone), and every token is computed on its own, so without
+    autograd it runs over slices of the leading axis that keep the projection under `chunk_bytes`: the same
+    values, a lower memory peak, matrix products still tens of thousands of rows tall.
+    """
+
+    chunk_bytes = 256 * 2**20
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -102,7 +110,14 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        projection_bytes = x.numel() // x.shape[-1] * self.net[0].proj.out_features * x.element_size()
+        chunks = min(x.shape[0], -(-projection_bytes // self.chunk_bytes))
+        if torch.is_grad_enabled() or chunks <= 1:
+            return self.net(x)
+        out = x.new_empty(x.shape[:-1] + (self.net[2].out_features,))
+        for part, target in zip(x.chunk(chunks), out.chunk(chunks)):
+            target.copy_(self.net(part))
+        return out
 
 
 class GEGLU(nn.Module):
@@ -112,7 +127,11 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return x * F.gelu(gate)
+        # Inference: multiply into gelu's fresh output, one activation-sized buffer fewer at the memory peak
+        # (the feed-forward's inner activations are the largest of the UNet).
+        return F.gelu(gate).mul_(x)
 
 
 class Attention(nn.Module):
@@ -121,6 +140,8 @@ class Attention(nn.Module):
     `appended` holds extra key/value tokens (the reference bank) appended after the context's own: the official
     model attends over cat([x, bank]) along tokens. The bank usually has batch 1 while `x` holds every frame, so
     its keys and values are projected once and broadcast over the frames instead of projecting 16 copies.
+    `appended_rows` limits the bank to the first rows of the batch: in a batched guidance pass the rows after
+    them are the unconditional branch, which attends over its own tokens only.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: Optional[int] = None):
@@ -138,22 +159,25 @@ class Attention(nn.Module):
         return t.view(b, n, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                appended: Optional[torch.Tensor] = None) -> torch.Tensor:
+                appended: Optional[torch.Tensor] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
         context = x if context is None else context
         batch = x.shape[0]
         q = self._heads(self.to_q(x))
         k = self.to_k(context)
         v = self.to_v(context)
-        if appended is not None:
-            k_bank, v_bank = self.to_k(appended), self.to_v(appended)
-            if k_bank.shape[0] != batch:
-                k_bank = k_bank.expand(batch, -1, -1)
-                v_bank = v_bank.expand(batch, -1, -1)
-            k = torch.cat([k, k_bank], dim=1)
-            v = torch.cat([v, v_bank], dim=1)
         if k.shape[0] != batch:  # a context shared by every frame (batch 1)
             k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
-        out = attention(q, self._heads(k), self._heads(v))
+        if appended is None:
+            out = attention(q, self._heads(k), self._heads(v))
+        else:
+            rows = batch if appended_rows is None else appended_rows
+            k_bank, v_bank = self.to_k(appended), self.to_v(appended)
+            if k_bank.shape[0] != rows:
+                k_bank, v_bank = k_bank.expand(rows, -1, -1), v_bank.expand(rows, -1, -1)
+            out = attention(q[:rows], self._heads(torch.cat([k[:rows], k_bank], dim=1)),
+                            self._heads(torch.cat([v[:rows], v_bank], dim=1)))
+            if rows < batch:
+                out = torch.cat([out, attention(q[rows:], self._heads(k[rows:]), self._heads(v[rows:]))])
         return self.to_out(out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3]))
 
 
@@ -175,13 +199,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, appended: Optional[torch.Tensor] = None,
-                recorded: Optional[list] = None) -> torch.Tensor:
-        """appended: reference tokens added to the self-attention's keys and values (main UNet reading the bank).
-        recorded: a list that receives the self-attention's input (the reference net filling the bank)."""
+                recorded: Optional[list] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
+        """appended: reference tokens added to the self-attention's keys and values (main UNet reading the bank),
+        for the first `appended_rows` rows only if given. recorded: a list that receives the self-attention's
+        input (the reference net filling the bank)."""
         h = self.norm1(x)
         if recorded is not None:
             recorded.append(h)
-        x = self.attn1(h, appended=appended) + x
+        x = self.attn1(h, appended=appended, appended_rows=appended_rows) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -200,19 +225,20 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, appended: Optional[Sequence[torch.Tensor]] = None,
-                recorded: Optional[list] = None) -> torch.Tensor:
-        """appended: one entry per transformer block, or None; recorded: as BasicTransformerBlock's."""
+                recorded: Optional[list] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
+        """appended: one entry per transformer block, or None; recorded, appended_rows: as BasicTransformerBlock's."""
         b, c, height, width = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, context, None if appended is None else appended[i], recorded)
+            h = block(h, context, None if appended is None else appended[i], recorded, appended_rows)
         h = h.transpose(1, 2).reshape(b, -1, height, width)
         return self.proj_out(h) + x
 
     def forward_with_bank(self, x: torch.Tensor, context: torch.Tensor,
-                          reference: Optional[ReferenceBank] = None) -> torch.Tensor:
-        """`forward`, writing to or reading from the reference bank by the blocks' slots.
+                          reference: Optional[ReferenceBank] = None, bank_rows: Optional[int] = None) -> torch.Tensor:
+        """`forward`, writing to or reading from the reference bank by the blocks' slots (reading it for the first
+        `bank_rows` rows of the batch only, if given).
 
         The bank is handled here, outside `forward`, so a compiled forward sees only tensors and lists: no guard
         on the bank's state, hence no recompilation for every slot.
@@ -225,4 +251,5 @@ class SpatialTransformer(nn.Module):
             for block, tokens in zip(self.transformer_blocks, recorded):
                 reference.write(block.bank_slot, tokens)
             return x
-        return self(x, context, appended=[reference.read(block.bank_slot) for block in self.transformer_blocks])
+        return self(x, context, appended=[reference.read(block.bank_slot) for block in self.transformer_blocks],
+                    appended_rows=bank_rows)

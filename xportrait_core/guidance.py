@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import logging
+
 import torch
 
+from . import cuda_graphs as graphs
 from .model import XPortrait
 from .reference_attention import ReferenceBank
 
+log = logging.getLogger("xportrait")
 
 # Hints up to this size (both together, in the model's dtype) are moved to the model's device once per video
 # instead of once per window and step: a 16-frame window's hints at 512 cost ~5 ms to copy from pageable memory,
@@ -41,13 +45,19 @@ class GuidedDenoiser:
         stay on the CPU: each window's frames are moved to the model's device when it is denoised.
     context / uncond_context: (1, 77, C) text conditioning of the conditional / unconditional branch; None takes
         the model's empty-prompt context (which needs CLIP weights in the checkpoint).
+    batch_branches: run both branches' UNet passes as one batch (`XPortrait.eps_guided`): faster, for the
+        activation memory of a double batch; False runs them one after the other (low-VRAM mode does).
+    cuda_graphs: on a CUDA device, with batched branches and banks computed as sampling goes, record the
+        reference net's and each window's work as CUDA graphs on first use and replay them (cuda_graphs.py);
+        falls back to eager calls, with a warning, where recording fails. XPORTRAIT_CUDA_GRAPHS=0 turns it off.
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  guidance_scale: float = 5.0, context: Optional[torch.Tensor] = None,
                  uncond_context: Optional[torch.Tensor] = None,
-                 global_strength: float = 1.0, local_strength: float = 1.0):
+                 global_strength: float = 1.0, local_strength: float = 1.0, batch_branches: bool = True,
+                 cuda_graphs: bool = True):
         if reference_latents.ndim == 3:
             reference_latents = reference_latents[None]
         if reference_latents.ndim != 4 or reference_latents.shape[0] < 1:
@@ -58,7 +68,8 @@ class GuidedDenoiser:
         if global_hint is not None and local_hint is not None and len(global_hint) != len(local_hint):
             raise ValueError(f"global_hint has {len(global_hint)} frames but local_hint has {len(local_hint)}")
         self.model = model
-        self.reference_latents = reference_latents
+        # On the model's device from the start: CUDA graphs read them in place, and a host copy cannot be recorded.
+        self.reference_latents = reference_latents.to(model.device)
         self.global_hint = _resident_hint(global_hint, model)
         self.local_hint = _resident_hint(local_hint, model)
         self.guidance_scale = float(guidance_scale)
@@ -67,11 +78,18 @@ class GuidedDenoiser:
         needs_cond = self.guidance_scale != 0.0
         needs_uncond = self.guidance_scale != 1.0
         # The reference net reads the conditional context too (official `cond_txt_void`), so it is always needed.
-        self.context = context if context is not None else model.empty_prompt_context()
+        self.context = (context if context is not None else model.empty_prompt_context()).to(model.device)
         self.uncond_context = None
         if needs_uncond:
             self.uncond_context = uncond_context if uncond_context is not None else model.empty_prompt_context()
+            self.uncond_context = self.uncond_context.to(model.device)
+            if self.uncond_context.shape == self.context.shape and torch.equal(self.uncond_context, self.context):
+                # One context for both branches (the official empty prompt): the batched pass then shares it.
+                self.uncond_context = self.context
         self._needs_cond = needs_cond
+        self.batch_branches = bool(batch_branches)
+        self.cuda_graphs = bool(cuda_graphs) and graphs.cuda_graphs_enabled() and model.device.type == "cuda"
+        self._graphs: Optional[graphs.GuidanceGraphs] = None
         self._bank_t: Optional[int] = None
         self._bank = None
         self._stored_banks: Optional[dict[int, ReferenceBank]] = None
@@ -106,7 +124,10 @@ class GuidedDenoiser:
         self._bank = self._bank_t = None
 
     def release(self) -> None:
-        """Drop the cached reference banks (call when sampling ends or is cancelled)."""
+        """Drop the cached reference banks and CUDA graphs (call when sampling ends or is cancelled)."""
+        if self._graphs is not None:
+            self._graphs.release()
+            self._graphs = None
         self._bank = None
         self._bank_t = None
         self._stored_banks = None
@@ -123,8 +144,40 @@ class GuidedDenoiser:
             return hint[first:end] if end <= total else torch.cat([hint[first:], hint[: end - total]])
         return hint.index_select(0, frame_indices.to(hint.device))
 
+    def _guided_eps(self, x: torch.Tensor, t, global_hint: Optional[torch.Tensor],
+                    local_hint: Optional[torch.Tensor], bank: ReferenceBank) -> torch.Tensor:
+        cond, uncond = self.model.eps_guided(x, t, self.context, self.uncond_context, bank, global_hint=global_hint,
+                                             local_hint=local_hint, global_strength=self.global_strength,
+                                             local_strength=self.local_strength)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def _graphed_eps(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """The guided eps through CUDA graphs, or None where they are off or could not be recorded."""
+        if not self.cuda_graphs or self._stored_banks is not None:
+            return None
+        if self._graphs is None:
+            self._graphs = graphs.GuidanceGraphs(
+                self.model.device,
+                lambda timestep: self.model.reference_bank(self.reference_latents, timestep, self.context),
+                self._guided_eps)
+        try:
+            return self._graphs.eps(x, t, self._frames(self.global_hint, frame_indices),
+                                    self._frames(self.local_hint, frame_indices))
+        except graphs.GraphCaptureError as error:
+            log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
+            self.cuda_graphs = False
+            self._graphs.release()
+            self._graphs = None
+            return None
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> torch.Tensor:
+        if self.batch_branches and self._needs_cond and self.uncond_context is not None:
+            eps = self._graphed_eps(x, t, frame_indices)
+            if eps is not None:
+                return eps
+            return self._guided_eps(x, t, self._frames(self.global_hint, frame_indices),
+                                    self._frames(self.local_hint, frame_indices), self.reference_bank(t))
         uncond = None
         if self.uncond_context is not None:
             uncond = self.model.eps_uncond(x, t, self.uncond_context).float()

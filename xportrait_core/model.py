@@ -85,7 +85,18 @@ class XPortrait(nn.Module):
         self.reference_net(latents, self._timesteps(t, latents.shape[0]), context, reference=bank)
         return bank.finish()
 
-    # ---- predictions ----------------------------------------------------------------------------------------
+    # ---- predictions ------------------------------------------------------------------------------------
+
+    def _motion_control(self, x, ts, context, global_hint, local_hint, global_strength: float,
+                        local_strength: float) -> Optional[list[torch.Tensor]]:
+        """Both ControlNets' residuals, scaled and summed (a strength of 0 or no hint skips that ControlNet). Only
+        the sum outlives this call, so one set of skip-sized residuals is alive while the UNet runs."""
+        global_residuals = local_residuals = None
+        if global_hint is not None and global_strength != 0:
+            global_residuals = self.global_control(x, global_hint, ts, context)
+        if local_hint is not None and local_strength != 0:
+            local_residuals = self.local_control(x, local_hint, ts, context)
+        return combine_motion_residuals(global_residuals, global_strength, local_residuals, local_strength)
 
     def eps_cond(self, x: torch.Tensor, t, context: torch.Tensor, reference: ReferenceBank,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
@@ -95,14 +106,32 @@ class XPortrait(nn.Module):
         (or several of `num_frames` each); hints (F, 3, H, W) in [-1, 1]. A strength of 0 skips that ControlNet."""
         x, context, global_hint, local_hint = self._inputs(x, context, global_hint, local_hint)
         ts = self._timesteps(t, x.shape[0])
-        global_residuals = local_residuals = None
-        if global_hint is not None and global_strength != 0:
-            global_residuals = self.global_control(x, global_hint, ts, context)
-        if local_hint is not None and local_strength != 0:
-            local_residuals = self.local_control(x, local_hint, ts, context)
-        control = combine_motion_residuals(global_residuals, global_strength, local_residuals, local_strength)
+        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength)
         eps = self.unet(x, ts, context, reference=reference, control=control, num_frames=num_frames)
         return eps.float()
+
+    def eps_guided(self, x: torch.Tensor, t, context: torch.Tensor, uncond_context: torch.Tensor,
+                   reference: ReferenceBank, global_hint: Optional[torch.Tensor] = None,
+                   local_hint: Optional[torch.Tensor] = None, global_strength: float = 1.0,
+                   local_strength: float = 1.0, num_frames: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`eps_cond`, `eps_uncond`) of one window from one UNet pass over the window twice, conditional rows
+        first: the reference bank and the control residuals reach only those rows, so each half computes what
+        its own call would. A batch of twice the frames keeps the GPU busier than two passes (measured: 1.6x the
+        time of one pass for both, on the H100 at 16 frames), for the memory of the larger batch."""
+        x, context, uncond_context, global_hint, local_hint = self._inputs(x, context, uncond_context, global_hint,
+                                                                           local_hint)
+        frames = x.shape[0]
+        ts = self._timesteps(t, frames)
+        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength)
+        if context is uncond_context:  # one tensor for both (compared by identity: a value check would sync)
+            both_contexts = context
+        else:
+            both_contexts = torch.cat([c.expand(frames, -1, -1) if c.shape[0] == 1 else c
+                                       for c in (context, uncond_context)])
+        both = torch.cat([x, x]).contiguous(memory_format=self.memory_format)
+        eps = self.unet(both, torch.cat([ts, ts]), both_contexts, reference=reference, control=control,
+                        num_frames=num_frames or frames, conditional_rows=frames).float()
+        return eps[:frames], eps[frames:]
 
     def eps_uncond(self, x: torch.Tensor, t, context: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
         """Noise prediction of the UNet and motion modules alone: no reference attention, no control."""

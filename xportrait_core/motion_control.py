@@ -62,11 +62,19 @@ class ControlNet(nn.Module):
 
 def combine_motion_residuals(global_residuals: Optional[list[torch.Tensor]], global_strength: float,
                              local_residuals: Optional[list[torch.Tensor]], local_strength: float) -> Optional[list[torch.Tensor]]:
-    """Sum of strength-scaled residuals of whichever ControlNets ran (None when neither did)."""
+    """Sum of strength-scaled residuals of whichever ControlNets ran (None when neither did).
+
+    Without autograd the local residuals are added into the global ones in place: both lists are fresh ControlNet
+    outputs, and a third full set of skip-sized tensors would only raise the memory peak."""
     combined = None
     for residuals, strength in ((global_residuals, global_strength), (local_residuals, local_strength)):
         if residuals is None:
             continue
-        scaled = residuals if strength == 1.0 else [r * strength for r in residuals]
-        combined = scaled if combined is None else [a + b for a, b in zip(combined, scaled)]
+        if combined is None:
+            combined = residuals if strength == 1.0 else [r * strength for r in residuals]
+        elif torch.is_grad_enabled():
+            combined = [a + b * strength for a, b in zip(combined, residuals)]
+        else:
+            for a, b in zip(combined, residuals):
+                a.add_(b, alpha=strength)
     return combined

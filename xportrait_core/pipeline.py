@@ -195,7 +195,9 @@ def animate_latents(
 
     denoiser = GuidedDenoiser(model, reference_latents, global_hint=g_hint, local_hint=l_hint,
                               guidance_scale=guidance_scale, context=context, uncond_context=uncond_context,
-                              global_strength=global_strength, local_strength=local_strength)
+                              global_strength=global_strength, local_strength=local_strength,
+                              # Low-VRAM mode keeps the activations of one branch at a time.
+                              batch_branches=not offload.is_low_vram(model))
     try:
         if offload.is_low_vram(model):
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.

@@ -27,12 +27,12 @@ class TimestepSequential(nn.Sequential):
     spatial transformers."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                reference: Optional[ReferenceBank] = None) -> torch.Tensor:
+                reference: Optional[ReferenceBank] = None, bank_rows: Optional[int] = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer.forward_with_bank(x, context, reference)
+                x = layer.forward_with_bank(x, context, reference, bank_rows)
             else:
                 x = layer(x)
         return x
@@ -96,6 +96,14 @@ def build_output_blocks(cfg: UNetConfig, slots: _SlotCounter, input_channels: Se
     return blocks
 
 
+def _add_to_rows(h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """h + residual, where the residual may cover only the first rows of h (the conditional rows)."""
+    rows = residual.shape[0]
+    if rows == h.shape[0]:
+        return h + residual
+    return torch.cat([h[:rows] + residual, h[rows:]])
+
+
 class UNet(nn.Module):
     """The denoising UNet (with motion modules and an output head) or the reference net (neither)."""
 
@@ -125,30 +133,34 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
                 reference: Optional[ReferenceBank] = None,
                 control: Optional[Sequence[torch.Tensor]] = None,
-                num_frames: Optional[int] = None) -> torch.Tensor:
+                num_frames: Optional[int] = None, conditional_rows: Optional[int] = None) -> torch.Tensor:
         """x (N, C, h, w); timesteps (N,); context (N or 1, tokens, C).
 
         reference: a bank to write (reference net) or read (main UNet). control: residuals for every input
         block's output followed by one for the middle block, added to the skip connections and the middle output.
         num_frames: frames per window for the motion modules (default: the whole batch is one window).
+        conditional_rows: the bank and the control reach only the first rows of x (a batched guidance pass:
+        conditional rows first, unconditional after); default all.
         """
         num_frames = num_frames or x.shape[0]
+        if conditional_rows is not None and not 0 < conditional_rows <= x.shape[0]:
+            raise ValueError(f"conditional_rows={conditional_rows} for a batch of {x.shape[0]}")
         emb = self.time_embed(timesteps)
         skips = []
         h = x
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, reference)
+            h = block(h, emb, context, reference, conditional_rows)
             if i in self.motion_after_input:
                 h = self.input_motion_modules[self.motion_after_input.index(i)](h, num_frames)
             skips.append(h)
-        h = self.middle_block(h, emb, context, reference)
+        h = self.middle_block(h, emb, context, reference, conditional_rows)
         if control is not None:
-            h = h + control[-1]
+            h = _add_to_rows(h, control[-1])
         for i, block in enumerate(self.output_blocks):
             skip = skips.pop()
             if control is not None:
-                skip = skip + control[len(skips)]
-            h = block(torch.cat([h, skip], dim=1), emb, context, reference)
+                skip = _add_to_rows(skip, control[len(skips)])
+            h = block(torch.cat([h, skip], dim=1), emb, context, reference, conditional_rows)
             if self.has_motion:
                 h = self.output_motion_modules[i](h, num_frames)
         return self.out(h) if hasattr(self, "out") else h

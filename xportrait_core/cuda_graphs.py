@@ -1,0 +1,139 @@
+"""CUDA graphs of the guided denoiser's GPU work: record the kernels once, replay them at every window.
+
+A guided window step launches thousands of kernels (four networks); eagerly, and even more so through the guards
+of `torch.compile`'s regions, the host takes about as long to launch them as the GPU takes to run them, and the
+GPU waits. A CUDA graph replays the whole recorded sequence with one launch. Two graphs are recorded, sharing one
+memory pool:
+
+    reference graph   static timestep -> reference bank                          (replayed once per timestep)
+    window graph      static window latents, timestep, hints, bank -> guided eps  (replayed for every window)
+
+The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
+recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
+thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
+ordered after and before the caller's stream. Every input is copied into a static buffer before a replay; everything else the graphs read
+(weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
+(`GuidedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
+step, say) `GraphCaptureError` says so and the denoiser goes on eagerly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+
+def cuda_graphs_enabled() -> bool:
+    """False when XPORTRAIT_CUDA_GRAPHS=0 (or false/no/off): every window then runs eagerly."""
+    return os.environ.get("XPORTRAIT_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class GraphCaptureError(RuntimeError):
+    """The denoiser's work could not be recorded as a CUDA graph (the eager path still works)."""
+
+
+class _Recorded:
+    """One recorded graph, the static tensors it reads, and its (static) output."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+    def replay(self, values: dict[str, torch.Tensor]):
+        for name, value in values.items():
+            self.inputs[name].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+
+class GuidanceGraphs:
+    """The reference and window graphs of one sampling run.
+
+    compute_bank(t) -> ReferenceBank and guided_eps(x, t, global_hint, local_hint, bank) -> eps are the eager
+    computations, with t a device tensor of shape (1,). Windows of another shape or other hints get their own
+    window graph.
+    """
+
+    def __init__(self, device: torch.device, compute_bank: Callable, guided_eps: Callable):
+        self.device = device
+        self._compute_bank = compute_bank
+        self._guided_eps = guided_eps
+        self._stream = torch.cuda.Stream(device=device)
+        self._timestep = torch.zeros(1, dtype=torch.long, device=device)
+        self._bank = None                       # the bank of timestep _bank_t (eager, or the graph's output)
+        self._bank_t: Optional[int] = None
+        self._bank_graph: Optional[_Recorded] = None
+        self._window_graphs: dict[tuple, _Recorded] = {}
+        self._warm: set = set()                 # what has run eagerly once, so may be recorded
+        self._pool = None
+        self.replays = 0
+
+    def _record(self, fn: Callable[[], object]):
+        # The eager warm-up's freed blocks stay cached by the allocator, where the graphs' private pool cannot
+        # reuse them: hand them back to the driver first, or the run would hold the step's memory twice.
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                output = fn()
+        except Exception as error:  # e.g. a host sync or a pageable host copy inside the step
+            raise GraphCaptureError(f"{type(error).__name__}: {error}") from error
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph, output
+
+    def _bank_of(self, t: int, caller: torch.cuda.Stream):
+        if self._bank_t == t:
+            return self._bank
+        if self._bank_graph is None and "bank" not in self._warm:
+            # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
+            self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
+            self._bank = self._compute_bank(self._timestep)
+            self._warm.add("bank")
+        else:
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                self._timestep.fill_(int(t))
+                if self._bank_graph is None:
+                    self._bank = None  # the eager bank's memory goes back before recording
+                    graph, bank = self._record(lambda: self._compute_bank(self._timestep))
+                    self._bank_graph = _Recorded(graph, {}, bank)
+                self._bank = self._bank_graph.replay({})
+            caller.wait_stream(self._stream)
+        self._bank_t = t
+        return self._bank
+
+    def eps(self, x: torch.Tensor, t: int, global_hint: Optional[torch.Tensor] = None,
+            local_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Guided eps of one window, as a fresh tensor on the caller's stream."""
+        caller = torch.cuda.current_stream(self.device)
+        bank = self._bank_of(t, caller)
+        hints = {name: h for name, h in (("global_hint", global_hint), ("local_hint", local_hint)) if h is not None}
+        inputs = {"x": x, **hints}
+        key = tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items())
+        recorded = self._window_graphs.get(key)
+        if recorded is None and (key not in self._warm or self._bank_graph is None):
+            # Eager until this shape has run once and the bank it reads is a graph's static output.
+            self._warm.add(key)
+            return self._guided_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+        self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
+        with torch.cuda.stream(self._stream):
+            if recorded is None:
+                static = {name: v.to(self.device).clone() for name, v in inputs.items()}
+                graph, output = self._record(lambda: self._guided_eps(
+                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
+                recorded = self._window_graphs[key] = _Recorded(graph, static, output)
+            eps = recorded.replay(inputs)
+        caller.wait_stream(self._stream)
+        self.replays += 1
+        # A copy on the caller's stream: the next replay overwrites the graph's output buffer.
+        return eps.clone()
+
+    def release(self) -> None:
+        """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
+        stay reserved, out of reach of the VAE decode that follows sampling)."""
+        self._bank = self._bank_graph = None
+        self._window_graphs.clear()
+        self._warm.clear()
+        self._pool = None
+        torch.cuda.empty_cache()
