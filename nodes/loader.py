@@ -53,9 +53,10 @@ class LoadedXPortrait:
     def config(self):
         return self.model.config
 
-    def ready(self):
+    def ready(self, memory_required: int = 0):
         """The network on the compute device. Inside ComfyUI, `load_models_gpu` moves it there, unloading other
-        models first if the GPU is short of memory, and may offload it again when a later node needs the room."""
+        models first if the GPU is short of memory (the weights plus `memory_required` bytes of working memory),
+        and may offload it again when a later node needs the room."""
         from xportrait_core.attention import (
             get_attention_backend_setting,
             set_attention_backend,
@@ -69,7 +70,7 @@ class LoadedXPortrait:
             import comfy.model_management as mm
 
             # Plain nn.Modules cannot run partially loaded (ComfyUI's low-VRAM mode needs its own layer classes).
-            mm.load_models_gpu([self.patcher], force_full_load=True)
+            mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
         else:
             device = common.torch_device()
             if self.model.device != device:

@@ -93,9 +93,12 @@ class Sampler:
         if uncond_context is None and context is not None and handle.model.text_encoder is None:
             uncond_context = context  # no CLIP in the checkpoint to encode the empty prompt with
 
-        from xportrait_core.pipeline import DECODE_CHUNK, animate_latents, iter_frames
+        from xportrait_core.offload import sampling_working_memory
+        from xportrait_core.pipeline import DECODE_CHUNK, DEFAULT_WINDOW, animate_latents, iter_frames
 
-        model = handle.ready()
+        # Room for the activations too, so ComfyUI unloads other models (upscalers, face restorers) if need be.
+        model = handle.ready(memory_required=sampling_working_memory(
+            reference.resolution, min(DEFAULT_WINDOW, motion.num_frames), handle.model.dtype, motion.num_frames))
         progress = common.Progress(int(steps))
         decode_chunk = DECODE_CHUNK
         decode_calls = -(-motion.num_frames // decode_chunk)

@@ -476,3 +476,37 @@ def test_reference_and_motion_resolutions_must_match(tiny, motion, source_photo)
     with pytest.raises(ValueError, match="reference is 128px but the motion was extracted at 64px"):
         run_node("XPortraitSampler", xportrait_model=tiny, reference=other, motion=motion[0],
                  positive=zero_conditioning(), negative=None, **SAMPLER_ARGS)
+
+
+def test_loader_asks_comfyui_for_the_weights_and_the_working_memory(tiny, monkeypatch):
+    """Inside ComfyUI the model is made ready by `load_models_gpu`, with the working memory the sampler asks for,
+    so other models are unloaded when the activations would not fit beside them. ComfyUI is stood in for here."""
+    import types
+
+    calls = []
+    management = types.SimpleNamespace(get_torch_device=lambda: torch.device("cpu"),
+                                       unet_offload_device=lambda: torch.device("cpu"),
+                                       load_models_gpu=lambda models, **kwargs: calls.append((models, kwargs)))
+    patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: "patcher")
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher = management, patcher
+    for name, module in (("comfy", comfy), ("comfy.model_patcher", patcher), ("comfy.model_management", management)):
+        monkeypatch.setitem(sys.modules, name, module)
+    loader = load_pack().nodes.loader
+    monkeypatch.setattr(loader, "_managed_module", lambda model: model)
+    handle = loader.LoadedXPortrait(tiny.model, "tiny", "auto")
+    assert handle.ready(memory_required=123) is tiny.model
+    assert calls == [(["patcher"], {"memory_required": 123, "force_full_load": True})]
+
+
+def test_sampler_asks_for_room_for_its_working_memory(tiny, reference, motion, monkeypatch):
+    from xportrait_core.offload import sampling_working_memory
+
+    asked = []
+    original = tiny.ready
+    monkeypatch.setattr(tiny, "ready", lambda memory_required=0: asked.append(memory_required) or original())
+    ref, motion_obj = reference[0], motion[0]
+    run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+             positive=zero_conditioning(), negative=None, **SAMPLER_ARGS)
+    assert asked == [sampling_working_memory(ref.resolution, NUM_FRAMES, torch.float32, NUM_FRAMES)]
+    assert asked[0] > 0

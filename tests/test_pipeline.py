@@ -164,3 +164,21 @@ def test_low_vram_precomputes_every_bank_and_samples_the_same(tiny_model, inputs
     low = animate_latents(tiny_model, inputs["reference"], steps=3, seed=1, window=8, overlap=2, **args)
     assert calls == ddim_timesteps(3).tolist()  # all up front, once each, none during sampling (2 windows a step)
     torch.testing.assert_close(low, normal, atol=1e-4, rtol=1e-5)
+
+
+def test_working_memory_estimate_scales_from_the_measured_case():
+    import torch
+
+    from xportrait_core.guidance import RESIDENT_HINT_BYTES
+    from xportrait_core.offload import MEASURED_WORKING_BYTES, sampling_working_memory
+
+    base = sampling_working_memory(512, 16, torch.bfloat16)
+    assert base == MEASURED_WORKING_BYTES
+    assert sampling_working_memory(1024, 16, torch.bfloat16) == 4 * base  # pixels
+    assert sampling_working_memory(512, 8, torch.bfloat16) == base // 2  # window frames
+    assert sampling_working_memory(512, 16, torch.float32) == 2 * base  # element size
+    # The hints count while they stay on the GPU (16 frames), not once they live in host memory (long videos).
+    hints16 = 2 * 16 * 3 * 512 * 512 * 2
+    assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=16) == base + hints16
+    assert 2 * 400 * 3 * 512 * 512 * 2 > RESIDENT_HINT_BYTES
+    assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=400) == base

@@ -24,6 +24,25 @@ SAMPLING_NETWORKS = ("unet", "global_control", "local_control")
 IDLE_NETWORKS = ("reference_net", "vae")
 
 
+# Sampling's working memory beyond the weights it keeps on the GPU, measured on the H100 on 2026-11-25 (bf16,
+# 512x512, 16-frame windows, peak allocated minus weights): 2.3 GiB compiled and 2.5 GiB eager with both guidance
+# branches in one batch (CUDA graphs included), 2.5 GiB in low-VRAM mode. Rounded up.
+MEASURED_WORKING_BYTES = int(2.6 * 2**30)
+
+
+def sampling_working_memory(resolution: int, window_frames: int, dtype: torch.dtype, num_frames: int = 0) -> int:
+    """Bytes sampling needs on the GPU beyond the weights, for a host's memory manager to make room for
+    (ComfyUI's `load_models_gpu(memory_required=...)`). Activations scale with pixels x window frames x element
+    size from the measured case; the motion hints of `num_frames` frames are added when they are small enough to
+    stay on the GPU (guidance.RESIDENT_HINT_BYTES)."""
+    from .guidance import RESIDENT_HINT_BYTES
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    scale = (resolution / 512) ** 2 * (max(1, window_frames) / 16) * (itemsize / 2)
+    hint_bytes = 2 * num_frames * 3 * resolution * resolution * itemsize
+    return int(MEASURED_WORKING_BYTES * scale) + (hint_bytes if hint_bytes <= RESIDENT_HINT_BYTES else 0)
+
+
 def place_for_low_vram(model: XPortrait, device: torch.device | str) -> XPortrait:
     """Sampling networks (and the text encoder, which runs once and is small) on `device`, the rest on the CPU."""
     for name in SAMPLING_NETWORKS:
