@@ -252,9 +252,10 @@ VIDEO_NOTE = ("Load Video + Get Video Components and Create Video + Save Video a
 
 def _model_loader(graph: Graph) -> Node:
     """Node 1 of every example: Load X-Portrait Model with its defaults, top left."""
-    return graph.add(Node(1, "XPortraitLoadModel", (40, 40), {"model_name": MODEL_FILE, "dtype": "auto",
-                                                              "attention": "auto", "vram": "normal"},
-                                 size=(320, 134)))
+    return graph.add(Node(1, "XPortraitLoadModel", (40, 10), {"model_name": MODEL_FILE, "dtype": "auto",
+                                                              "attention": "auto", "vram": "normal",
+                                                              "compile": False},
+                                 size=(320, 158)))
 
 
 def _driving(graph: Graph, first_id: int, x: int, y: int):
