@@ -191,3 +191,27 @@ def test_convert_refuses_a_file_that_is_not_xportrait(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "not an X-Portrait checkpoint" in err and "Traceback" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_compile_is_ignored_with_a_note_off_cuda(tmp_path, golden_state_dict_path, source_image_path,
+                                                 driving_video_path, capsys, monkeypatch):
+    from xportrait_core import acceleration
+
+    if cli_device_is_cuda():
+        pytest.skip("checks the CPU path")
+    compiled = []
+    monkeypatch.setattr(acceleration, "compile_networks", lambda model, **kw: compiled.append(model))
+    out = tmp_path / "demo.mp4"
+    code = cli.main(["demo", "-o", str(out), "--weights", str(golden_state_dict_path), "--compile",
+                     "--reference", str(source_image_path), "--driving", str(driving_video_path),
+                     "--frames", "2", "--steps", "1", "--decode-chunk", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--compile applies on CUDA GPUs only" in err
+    assert compiled == []
+
+
+def cli_device_is_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

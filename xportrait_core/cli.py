@@ -149,10 +149,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "frames are identical either way)")
     g.add_argument("--low-vram", action="store_true",
                    help="keep the reference net and VAE in system memory except while they work: peak 6.3 GiB "
-                        "instead of 8.0 at 512 (bf16, 16 frames), about a third slower; same frames")
+                        "instead of 8.1 at 512 (bf16, 16 frames, H100), 11.5 s instead of 8.0 s; same frames")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the networks' repeated blocks (CUDA): ~2 min of compiling the first time (~20 s "
-                        "once Inductor's cache has them), then ~12%% faster")
+                        "once Inductor's cache has them), then 16 frames at 512 took 5.6 s instead of 8.0 s (H100)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,11 +242,17 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device)
-    if getattr(args, "compile", False):
-        from .acceleration import compile_networks, use_channels_last
+    if device.type == "cuda":
+        from .acceleration import use_channels_last
 
-        # The combination measured in the README (benchmarks/bench_gpu.py --variants ... channels_last compile).
-        compile_networks(use_channels_last(model))
+        # cuDNN's convolutions run channels-last without layout conversions (the README's measured rows all do).
+        use_channels_last(model)
+        if getattr(args, "compile", False):
+            from .acceleration import compile_networks
+
+            compile_networks(model)
+    elif getattr(args, "compile", False):
+        say(f"--compile applies on CUDA GPUs only: running uncompiled on {device}")
     if getattr(args, "low_vram", False):
         from .offload import place_for_low_vram
 
