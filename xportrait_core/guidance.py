@@ -10,9 +10,8 @@ step; the official code ran it on one copy of the reference per frame of every w
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import logging
+from typing import Optional
 
 import torch
 
@@ -78,11 +77,12 @@ class GuidedDenoiser:
         needs_cond = self.guidance_scale != 0.0
         needs_uncond = self.guidance_scale != 1.0
         # The reference net reads the conditional context too (official `cond_txt_void`), so it is always needed.
-        self.context = (context if context is not None else model.empty_prompt_context()).to(model.device)
+        placed = {"device": model.device, "dtype": model.dtype}
+        self.context = (context if context is not None else model.empty_prompt_context()).to(**placed)
         self.uncond_context = None
         if needs_uncond:
             self.uncond_context = uncond_context if uncond_context is not None else model.empty_prompt_context()
-            self.uncond_context = self.uncond_context.to(model.device)
+            self.uncond_context = self.uncond_context.to(**placed)
             if self.uncond_context.shape == self.context.shape and torch.equal(self.uncond_context, self.context):
                 # One context for both branches (the official empty prompt): the batched pass then shares it.
                 self.uncond_context = self.context

@@ -85,7 +85,7 @@ class XPortrait(nn.Module):
         self.reference_net(latents, self._timesteps(t, latents.shape[0]), context, reference=bank)
         return bank.finish()
 
-    # ---- predictions ------------------------------------------------------------------------------------
+    # ---- predictions ----------------------------------------------------------------------------------------
 
     def _motion_control(self, x, ts, context, global_hint, local_hint, global_strength: float,
                         local_strength: float) -> Optional[list[torch.Tensor]]:
@@ -118,12 +118,15 @@ class XPortrait(nn.Module):
         first: the reference bank and the control residuals reach only those rows, so each half computes what
         its own call would. A batch of twice the frames keeps the GPU busier than two passes (measured: 1.6x the
         time of one pass for both, on the H100 at 16 frames), for the memory of the larger batch."""
+        # One tensor for both branches is passed once. Compared by identity, before any dtype conversion makes two
+        # objects of it: a comparison of values would synchronise with the GPU (and cannot be graph-recorded).
+        shared_context = context is uncond_context
         x, context, uncond_context, global_hint, local_hint = self._inputs(x, context, uncond_context, global_hint,
                                                                            local_hint)
         frames = x.shape[0]
         ts = self._timesteps(t, frames)
         control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength)
-        if context is uncond_context:  # one tensor for both (compared by identity: a value check would sync)
+        if shared_context:
             both_contexts = context
         else:
             both_contexts = torch.cat([c.expand(frames, -1, -1) if c.shape[0] == 1 else c
