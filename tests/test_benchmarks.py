@@ -39,10 +39,13 @@ def test_kernel_kinds_sum_profiled_time_by_kind():
 def test_smoke_run_on_the_cpu(tmp_path):
     out = tmp_path / "records.jsonl"
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
-                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--json", str(out)],
+                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     (video,) = [r for r in records if r["kind"] == "video"]
     assert video["frames"] == 4 and video["timesteps"] == 31 and video["seconds"] > 0
     assert video["dtype"] == "torch.float32" and video["attention"] == "sdpa"
+    networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
+    assert "eps_guided (controls + both branches in one UNet batch)" in networks
+    assert all(seconds > 0 for seconds in networks.values())
