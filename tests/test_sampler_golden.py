@@ -141,3 +141,72 @@ def test_batched_and_sequential_branches_sample_the_same(tiny_model, golden_case
     out = sample_ddim(sequential, golden_cases[f"{name}_x_T"], model_alphas_cumprod(tiny_model), ddim_timesteps(4),
                       eta=0.0, window=16, overlap=0, window_offsets=golden_cases[f"{name}_window_offsets"])
     torch.testing.assert_close(out, _sample(tiny_model, golden_cases, name), atol=2e-5, rtol=1e-4)
+
+
+def test_cuda_graph_recording_failure_falls_back_to_eager_once(tiny_model, golden_cases, monkeypatch, caplog):
+    """Where recording fails, the denoiser warns once, drops its graphs and computes the same eps eagerly from then
+    on (the recording itself is exercised on a GPU in tests/test_cuda.py)."""
+    from xportrait_core import cuda_graphs
+
+    attempts, released = [], []
+
+    class FailingGraphs:
+        def __init__(self, device, compute_bank, guided_eps):
+            pass
+
+        def eps(self, *args):
+            attempts.append(args[1])
+            raise cuda_graphs.GraphCaptureError("RuntimeError: operation not permitted when stream is capturing")
+
+        def release(self):
+            released.append(True)
+
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", FailingGraphs)
+    name = "sample16"
+    args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
+                guidance_scale=5.0, context=golden_cases[f"{name}_context"],
+                uncond_context=golden_cases[f"{name}_uncond_context"])
+    ref, x, idx = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"], torch.arange(16)
+    denoiser = GuidedDenoiser(tiny_model, ref, **args)
+    denoiser.cuda_graphs = True  # as on a CUDA device
+    with caplog.at_level("WARNING", logger="xportrait"):
+        first = denoiser(x, 501, idx)
+        second = denoiser(x, 251, idx)
+    assert attempts == [501] and released == [True] and not denoiser.cuda_graphs
+    assert [r for r in caplog.records if "CUDA graph recording failed" in r.getMessage()]
+    eager = GuidedDenoiser(tiny_model, ref, **args)
+    torch.testing.assert_close(first, eager(x, 501, idx), atol=0, rtol=0)
+    torch.testing.assert_close(second, eager(x, 251, idx), atol=0, rtol=0)
+
+
+def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, golden_cases, monkeypatch):
+    from xportrait_core import cuda_graphs
+
+    calls = []
+
+    class RecordingGraphs:
+        def __init__(self, device, compute_bank, guided_eps):
+            self.compute_bank, self.guided_eps = compute_bank, guided_eps
+
+        def eps(self, x, t, global_hint, local_hint):
+            calls.append((t, tuple(global_hint.shape)))
+            timestep = torch.full((1,), t)
+            return self.guided_eps(x, timestep, global_hint, local_hint, self.compute_bank(timestep))
+
+        def release(self):
+            calls.append("released")
+
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", RecordingGraphs)
+    name = "sample20_overlap4"
+    args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
+                guidance_scale=5.0, context=golden_cases[f"{name}_context"],
+                uncond_context=golden_cases[f"{name}_uncond_context"])
+    ref, x = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"][:16]
+    denoiser = GuidedDenoiser(tiny_model, ref, **args)
+    denoiser.cuda_graphs = True
+    # The graphs get the window's own hint frames (a wrapped window here) and the same computation runs.
+    idx = (torch.arange(16) + 10) % 20
+    out = denoiser(x, 501, idx)
+    denoiser.release()
+    assert calls == [(501, (16, *args["global_hint"].shape[1:])), "released"]
+    torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-6, rtol=1e-6)
