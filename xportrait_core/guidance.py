@@ -30,8 +30,7 @@ RESIDENT_HINT_BYTES = 256 * 2**20
 def _resident_hint(hint: Optional[torch.Tensor], model: XPortrait) -> Optional[torch.Tensor]:
     if hint is None or model.device.type == "cpu":
         return hint
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    if 2 * hint.numel() * itemsize <= RESIDENT_HINT_BYTES:
+    if 2 * hint.numel() * model.dtype.itemsize <= RESIDENT_HINT_BYTES:
         return hint.to(device=model.device, dtype=model.dtype)
     return hint.pin_memory() if hint.device.type == "cpu" else hint
 

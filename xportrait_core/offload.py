@@ -37,9 +37,8 @@ def sampling_working_memory(resolution: int, window_frames: int, dtype: torch.dt
     stay on the GPU (guidance.RESIDENT_HINT_BYTES)."""
     from .guidance import RESIDENT_HINT_BYTES
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    scale = (resolution / 512) ** 2 * (max(1, window_frames) / 16) * (itemsize / 2)
-    hint_bytes = 2 * num_frames * 3 * resolution * resolution * itemsize
+    scale = (resolution / 512) ** 2 * (max(1, window_frames) / 16) * (dtype.itemsize / 2)
+    hint_bytes = 2 * num_frames * 3 * resolution * resolution * dtype.itemsize
     return int(MEASURED_WORKING_BYTES * scale) + (hint_bytes if hint_bytes <= RESIDENT_HINT_BYTES else 0)
 
 

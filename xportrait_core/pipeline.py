@@ -193,13 +193,14 @@ def animate_latents(
             frames = _video_frames(init_frames, num_frames, resolution)
             x_T = video_initial_latents(model, frames, generator, init_timestep, encode_chunk)
 
+    low_vram = offload.is_low_vram(model)
     denoiser = GuidedDenoiser(model, reference_latents, global_hint=g_hint, local_hint=l_hint,
                               guidance_scale=guidance_scale, context=context, uncond_context=uncond_context,
                               global_strength=global_strength, local_strength=local_strength,
                               # Low-VRAM mode keeps the activations of one branch at a time.
-                              batch_branches=not offload.is_low_vram(model))
+                              batch_branches=not low_vram)
     try:
-        if offload.is_low_vram(model):
+        if low_vram:
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
             with offload.resident(model, "reference_net"):
                 denoiser.precompute_reference_banks(timesteps)
