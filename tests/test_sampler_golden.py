@@ -210,3 +210,21 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
     denoiser.release()
     assert calls == [(501, (16, *args["global_hint"].shape[1:])), "released"]
     torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-6, rtol=1e-6)
+
+
+def test_cuda_graphs_are_not_attempted_under_the_cuda_malloc_async_allocator(monkeypatch, caplog):
+    """ComfyUI runs CUDA with backend:cudaMallocAsync by default. There a recording's Triton launches fail and
+    freeing its tensors aborts the process (H100, torch 2.11), so graphs are skipped there, with one note saying
+    how to get them back."""
+    from xportrait_core import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "_logged_allocator_note", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "cudaMallocAsync")
+    with caplog.at_level("INFO", logger="xportrait"):
+        assert not cuda_graphs.allocator_supports_graphs()
+        assert not cuda_graphs.allocator_supports_graphs()
+    notes = [r.getMessage() for r in caplog.records if "cudaMallocAsync allocator" in r.getMessage()]
+    assert len(notes) == 1 and "--disable-cuda-malloc" in notes[0]
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
+    assert cuda_graphs.allocator_supports_graphs()

@@ -15,18 +15,44 @@ ordered after and before the caller's stream. Every input is copied into a stati
 (weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
 (`GuidedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
 step, say) `GraphCaptureError` says so and the denoiser goes on eagerly.
+
+Graphs need PyTorch's native caching allocator. Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the
+memory a recording allocates is not mapped yet while it records, Triton's and Inductor's kernel launchers reject
+those pointers, and freeing the tensors of the failed recording then aborts the process (seen on the H100 with
+torch 2.11). So graphs are not attempted there: see `allocator_supports_graphs`.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional
 
 import torch
 
+log = logging.getLogger("xportrait")
+
 
 def cuda_graphs_enabled() -> bool:
     """False when XPORTRAIT_CUDA_GRAPHS=0 (or false/no/off): every window then runs eagerly."""
     return os.environ.get("XPORTRAIT_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_logged_allocator_note = False
+
+
+def allocator_supports_graphs() -> bool:
+    """True under PyTorch's native CUDA allocator. Under cudaMallocAsync it logs, once, how to get graphs back."""
+    global _logged_allocator_note
+    backend = torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "native"
+    if backend == "native":
+        return True
+    if not _logged_allocator_note:
+        _logged_allocator_note = True
+        log.info("X-Portrait: CUDA graphs are off under the %s allocator (its recordings cannot be replayed with "
+                 "Triton kernels); sampling runs without them. Start ComfyUI with --disable-cuda-malloc (and "
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for faster sampling with less reserved memory.",
+                 backend)
+    return False
 
 
 class GraphCaptureError(RuntimeError):

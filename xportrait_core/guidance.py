@@ -47,7 +47,8 @@ class GuidedDenoiser:
         activation memory of a double batch; False runs them one after the other (low-VRAM mode does).
     cuda_graphs: on a CUDA device, with batched branches and banks computed as sampling goes, record the
         reference net's and each window's work as CUDA graphs on first use and replay them (cuda_graphs.py);
-        falls back to eager calls, with a warning, where recording fails. XPORTRAIT_CUDA_GRAPHS=0 turns it off.
+        falls back to eager calls, with a warning, where recording fails. XPORTRAIT_CUDA_GRAPHS=0 turns it off;
+        the cudaMallocAsync allocator (ComfyUI's default) does too, with an info note (see cuda_graphs.py).
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
@@ -87,7 +88,8 @@ class GuidedDenoiser:
                 self.uncond_context = self.context
         self._needs_cond = needs_cond
         self.batch_branches = bool(batch_branches)
-        self.cuda_graphs = bool(cuda_graphs) and graphs.cuda_graphs_enabled() and model.device.type == "cuda"
+        self.cuda_graphs = (bool(cuda_graphs) and graphs.cuda_graphs_enabled() and model.device.type == "cuda"
+                            and graphs.allocator_supports_graphs())
         self._graphs: Optional[graphs.GuidanceGraphs] = None
         self._bank_t: Optional[int] = None
         self._bank = None
