@@ -89,7 +89,7 @@ def test_low_vram_keeps_idle_networks_on_the_cpu_and_gives_the_same_frames(cuda_
 
 def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_state_dict_path, golden_cases, caplog):
     """Every block shape gets its own graph: none falls back to eager for want of recompiles, and the result is
-    the eager one (float32, TF32 off)."""
+    the eager one (float32, TF32 off), for the diffusion networks and the VAE."""
     from xportrait_core.acceleration import compile_networks, use_channels_last
     from xportrait_core.checkpoint import load_xportrait
 
@@ -102,7 +102,10 @@ def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_
             bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
             cond = model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
                                   cases["local_hint"])
-            return cond, model.eps_uncond(cases["x_noisy"], cases["timesteps"], cases["uncond_context"])
+            uncond = model.eps_uncond(cases["x_noisy"], cases["timesteps"], cases["uncond_context"])
+            # The VAE's blocks are compiled too: a round trip through encoder and decoder.
+            images = model.decode_latents(cases["x_noisy"][:2].float(), chunk=2)
+            return cond, uncond, images, model.encode_images(images, sample=False)
 
     eager = predict()
     compile_networks(use_channels_last(model))
