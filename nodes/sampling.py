@@ -98,7 +98,8 @@ class Sampler:
 
         # Room for the activations too, so ComfyUI unloads other models (upscalers, face restorers) if need be.
         model = handle.ready(memory_required=sampling_working_memory(
-            reference.resolution, min(DEFAULT_WINDOW, motion.num_frames), handle.model.dtype, motion.num_frames))
+            reference.resolution, min(DEFAULT_WINDOW, motion.num_frames), handle.model.dtype, motion.num_frames,
+            handle.config.unet.model_channels))
         progress = common.Progress(int(steps))
         decode_chunk = DECODE_CHUNK
         decode_calls = -(-motion.num_frames // decode_chunk)

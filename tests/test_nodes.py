@@ -511,7 +511,8 @@ def test_sampler_asks_for_room_for_its_working_memory(tiny, reference, motion, m
     ref, motion_obj = reference[0], motion[0]
     run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
              positive=zero_conditioning(), negative=None, **SAMPLER_ARGS)
-    assert asked == [sampling_working_memory(ref.resolution, NUM_FRAMES, torch.float32, NUM_FRAMES)]
+    assert asked == [sampling_working_memory(ref.resolution, NUM_FRAMES, torch.float32, NUM_FRAMES,
+                                             tiny.config.unet.model_channels)]
     assert asked[0] > 0
 
 

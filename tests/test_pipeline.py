@@ -169,7 +169,7 @@ def test_low_vram_precomputes_every_bank_and_samples_the_same(tiny_model, inputs
 def test_working_memory_estimate_scales_from_the_measured_case():
     import torch
 
-    from xportrait_core.guidance import RESIDENT_HINT_BYTES
+    from xportrait_core.guidance import RESIDENT_HINT_FEATURE_BYTES
     from xportrait_core.offload import MEASURED_WORKING_BYTES, sampling_working_memory
 
     base = sampling_working_memory(512, 16, torch.bfloat16)
@@ -177,8 +177,9 @@ def test_working_memory_estimate_scales_from_the_measured_case():
     assert sampling_working_memory(1024, 16, torch.bfloat16) == 4 * base  # pixels
     assert sampling_working_memory(512, 8, torch.bfloat16) == base // 2  # window frames
     assert sampling_working_memory(512, 16, torch.float32) == 2 * base  # element size
-    # The hints count while they stay on the GPU (16 frames), not once they live in host memory (long videos).
-    hints16 = 2 * 16 * 3 * 512 * 512 * 2
-    assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=16) == base + hints16
-    assert 2 * 400 * 3 * 512 * 512 * 2 > RESIDENT_HINT_BYTES
-    assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=400) == base
+    # The hints count while they stay on the GPU as both ControlNets' hint features (320 x 64 x 64 a frame at
+    # 512), not once a long video's hints live in host memory.
+    features64 = 2 * 64 * 320 * 64 * 64 * 2
+    assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=64) == base + features64
+    assert 2 * 110 * 320 * 64 * 64 * 2 > RESIDENT_HINT_FEATURE_BYTES
+    assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=110) == base

@@ -204,11 +204,15 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
     ref, x = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"][:16]
     denoiser = GuidedDenoiser(tiny_model, ref, **args)
     denoiser.cuda_graphs = True
-    # The graphs get the window's own hint frames (a wrapped window here) and the same computation runs.
+    # The graphs get the window's own frames of the hint features (a wrapped window here): the whole video's hints
+    # were encoded once, when the denoiser was made, and the same computation runs.
+    assert denoiser.hints_encoded
+    features = (20, tiny_model.config.unet.model_channels, *x.shape[-2:])
+    assert denoiser.global_hint.shape == denoiser.local_hint.shape == features
     idx = (torch.arange(16) + 10) % 20
     out = denoiser(x, 501, idx)
     denoiser.release()
-    assert calls == [(501, (16, *args["global_hint"].shape[1:])), "released"]
+    assert calls == [(501, (16, *features[1:])), "released"]
     torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-6, rtol=1e-6)
 
 
@@ -228,3 +232,29 @@ def test_cuda_graphs_are_not_attempted_under_the_cuda_malloc_async_allocator(mon
     assert len(notes) == 1 and "--disable-cuda-malloc" in notes[0]
     monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
     assert cuda_graphs.allocator_supports_graphs()
+
+
+def test_hint_features_encoded_once_give_the_eps_of_hints_encoded_per_window(tiny_model, golden_cases, monkeypatch):
+    """A video whose hint features fit on the device is encoded once; a longer one (here: the budget set to 0)
+    keeps its hint images and encodes each window's frames. Same eps either way, and the official one."""
+    from xportrait_core import guidance
+
+    name = "sample20_overlap4"
+    args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
+                guidance_scale=5.0, context=golden_cases[f"{name}_context"],
+                uncond_context=golden_cases[f"{name}_uncond_context"])
+    ref, x = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"][:16]
+    idx = (torch.arange(16) + 10) % 20
+    once = GuidedDenoiser(tiny_model, ref, **args)
+    monkeypatch.setattr(guidance, "RESIDENT_HINT_FEATURE_BYTES", 0)
+    per_window = GuidedDenoiser(tiny_model, ref, **args)
+    assert once.hints_encoded and not per_window.hints_encoded
+    assert per_window.global_hint.shape == args["global_hint"].shape
+    for batch_branches in (True, False):
+        once.batch_branches = per_window.batch_branches = batch_branches
+        torch.testing.assert_close(once(x, 501, idx), per_window(x, 501, idx), atol=1e-5, rtol=1e-5)
+    # A ControlNet switched off (strength 0) has nothing encoded; the other still is.
+    monkeypatch.undo()
+    local_only = GuidedDenoiser(tiny_model, ref, **args, global_strength=0.0)
+    assert local_only.hints_encoded and local_only.global_hint is None
+    assert local_only.local_hint.shape[1] == tiny_model.config.unet.model_channels

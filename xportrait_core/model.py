@@ -87,33 +87,51 @@ class XPortrait(nn.Module):
 
     # ---- predictions ----------------------------------------------------------------------------------------
 
+    def encode_motion_hints(self, global_hint: Optional[torch.Tensor], local_hint: Optional[torch.Tensor],
+                            chunk: int = 16) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Hint images (F, 3, H, W) in [-1, 1] -> each ControlNet's hint features (F, C, H/8, W/8), in the
+        model's dtype on its device, `chunk` frames at a time. Pass them to `eps_cond` / `eps_guided` with
+        `hints_encoded=True`: the same residuals, without re-encoding the hints at every step."""
+        encoded = []
+        for control, hint in ((self.global_control, global_hint), (self.local_control, local_hint)):
+            if hint is None:
+                encoded.append(None)
+                continue
+            with torch.no_grad():
+                encoded.append(torch.cat([control.encode_hint(self._placed(hint[i:i + chunk]))
+                                          for i in range(0, len(hint), chunk)]))
+        return encoded[0], encoded[1]
+
     def _motion_control(self, x, ts, context, global_hint, local_hint, global_strength: float,
-                        local_strength: float) -> Optional[list[torch.Tensor]]:
+                        local_strength: float, hints_encoded: bool = False) -> Optional[list[torch.Tensor]]:
         """Both ControlNets' residuals, scaled and summed (a strength of 0 or no hint skips that ControlNet). Only
         the sum outlives this call, so one set of skip-sized residuals is alive while the UNet runs."""
         global_residuals = local_residuals = None
         if global_hint is not None and global_strength != 0:
-            global_residuals = self.global_control(x, global_hint, ts, context)
+            global_residuals = self.global_control(x, global_hint, ts, context, hint_encoded=hints_encoded)
         if local_hint is not None and local_strength != 0:
-            local_residuals = self.local_control(x, local_hint, ts, context)
+            local_residuals = self.local_control(x, local_hint, ts, context, hint_encoded=hints_encoded)
         return combine_motion_residuals(global_residuals, global_strength, local_residuals, local_strength)
 
     def eps_cond(self, x: torch.Tensor, t, context: torch.Tensor, reference: ReferenceBank,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0,
-                 num_frames: Optional[int] = None) -> torch.Tensor:
+                 num_frames: Optional[int] = None, hints_encoded: bool = False) -> torch.Tensor:
         """Noise prediction with reference attention and hierarchical motion control. x (F, 4, h, w) is one window
-        (or several of `num_frames` each); hints (F, 3, H, W) in [-1, 1]. A strength of 0 skips that ControlNet."""
+        (or several of `num_frames` each); hints (F, 3, H, W) in [-1, 1], or their `encode_motion_hints` features
+        with hints_encoded=True. A strength of 0 skips that ControlNet."""
         x, context, global_hint, local_hint = self._inputs(x, context, global_hint, local_hint)
         ts = self._timesteps(t, x.shape[0])
-        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength)
+        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength,
+                                       hints_encoded)
         eps = self.unet(x, ts, context, reference=reference, control=control, num_frames=num_frames)
         return eps.float()
 
     def eps_guided(self, x: torch.Tensor, t, context: torch.Tensor, uncond_context: torch.Tensor,
                    reference: ReferenceBank, global_hint: Optional[torch.Tensor] = None,
                    local_hint: Optional[torch.Tensor] = None, global_strength: float = 1.0,
-                   local_strength: float = 1.0, num_frames: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   local_strength: float = 1.0, num_frames: Optional[int] = None,
+                   hints_encoded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(`eps_cond`, `eps_uncond`) of one window from one UNet pass over the window twice, conditional rows
         first: the reference bank and the control residuals reach only those rows, so each half computes what
         its own call would. A batch of twice the frames keeps the GPU busier than two passes (measured: 1.6x the
@@ -125,7 +143,8 @@ class XPortrait(nn.Module):
                                                                            local_hint)
         frames = x.shape[0]
         ts = self._timesteps(t, frames)
-        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength)
+        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength,
+                                       hints_encoded)
         if shared_context:
             both_contexts = context
         else:

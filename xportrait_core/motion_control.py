@@ -45,9 +45,15 @@ class ControlNet(nn.Module):
         self.middle_block = build_middle_block(cfg, slots)
         self.middle_block_out = _zero_conv(channels[-1])
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+    def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """Hint images (N, 3, H, W) in [-1, 1] -> hint features (N, model_channels, H/8, W/8). They depend on the
+        hint alone, so a caller may compute them once per video and pass them with `hint_encoded=True`."""
+        return self.input_hint_block(hint.to(self.middle_block_out[0].weight.dtype))
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                hint_encoded: bool = False) -> list[torch.Tensor]:
         emb = self.time_embed(timesteps)
-        guided_hint = self.input_hint_block(hint.to(x.dtype))
+        guided_hint = hint.to(x.dtype) if hint_encoded else self.encode_hint(hint.to(x.dtype))
         residuals = []
         h = x
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

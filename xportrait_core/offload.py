@@ -30,16 +30,16 @@ IDLE_NETWORKS = ("reference_net", "vae")
 MEASURED_WORKING_BYTES = int(2.6 * 2**30)
 
 
-def sampling_working_memory(resolution: int, window_frames: int, dtype: torch.dtype, num_frames: int = 0) -> int:
+def sampling_working_memory(resolution: int, window_frames: int, dtype: torch.dtype, num_frames: int = 0,
+                            model_channels: int = 320) -> int:
     """Bytes sampling needs on the GPU beyond the weights, for a host's memory manager to make room for
     (ComfyUI's `load_models_gpu(memory_required=...)`). Activations scale with pixels x window frames x element
-    size from the measured case; the motion hints of `num_frames` frames are added when they are small enough to
-    stay on the GPU (guidance.RESIDENT_HINT_BYTES)."""
-    from .guidance import RESIDENT_HINT_BYTES
+    size from the measured case; the encoded motion hints of `num_frames` frames are added while they stay on the
+    GPU (guidance.resident_hint_bytes)."""
+    from .guidance import resident_hint_bytes
 
     scale = (resolution / 512) ** 2 * (max(1, window_frames) / 16) * (dtype.itemsize / 2)
-    hint_bytes = 2 * num_frames * 3 * resolution * resolution * dtype.itemsize
-    return int(MEASURED_WORKING_BYTES * scale) + (hint_bytes if hint_bytes <= RESIDENT_HINT_BYTES else 0)
+    return int(MEASURED_WORKING_BYTES * scale) + resident_hint_bytes(num_frames, resolution, dtype, model_channels)
 
 
 def place_for_low_vram(model: XPortrait, device: torch.device | str) -> XPortrait:
