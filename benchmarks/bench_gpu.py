@@ -34,6 +34,7 @@ from xportrait_core.sampler import ddim_timesteps, sample_ddim  # noqa: E402
 from xportrait_core.schedule import q_sample  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ALLOCATORS = {"expandable": "expandable_segments:True", "native": "", "async": "backend:cudaMallocAsync"}
 RESULTS: list[dict] = []
 
 
@@ -360,6 +361,7 @@ def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overl
          tflop_per_frame_timestep=round(sampling_flops / frames / 1e12, 3),
          achieved_tflops=round(total_flops / median / 1e12, 1),
          attention=attention.resolve_backend(model.device, model.dtype), dtype=str(model.dtype),
+         allocator=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") or "native",
          gpu=torch.cuda.get_device_name() if on_cuda else "cpu")
 
 
@@ -434,9 +436,18 @@ def main(argv=None):
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
     parser.add_argument("--frame-kernel", type=int, default=1, help="0: temporal attention through SDPA too")
     parser.add_argument("--cuda-graphs", type=int, default=1, help="0: every window eagerly (no CUDA graphs)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="expandable",
+                        help="CUDA allocator: expandable (the CLI's default), native, or async (cudaMallocAsync, "
+                             "ComfyUI's default; CUDA graphs are off there). An existing PYTORCH_CUDA_ALLOC_CONF wins")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with --config tiny for a smoke test")
     parser.add_argument("--config", choices=["official", "tiny"], default="official")
     args = parser.parse_args(argv)
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATORS[args.allocator]
+        if args.allocator == "async":
+            # The allocator backend is fixed when torch loads (already done here): start again with it set.
+            os.execv(sys.executable, [sys.executable] + sys.argv)
+        # Other settings are read at the first CUDA allocation, still to come.
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
