@@ -158,7 +158,8 @@ class LoadXPortraitModel:
                     "default": False,
                     "tooltip": "torch.compile the networks' repeated blocks (CUDA GPUs). The first sampling compiles "
                                "for about 2 minutes (about 20 s once Inductor's cache is warm); after that 16 frames "
-                               "at 512 took 5.6 s instead of 8.0 s on an H100 (bf16). Same frames up to rounding."}),
+                               "at 512 took 5.6 s instead of 8.0 s on an H100 (bf16, with CUDA graphs: start ComfyUI "
+                               "with --disable-cuda-malloc to have them). Same frames up to rounding."}),
             },
         }
 

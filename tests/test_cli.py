@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,17 @@ def test_module_entry_point_runs():
     assert result.returncode == 0
     for command in ("animate", "demo", "convert"):
         assert command in result.stdout
+
+
+def test_main_defaults_the_cuda_allocator_to_expandable_segments_and_keeps_a_users_setting(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
 
 
 def _read_frames(path):

@@ -43,7 +43,7 @@ class GuidedDenoiser:
 
     reference_latents: (R, 4, h, w) scaled, not noised; several references are appended in order.
     global_hint / local_hint: (F, 3, H, W) in [-1, 1] for the whole video (None skips that ControlNet). Where
-        they fit (`hint_residency`), the ControlNets' hint features are computed here, once; otherwise each
+        they fit (`resident_hint_bytes`), the ControlNets' hint features are computed here, once; otherwise each
         window's hint frames are moved to the model's device and encoded when it is denoised.
     context / uncond_context: (1, 77, C) text conditioning of the conditional / unconditional branch; None takes
         the model's empty-prompt context (which needs CLIP weights in the checkpoint).
