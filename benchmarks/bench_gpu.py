@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xportrait_core import attention  # noqa: E402
+from xportrait_core.cli import DEFAULT_CUDA_ALLOC_CONF  # noqa: E402
 from xportrait_core.config import XPortraitConfig  # noqa: E402
 from xportrait_core.guidance import GuidedDenoiser  # noqa: E402
 from xportrait_core.model import XPortrait  # noqa: E402
@@ -34,7 +35,7 @@ from xportrait_core.sampler import ddim_timesteps, sample_ddim  # noqa: E402
 from xportrait_core.schedule import q_sample  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ALLOCATORS = {"expandable": "expandable_segments:True", "native": "", "async": "backend:cudaMallocAsync"}
+ALLOCATORS = {"expandable": DEFAULT_CUDA_ALLOC_CONF, "native": "", "async": "backend:cudaMallocAsync"}
 RESULTS: list[dict] = []
 
 

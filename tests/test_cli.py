@@ -127,7 +127,7 @@ def test_main_defaults_the_cuda_allocator_to_expandable_segments_and_keeps_a_use
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == cli.DEFAULT_CUDA_ALLOC_CONF == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
     with pytest.raises(SystemExit):
         cli.main(["--help"])
