@@ -279,6 +279,57 @@ def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):
          **{k: round(v, 2) for k, v in sorted(totals.items())})
 
 
+def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
+    """Milliseconds of GPU timeline per phase of one video job, from CUDA events between the pipeline's stages
+    (the same calls as `VideoJob.run`, spelled out): where a job's time goes besides its steady window steps.
+    A step's figure is the time since the previous step ended, so the first step holds its eager run and the
+    second the recording of CUDA graphs (the GPU idles while the host records)."""
+    from xportrait_core.initial_latents import encode_reference, model_alphas_cumprod, reference_initial_latents
+    from xportrait_core.pipeline import decode_frames, images_to_tensor
+
+    model, device = job.model, job.model.device
+    on_cuda = device.type == "cuda"
+    marks: list[tuple[str, object, float]] = []
+
+    def mark(name: str):
+        event = torch.cuda.Event(enable_timing=True) if on_cuda else None
+        if event is not None:
+            event.record()
+        marks.append((name, event, time.perf_counter()))
+
+    generator = torch.Generator().manual_seed(job.seed)
+    reference = images_to_tensor(((job.reference[0].permute(1, 2, 0) + 1) / 2).numpy(), "reference")
+    with torch.no_grad():
+        sync()
+        mark("start")
+        reference_latents = encode_reference(model, reference, generator)
+        x_T = reference_initial_latents(model, reference[:1], job.frames, generator)
+        mark("vae encode and x_T")
+        denoiser = GuidedDenoiser(model, reference_latents, global_hint=job.global_hint, local_hint=job.local_hint,
+                                  guidance_scale=5.0, context=job.context.to(device),
+                                  uncond_context=job.context.to(device))
+        mark("denoiser set-up (hint features)")
+        latents = sample_ddim(denoiser, x_T, model_alphas_cumprod(model), ddim_timesteps(steps), window=16,
+                              overlap=overlap, generator=generator,
+                              callback=lambda done, total: mark(f"window call {done}"))
+        denoiser.release()
+        mark("release graphs")
+        decode_frames(model, latents, chunk=job.decode_chunk)
+        mark("vae decode to host")
+        sync()
+    names = [name for name, _, _ in marks]
+    host = [(marks[i][2] - marks[i - 1][2]) * 1000 for i in range(1, len(marks))]
+    gpu = [marks[i - 1][1].elapsed_time(marks[i][1]) for i in range(1, len(marks))] if on_cuda else host
+    calls = [i for i, name in enumerate(names[1:]) if name.startswith("window call")]
+    steady = [gpu[i] for i in calls[2:]]
+    phases = {name: round(gpu[i], 1) for i, name in enumerate(names[1:]) if i not in calls[2:]}
+    phases["later window calls (sum)"] = round(sum(steady), 1)
+    phases["later window call (median)"] = round(statistics.median(steady), 2) if steady else None
+    phases["total"] = round(sum(gpu), 1)
+    phases["host total"] = round(sum(host), 1)
+    return phases
+
+
 def count_flops(job: VideoJob) -> tuple[float, float]:
     """(FLOPs of one sampling timestep, FLOPs of the VAE work) of a video job, counted by
     torch.utils.flop_counter. Sampling FLOPs scale with the number of timesteps; the VAE runs once."""
@@ -325,7 +376,7 @@ def count_syncs(job: "VideoJob") -> tuple[int, list[str]]:
 
 
 def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overlap: int, label: str,
-                decode_chunk: int = 16):
+                decode_chunk: int = 16, phases: bool = False):
     job = VideoJob(model, frames, resolution, decode_chunk=decode_chunk)
     job.run(steps=2)  # warm-up: kernels, allocator, compiled graphs
     sync()
@@ -345,6 +396,8 @@ def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overl
     # What the allocator held from the driver: CUDA graphs keep their memory pool reserved between replays.
     reserved = torch.cuda.max_memory_reserved() / 2**30 if on_cuda else float("nan")
     median = statistics.median(times)
+    if phases:
+        emit(kind="phases", variant=label, frames=frames, milliseconds=job_phases(job, overlap=overlap))
     # Counted with compiled regions run eagerly: a dispatch mode inside compiled code makes Dynamo recompile every
     # region, and past the recompile limit the later, timed runs (64 frames after 16) would silently run eagerly.
     stance = getattr(torch.compiler, "set_stance", None)
@@ -413,6 +466,26 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
          sample20_rel=rel(sampled["sample20_overlap4"], cases["sample20_overlap4_out"]))
 
 
+def set_inductor_options(settings: list[str]) -> None:
+    """Apply `KEY=VALUE` Inductor settings (Python literals), refusing unknown keys rather than ignoring them."""
+    import ast
+
+    if not settings:
+        return
+    import torch._inductor.config as inductor_config
+
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        node = inductor_config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = getattr(node, part)
+        if not hasattr(node, leaf):
+            raise SystemExit(f"--inductor: torch._inductor.config has no setting {key!r}")
+        setattr(node, leaf, ast.literal_eval(value))
+        emit(kind="inductor", setting=key, value=getattr(node, leaf))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=DTYPES, nargs="*", default=["bf16"])
@@ -432,9 +505,13 @@ def main(argv=None):
                         choices=["eager", "channels_last", "compile", "compile_whole", "low_vram"],
                         help="cumulative speed-ups, each measured after the previous ones are applied")
     parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings to try, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--decode-chunk", type=int, default=16, help="frames per VAE decode batch")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one window's calls")
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
+    parser.add_argument("--phases", action="store_true",
+                        help="after the timed runs, one more job timed phase by phase (set-up, each window call, decode)")
     parser.add_argument("--frame-kernel", type=int, default=1, help="0: temporal attention through SDPA too")
     parser.add_argument("--cuda-graphs", type=int, default=1, help="0: every window eagerly (no CUDA graphs)")
     parser.add_argument("--allocator", choices=ALLOCATORS, default="expandable",
@@ -458,6 +535,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
+    set_inductor_options(args.inductor)
 
     if args.check_golden:
         for name in args.golden_dtypes:
@@ -480,7 +558,7 @@ def main(argv=None):
             frame_counts = list(args.frames) + (list(args.final_frames) if step == args.variants[-1] else [])
             for frames in frame_counts:
                 bench_video(model, frames, args.resolution, args.runs, args.overlap, label=label,
-                            decode_chunk=args.decode_chunk)
+                            decode_chunk=args.decode_chunk, phases=args.phases)
         del model
         torch.cuda.empty_cache()
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
@@ -39,7 +41,7 @@ def test_kernel_kinds_sum_profiled_time_by_kind():
 def test_smoke_run_on_the_cpu(tmp_path):
     out = tmp_path / "records.jsonl"
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
-                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--json", str(out)],
+                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -49,3 +51,22 @@ def test_smoke_run_on_the_cpu(tmp_path):
     networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
     assert "eps_guided (controls + both branches in one UNet batch)" in networks
     assert all(seconds > 0 for seconds in networks.values())
+    (phases,) = [r["milliseconds"] for r in records if r["kind"] == "phases"]
+    # One window call per timestep for 4 frames; the first two are shown apart (eager run, graph recording).
+    assert "window call 1" in phases and "window call 2" in phases and "window call 3" not in phases
+    parts = [v for k, v in phases.items() if k not in ("later window call (median)", "total", "host total")]
+    assert abs(sum(parts) - phases["total"]) < 1.0 and phases["later window calls (sum)"] > 0
+
+
+def test_inductor_settings_are_applied_or_refused():
+    import torch._inductor.config as inductor_config
+
+    bench = _bench_module()
+    before = inductor_config.coordinate_descent_tuning
+    try:
+        bench.set_inductor_options([f"coordinate_descent_tuning={not before}"])
+        assert inductor_config.coordinate_descent_tuning is (not before)
+    finally:
+        inductor_config.coordinate_descent_tuning = before
+    with pytest.raises(SystemExit, match="no setting 'no_such_setting'"):
+        bench.set_inductor_options(["no_such_setting=1"])
