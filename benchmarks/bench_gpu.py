@@ -14,6 +14,7 @@ Prints one JSON object per measurement and a table at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -96,8 +97,8 @@ class VideoJob:
         return latents
 
 
-def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
-    """One call of each network on a 16-frame window: the per-step budget."""
+def window_inputs(model: XPortrait, resolution: int, frames: int):
+    """Random (window latents, reference latent, hint images, context) of one window, on the model's device."""
     device, dtype = model.device, model.dtype
     h = resolution // 8
     g = torch.Generator(device=device).manual_seed(0)
@@ -105,6 +106,13 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
     ref = torch.randn(1, 4, h, h, device=device, generator=g, dtype=dtype)
     hint = torch.rand(frames, 3, resolution, resolution, device=device, generator=g, dtype=dtype) * 2 - 1
     ctx = torch.randn(1, 77, model.config.unet.context_dim, device=device, generator=g, dtype=dtype)
+    return x, ref, hint, ctx
+
+
+def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
+    """One call of each network on a 16-frame window: the per-step budget."""
+    device = model.device
+    x, ref, hint, ctx = window_inputs(model, resolution, frames)
     t = torch.full((frames,), 500, device=device)
     with torch.no_grad():
         bank = model.reference_bank(ref, 500, ctx)
@@ -121,7 +129,7 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             "vae decode 16 frames": lambda: model.decode_latents(x.float()),
         }
         for name, fn in calls.items():
-            emit(kind="network", name=name, seconds=round(cuda_time(fn), 4), frames=frames, dtype=str(dtype))
+            emit(kind="network", name=name, seconds=round(cuda_time(fn), 4), frames=frames, dtype=str(model.dtype))
 
 
 def apply_variant(model: XPortrait, step: str, args) -> None:
@@ -218,7 +226,41 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
         with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
             f.write(table + "\n")
     kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages()]
-    emit(kind="profile", total_cuda_ms=round(sum(us for _, us in kernels) / 1000, 2), **kernel_kind_totals(kernels))
+    milliseconds = kernel_kind_totals(kernels)
+    emit(kind="profile", total_cuda_ms=round(sum(us for _, us in kernels) / 1000, 2), **milliseconds)
+    # What each kind of kernel achieves: the same call's FLOPs by kind over that kind's kernel time.
+    flops = window_flops_by_kind(model, resolution, frames)
+    emit(kind="profile_rates", tflop=round(sum(flops.values()) / 1e12, 2),
+         **{f"{kind} TFLOP/s": round(flops[kind] / 1e12 / (milliseconds[kind] / 1e3))
+            for kind in flops if milliseconds.get(kind)})
+
+
+# FLOP-counted ops by the kernel kind that runs them (attention along frames runs the pack's own kernel, which the
+# counter does not see; it is a fraction of a TFLOP a window).
+OP_KINDS = {"convolution": "convolutions", "mm": "matrix products", "addmm": "matrix products",
+            "bmm": "matrix products", "_scaled_dot_product_cudnn_attention": "attention",
+            "_scaled_dot_product_flash_attention": "attention", "_scaled_dot_product_efficient_attention": "attention",
+            "_scaled_dot_product_flash_attention_for_cpu": "attention"}
+
+
+def window_flops_by_kind(model: XPortrait, resolution: int, frames: int = 16) -> dict[str, int]:
+    """FLOPs of one guided window call (reference net, ControlNets on encoded hints, both UNet branches) by kernel
+    kind, counted eagerly (CUDA graph replays and compiled regions hide their ops from the counter). PyTorch's
+    counter knows SDPA's CUDA kernels but not its CPU one: on the CPU, attention goes uncounted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, ref, hint, ctx = window_inputs(model, resolution, frames)
+    stance = getattr(torch.compiler, "set_stance", None)
+    with torch.no_grad(), (stance("force_eager") if stance else contextlib.nullcontext()):
+        global_features, local_features = model.encode_motion_hints(hint, hint)
+        with FlopCounterMode(display=False) as counter:
+            bank = model.reference_bank(ref, 500, ctx)
+            model.eps_guided(x, 500, ctx, ctx, bank, global_features, local_features, hints_encoded=True)
+    totals: dict[str, int] = {}
+    for op, count in counter.get_flop_counts()["Global"].items():
+        kind = OP_KINDS.get(str(op).removeprefix("aten.").split(".")[0], "other")
+        totals[kind] = totals.get(kind, 0) + count
+    return totals
 
 
 def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):

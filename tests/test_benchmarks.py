@@ -70,3 +70,19 @@ def test_inductor_settings_are_applied_or_refused():
         inductor_config.coordinate_descent_tuning = before
     with pytest.raises(SystemExit, match="no setting 'no_such_setting'"):
         bench.set_inductor_options(["no_such_setting=1"])
+
+
+def test_window_flops_are_split_by_kernel_kind():
+    import torch
+
+    from xportrait_core.config import XPortraitConfig
+
+    bench = _bench_module()
+    model = bench.build_random_model(XPortraitConfig.tiny(), torch.float32, "cpu")
+    flops = bench.window_flops_by_kind(model, resolution=64, frames=4)
+    # (PyTorch's counter has no formula for SDPA's CPU kernel, so "attention" appears on GPUs only.)
+    assert {"convolutions", "matrix products"} <= set(flops)
+    assert all(count > 0 for count in flops.values())
+    # Twice the frames: the UNet, ControlNet and attention work doubles, the reference net's (batch 1) does not.
+    doubled = bench.window_flops_by_kind(model, resolution=64, frames=8)
+    assert 1.8 < sum(doubled.values()) / sum(flops.values()) < 2.0
