@@ -15,20 +15,32 @@ VRAM_MODES = ("normal", "low")
 _managed_class = None
 
 
-def _managed_module(model):
+def _managed_module(model, low_vram: bool = False):
     """Wrap the network for ComfyUI's ModelPatcher, which sets `device` and bookkeeping attributes on the module
-    it manages; `XPortrait.device` is a read-only property, so the wrapper carries them instead."""
+    it manages; `XPortrait.device` is a read-only property, so the wrapper carries them instead.
+
+    In low-VRAM mode the wrapper holds only the networks that stay on the GPU: ComfyUI then loads, counts and
+    offloads those (3.8 GB at bf16 rather than 5.9), while the reference net and VAE stay in system memory and
+    visit the GPU under the sampler's own placement, for which `ready` asks room.
+    """
     global _managed_class
     if _managed_class is None:
         from torch import nn
 
         class ManagedXPortrait(nn.Module):
-            def __init__(self, inner):
+            def __init__(self, inner, networks=None):
                 super().__init__()
-                self.xportrait = inner
+                if networks is None:
+                    self.xportrait = inner
+                else:
+                    self.networks = nn.ModuleDict(networks)
                 self.device = inner.device
 
         _managed_class = ManagedXPortrait
+    if low_vram:
+        from xportrait_core.offload import gpu_networks
+
+        return _managed_class(model, gpu_networks(model))
     return _managed_class(model)
 
 
@@ -48,7 +60,7 @@ class LoadedXPortrait:
         except ImportError:
             return
         self.patcher = comfy.model_patcher.ModelPatcher(
-            _managed_module(model), load_device=common.torch_device(), offload_device=common.offload_device()
+            _managed_module(model, low_vram), load_device=common.torch_device(), offload_device=common.offload_device()
         )
 
     @property
@@ -71,6 +83,10 @@ class LoadedXPortrait:
         if self.patcher is not None:
             import comfy.model_management as mm
 
+            if self.low_vram:
+                from xportrait_core.offload import low_vram_memory_required
+
+                memory_required = low_vram_memory_required(self.model, memory_required)
             # Plain nn.Modules cannot run partially loaded (ComfyUI's low-VRAM mode needs its own layer classes).
             mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
         else:
@@ -80,8 +96,8 @@ class LoadedXPortrait:
         if self.low_vram:
             from xportrait_core.offload import place_for_low_vram
 
-            # After ComfyUI placed the whole network: the reference net and VAE go back to the CPU and visit the
-            # GPU only while they work (the sampler brings them in and out).
+            # The reference net and VAE stay on the CPU and visit the GPU only while they work (the sampler brings
+            # them in and out). Inside ComfyUI the networks it manages are already in place; this moves nothing.
             place_for_low_vram(self.model, self.model.device)
         if self.compile and not self._compiled:
             self._compile_on_first_use()

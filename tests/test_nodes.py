@@ -496,7 +496,7 @@ def test_loader_asks_comfyui_for_the_weights_and_the_working_memory(tiny, monkey
     for name, module in (("comfy", comfy), ("comfy.model_patcher", patcher), ("comfy.model_management", management)):
         monkeypatch.setitem(sys.modules, name, module)
     loader = load_pack().nodes.loader
-    monkeypatch.setattr(loader, "_managed_module", lambda model: model)
+    monkeypatch.setattr(loader, "_managed_module", lambda model, low_vram=False: model)
     handle = loader.LoadedXPortrait(tiny.model, "tiny", "auto")
     assert handle.ready(memory_required=123) is tiny.model
     assert calls == [(["patcher"], {"memory_required": 123, "force_full_load": True})]
@@ -537,3 +537,40 @@ def test_loader_compile_option_compiles_once_on_a_cuda_device_only(models_dir, m
     handle.ready()
     handle.ready()
     assert compiled == [handle.model]
+
+
+def test_low_vram_hands_comfyui_only_the_networks_that_stay_on_the_gpu(tiny, monkeypatch):
+    """In low-VRAM mode ComfyUI manages (loads, counts, offloads) the sampling networks and the text encoder only;
+    the reference net and VAE stay in system memory, and the room they need when they visit is asked for."""
+    import types
+
+    from xportrait_core import offload
+
+    calls, wrapped = [], []
+    management = types.SimpleNamespace(get_torch_device=lambda: torch.device("cpu"),
+                                       unet_offload_device=lambda: torch.device("cpu"),
+                                       load_models_gpu=lambda models, **kwargs: calls.append((models, kwargs)))
+    patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: wrapped.append(model)
+                                    or "patcher")
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher = management, patcher
+    for name, module in (("comfy", comfy), ("comfy.model_patcher", patcher), ("comfy.model_management", management)):
+        monkeypatch.setitem(sys.modules, name, module)
+    loader = load_pack().nodes.loader
+    model = tiny.model
+    low = loader.LoadedXPortrait(model, "tiny", "auto", low_vram=True)
+    normal = loader.LoadedXPortrait(model, "tiny", "auto")
+    managed_low, managed_normal = wrapped
+    ids = lambda module: {id(p) for p in module.parameters()}  # noqa: E731
+    resident = set().union(*(ids(getattr(model, n)) for n in ("unet", "global_control", "local_control")))
+    assert ids(managed_low) == resident and ids(managed_normal) == ids(model)
+    assert not ids(managed_low) & (ids(model.reference_net) | ids(model.vae))
+    assert managed_low.device == managed_normal.device == model.device
+
+    low.ready(memory_required=1000)
+    normal.ready(memory_required=1000)
+    reference_net_bytes = offload.network_bytes(model.reference_net)
+    assert reference_net_bytes > offload.network_bytes(model.vae) > 0
+    assert calls[0][1]["memory_required"] == reference_net_bytes + 1000 // 32  # the reference net's visit
+    assert calls[1][1]["memory_required"] == 1000
+    assert offload.low_vram_memory_required(model, 10**12) == 10**12  # sampling's activations, when larger

@@ -42,12 +42,30 @@ def sampling_working_memory(resolution: int, window_frames: int, dtype: torch.dt
     return int(MEASURED_WORKING_BYTES * scale) + resident_hint_bytes(num_frames, resolution, dtype, model_channels)
 
 
+def gpu_networks(model: XPortrait) -> dict[str, nn.Module]:
+    """The networks low-VRAM mode keeps on the compute device: the sampling networks, and the text encoder (it runs
+    once, and is small) where the checkpoint has one. A host's memory manager should count these, and only these,
+    as the model's weights on the GPU."""
+    names = SAMPLING_NETWORKS + (("text_encoder",) if model.text_encoder is not None else ())
+    return {name: getattr(model, name) for name in names}
+
+
+def network_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def low_vram_memory_required(model: XPortrait, working_bytes: int) -> int:
+    """GPU bytes low-VRAM sampling needs beyond the networks it keeps there: the sampling activations
+    (`working_bytes`, from `sampling_working_memory`), or the largest idle network visiting with room for a
+    batch-1 pass (a 32nd of a window's two-branch activations), whichever is more; the two never overlap."""
+    largest_visit = max(network_bytes(getattr(model, name)) for name in IDLE_NETWORKS)
+    return max(int(working_bytes), largest_visit + int(working_bytes) // 32)
+
+
 def place_for_low_vram(model: XPortrait, device: torch.device | str) -> XPortrait:
-    """Sampling networks (and the text encoder, which runs once and is small) on `device`, the rest on the CPU."""
-    for name in SAMPLING_NETWORKS:
-        getattr(model, name).to(device)
-    if model.text_encoder is not None:
-        model.text_encoder.to(device)
+    """`gpu_networks` on `device`, the rest on the CPU."""
+    for network in gpu_networks(model).values():
+        network.to(device)
     for name in IDLE_NETWORKS:
         getattr(model, name).to("cpu")
     if torch.device(device).type == "cuda":
