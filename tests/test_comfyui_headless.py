@@ -222,6 +222,36 @@ def test_example_workflow_runs(server, name):
         assert any(f"identity over {NUM_FRAMES} frames" in t for t in texts), texts
 
 
+def _saved_frames(server, entry: dict):
+    import av
+    import numpy as np
+
+    videos = [item for output in entry["outputs"].values() for item in output.get("images", [])
+              if item.get("filename", "").endswith(".mp4")]
+    saved = server.base / "output" / videos[0].get("subfolder", "") / videos[0]["filename"]
+    with av.open(str(saved)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
+def test_low_vram_mode_runs_under_comfyui_model_management_and_gives_the_same_frames(server):
+    """vram: low hands ComfyUI's ModelPatcher only the networks kept on the GPU; the job still runs through
+    load_models_gpu and gives the frames of the normal mode."""
+    frames = {}
+    for vram in ("normal", "low"):
+        prompt = tiny_prompt("xportrait_basic_animation")
+        for node in prompt.values():
+            if node["class_type"] == "XPortraitLoadModel":
+                node["inputs"]["vram"] = vram
+            elif node["class_type"] == "SaveVideo":
+                node["inputs"]["filename_prefix"] = f"tests/vram_{vram}"
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", (
+            f"vram {vram}: {json.dumps(entry['status']['messages'])[:3000]}\n{server.log_tail()}")
+        frames[vram] = _saved_frames(server, entry).astype(int)
+    assert frames["low"].shape == frames["normal"].shape == (NUM_FRAMES, 64, 64, 3)
+    assert abs(frames["low"] - frames["normal"]).max() <= 2  # the same frames, through the same video encoder
+
+
 def _error_message(entry: dict) -> str:
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors, entry["status"]
