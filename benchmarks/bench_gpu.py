@@ -553,7 +553,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one window's calls")
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
     parser.add_argument("--phases", action="store_true",
-                        help="after the timed runs, one more job timed phase by phase (set-up, each window call, decode)")
+                        help="after the timed runs, one more job timed phase by phase (set-up, window calls, decode)")
     parser.add_argument("--frame-kernel", type=int, default=1, help="0: temporal attention through SDPA too")
     parser.add_argument("--cuda-graphs", type=int, default=1, help="0: every window eagerly (no CUDA graphs)")
     parser.add_argument("--allocator", choices=ALLOCATORS, default="expandable",

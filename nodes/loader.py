@@ -20,8 +20,8 @@ def _managed_module(model, low_vram: bool = False):
     it manages; `XPortrait.device` is a read-only property, so the wrapper carries them instead.
 
     In low-VRAM mode the wrapper holds only the networks that stay on the GPU: ComfyUI then loads, counts and
-    offloads those (3.95 GiB at bf16 with CLIP, rather than 5.7), while the reference net and VAE stay in system memory and
-    visit the GPU under the sampler's own placement, for which `ready` asks room.
+    offloads those (3.95 GiB at bf16 with CLIP, rather than 5.7), while the reference net and VAE stay in system
+    memory and visit the GPU under the sampler's own placement, for which `ready` asks room.
     """
     global _managed_class
     if _managed_class is None:
