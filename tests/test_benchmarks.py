@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+def _bench_module(name: str = "bench_gpu"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -86,3 +87,47 @@ def test_window_flops_are_split_by_kernel_kind():
     # Twice the frames: the UNet, ControlNet and attention work doubles, the reference net's (batch 1) does not.
     doubled = bench.window_flops_by_kind(model, resolution=64, frames=8)
     assert 1.8 < sum(doubled.values()) / sum(flops.values()) < 2.0
+
+
+GEGLU_INTERPRETED = r"""
+import importlib.util, json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+spec = importlib.util.spec_from_file_location("bench_geglu", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+torch.manual_seed(0)
+results = []
+# (input shape, inner width, tile config): edges that fill no tile, a K that is no multiple of BLOCK_K, 3-D input.
+for shape, inner, config in (((37, 48), 40, (16, 16, 16, 4, 1)), ((2, 65, 64), 96, (32, 32, 32, 4, 1)),
+                             ((5, 20), 24, (16, 16, 16, 4, 1))):
+    x = torch.randn(*shape, dtype=torch.float16)
+    weight = torch.randn(2 * inner, shape[-1], dtype=torch.float16) / shape[-1] ** 0.5
+    bias = torch.randn(2 * inner, dtype=torch.float16)
+    out = bench.fused_geglu(x, weight, bias, config)
+    ref = bench.geglu_reference(x.float(), weight.float(), bias.float())
+    results.append([list(out.shape), list(ref.shape), (out.float() - ref).abs().max().item(), ref.abs().max().item()])
+print(json.dumps(results))
+"""
+
+
+def test_fused_geglu_candidate_matches_the_packs_geglu_in_the_interpreter():
+    """The candidate kernel bench_geglu.py times computes what blocks.GEGLU does, so its timings compare like with
+    like. Triton is a test dependency on Linux x86-64: under CI its absence fails this."""
+    import torch
+
+    from xportrait_core.blocks import GEGLU
+
+    if importlib.util.find_spec("triton") is None and not os.environ.get("CI"):
+        pytest.skip("triton is not installed (it is a test dependency on Linux x86-64)")
+    bench = _bench_module("bench_geglu")
+    module = GEGLU(24, 40)
+    x = torch.randn(3, 7, 24)
+    with torch.no_grad():
+        assert torch.allclose(bench.geglu_reference(x, module.proj.weight, module.proj.bias), module(x), atol=1e-6)
+    run = subprocess.run([sys.executable, "-c", GEGLU_INTERPRETED, str(ROOT / "benchmarks" / "bench_geglu.py")],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    for out_shape, ref_shape, err, scale in json.loads(run.stdout.strip().splitlines()[-1]):
+        assert out_shape == ref_shape
+        assert err < 2e-3 * max(1.0, scale), (out_shape, err)  # fp16 output rounding
