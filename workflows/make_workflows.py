@@ -269,11 +269,14 @@ def _driving(graph: Graph, first_id: int, x: int, y: int):
 
 
 def _save(graph: Graph, first_id: int, x: int, y: int, frames_from: tuple[Node, str], fps_from: Node, prefix: str):
-    create = graph.add(Node(first_id, "CreateVideo", (x, y), {"fps": 24.0}, size=(260, 80)))
+    """Create Video + Save Video at the driving video's frame rate, with its sound (none if it has none): the
+    animation has one frame per driving frame, so a talking head stays in sync with its voice."""
+    create = graph.add(Node(first_id, "CreateVideo", (x, y), {"fps": 24.0}, size=(260, 100)))
     save = graph.add(Node(first_id + 1, "SaveVideo", (x, y + 130), {"filename_prefix": prefix, "format": "auto",
                                                                     "codec": "auto"}, size=(320, 420)))
     graph.link(frames_from[0], frames_from[1], create, "images")
     graph.link(fps_from, "fps", create, "fps")
+    graph.link(fps_from, "audio", create, "audio")
     graph.link(create, "VIDEO", save, "video")
 
 
@@ -308,7 +311,8 @@ def basic_animation() -> Graph:
         "2. Load the portrait (any photo with one clear face) and the driving video (a talking/moving face).\n"
         "3. Queue. The Sampler's defaults are the official demo's (seed 999, 30 steps, guidance 5, overlap 4).\n\n"
         "Driving frames: the 'first frame, how many' node trims the video (length 4096 = all frames); try 16 "
-        "frames first.\nbest_frame -1 picks the driving frame whose pose matches the portrait; set a frame "
+        "frames first. The saved video carries the driving video's sound, whole: it is in sync while the first "
+        "frame is 0.\nbest_frame -1 picks the driving frame whose pose matches the portrait; set a frame "
         "number if the alignment looks off, -2 to skip alignment.\n"
         "If your checkpoint has no CLIP text encoder, connect CLIP Text Encode (SD1.5 CLIP, empty text) to the "
         "Sampler's positive input.\n\n" + VIDEO_NOTE)))
