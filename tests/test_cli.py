@@ -155,6 +155,23 @@ def test_demo_writes_an_mp4_with_one_frame_per_driving_frame(tmp_path, golden_st
     assert frames.std() > 1.0  # not a blank video
 
 
+def test_the_output_keeps_the_driving_videos_sound_unless_the_frame_rate_changes(
+        tmp_path, golden_state_dict_path, source_image_path, driving_video_path, capsys):
+    from media import sound_of, video_with_sound
+
+    talking = tmp_path / "talking.mp4"
+    video_with_sound(driving_video_path, talking, frames=12)  # 1 s at the sample's 12 fps, a 440 Hz tone
+    common = ["--weights", str(golden_state_dict_path), "--reference", str(source_image_path), "--driving",
+              str(talking), "--frames", "6", "--steps", "1"]
+    assert cli.main(["demo", "-o", str(tmp_path / "same.mp4"), "--quiet", *common]) == 0
+    samples, rate = sound_of(tmp_path / "same.mp4")
+    assert abs(len(samples) / rate - 0.5) < 0.03  # 6 of the 12 frames: half a second of the voice
+    assert cli.main(["demo", "-o", str(tmp_path / "faster.mp4"), "--fps", "24", *common]) == 0
+    assert sound_of(tmp_path / "faster.mp4") is None
+    err = capsys.readouterr().err
+    assert "--fps 24 differs from the driving video's" in err and "the output has no sound" in err
+
+
 def test_animate_with_weights_lacking_clip_explains(tmp_path, golden_state_dict_path, source_image_path,
                                                    driving_video_path, capsys):
     # The tiny weights carry no CLIP text encoder: animate (which uses the empty prompt) must say so, not crash.

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from media import video_with_sound
 from pack_loader import ROOT, tiny_checkpoint_with_text_encoder
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -252,42 +253,12 @@ def test_low_vram_mode_runs_under_comfyui_model_management_and_gives_the_same_fr
     assert abs(frames["low"] - frames["normal"]).max() <= 2  # the same frames, through the same video encoder
 
 
-def _video_with_sound(source: Path, target: Path, frames: int, tone_hz: float = 440.0) -> float:
-    """The first `frames` frames of `source` with a sine tone as long as they last (AAC): a driving video with a
-    voice. Returns its duration in seconds."""
-    import fractions
-
-    import av
-    import numpy as np
-
-    with av.open(str(source)) as src:
-        stream = src.streams.video[0]
-        rate = stream.average_rate or fractions.Fraction(12)
-        images = [f.to_ndarray(format="rgb24") for _, f in zip(range(frames), src.decode(stream))]
-    sample_rate, duration = 44100, frames / float(rate)
-    with av.open(str(target), "w") as out:
-        video = out.add_stream("libx264", rate=rate)
-        video.width, video.height, video.pix_fmt = images[0].shape[1], images[0].shape[0], "yuv420p"
-        audio = out.add_stream("aac", rate=sample_rate, layout="mono")
-        for image in images:
-            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        out.mux(video.encode())
-        t = np.arange(int(sample_rate * duration)) / sample_rate
-        tone = (0.3 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
-        for start in range(0, len(tone), 1024):
-            frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = sample_rate, start
-            out.mux(audio.encode(frame))
-        out.mux(audio.encode())
-    return duration
-
-
 def test_the_saved_animation_carries_the_driving_videos_sound(server):
     """A talking head keeps its voice: the example workflow passes the driving video's audio to Create Video,
     and the animation (one frame per driving frame) lasts as long as it."""
     import av
 
-    duration = _video_with_sound(server.base / "input" / "xportrait_driving.mp4",
+    duration = video_with_sound(server.base / "input" / "xportrait_driving.mp4",
                                  server.base / "input" / "talking.mp4", NUM_FRAMES)
     prompt = tiny_prompt("xportrait_basic_animation")
     for node in prompt.values():

@@ -104,3 +104,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         write_video(tmp_path / "s.mp4", np.zeros((2, 8, 8, 4), np.uint8), fps=10)
     with pytest.raises(ValueError, match="frame 1"):
         write_video(tmp_path / "m.mp4", [np.zeros((8, 8, 3), np.uint8), np.zeros((10, 8, 3), np.uint8)], fps=10)
+
+
+def test_the_driving_videos_sound_goes_under_the_frames_for_as_long_as_they_last(tmp_path, driving_video_path):
+    from media import sound_of, video_with_sound
+
+    talking = tmp_path / "talking.mp4"
+    video_with_sound(driving_video_path, talking, frames=12, tone_hz=440.0)  # 1 s at 12 fps
+    frames = np.random.default_rng(0).integers(0, 255, size=(6, 32, 32, 3), dtype=np.uint8)
+    out = write_video(tmp_path / "out.mp4", frames, fps=12.0, audio_from=talking)
+    samples, rate = sound_of(out)
+    assert abs(len(samples) / rate - 0.5) < 0.03  # 6 frames at 12 fps, not the source's whole second
+    spectrum = np.abs(np.fft.rfft(samples[int(0.05 * rate):]))
+    assert np.fft.rfftfreq(len(samples) - int(0.05 * rate), 1 / rate)[spectrum.argmax()] == pytest.approx(440, abs=5)
+    assert read_video(out)[0].shape == (6, 32, 32, 3)
+    # A source without sound adds none.
+    silent = write_video(tmp_path / "silent.mp4", frames, fps=12.0, audio_from=driving_video_path)
+    assert sound_of(silent) is None

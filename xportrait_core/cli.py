@@ -284,7 +284,12 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
             done += len(chunk)
             decode_bar(done, latents.shape[0])
 
-    path = write_video(args.output, decoded_frames(), args.fps or fps)
+    # The driving video's sound goes under the animation (one frame per driving frame, from its first): unless the
+    # frame rate is changed, when it would no longer be in sync.
+    keep_sound = args.fps is None or abs(args.fps - fps) < 1e-3
+    if not keep_sound:
+        say(f"--fps {args.fps:g} differs from the driving video's {fps:g}: the output has no sound")
+    path = write_video(args.output, decoded_frames(), args.fps or fps, audio_from=args.driving if keep_sound else None)
     say(f"wrote {path} ({latents.shape[0]} frames, {resolution}x{resolution})")
     return 0
 

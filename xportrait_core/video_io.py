@@ -1,6 +1,7 @@
 """Reading driving videos and writing results, through PyAV (its wheels bundle FFmpeg; no system ffmpeg needed)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import numbers
@@ -75,13 +76,17 @@ def read_video(
 
 
 def write_video(
-    path: str | os.PathLike, frames, fps: float, crf: int = 18, codec: str = "libx264"
+    path: str | os.PathLike, frames, fps: float, crf: int = 18, codec: str = "libx264",
+    audio_from: str | os.PathLike | None = None,
 ) -> Path:
     """Encode frames to an H.264 mp4 (yuv420p, playable everywhere). Returns the path.
 
     frames: (N, H, W, 3) or (N, H, W) array, or any iterable of images (a generator too: frames are encoded as they
     come, so a long video never has to sit in memory whole), uint8 or float in [0, 1]. yuv420p needs even sizes:
     an odd width or height is padded by repeating the last column/row. crf: quality (0 lossless .. 51).
+    audio_from: a video (or audio) file whose first audio stream is added, from its start, for as long as the
+        frames last, as AAC: the driving video's sound under an animation made frame by frame from it. A file
+        without sound adds none.
     """
     av = _import_av()
     path = Path(path)
@@ -102,8 +107,10 @@ def write_video(
         container = av.open(str(path), mode="w")
     except av.error.FFmpegError as error:
         raise ValueError(f"could not create {path}: {error}") from error
-    with container:
+    with contextlib.ExitStack() as open_files:
+        open_files.enter_context(container)
         stream = container.add_stream(codec, rate=rate)
+        soundtrack = None if audio_from is None else open_files.enter_context(_Soundtrack(container, audio_from))
         stream.width, stream.height = even_w, even_h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(int(crf))}
@@ -122,4 +129,61 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if soundtrack is not None:
+            soundtrack.write(seconds=(index + 1) / float(rate))
     return path
+
+
+class _Soundtrack:
+    """The first audio stream of `source`, re-encoded as AAC into `container` (mp4 takes AAC from any source
+    codec). The stream is added when made, since a container takes no new stream once it has written packets;
+    `write(seconds)` then adds that much sound from the source's start. A context manager: the source closes on
+    leaving."""
+
+    def __init__(self, container, source: str | os.PathLike):
+        av = _import_av()
+        self.container, self.stream = container, None
+        try:
+            self.source = av.open(str(source))
+        except av.error.FFmpegError as error:
+            raise ValueError(f"could not read the sound of {source}: {error}") from error
+        if not self.source.streams.audio:
+            return
+        self.input = self.source.streams.audio[0]
+        self.rate = self.input.codec_context.sample_rate or 44100
+        self.layout = "stereo" if (self.input.codec_context.channels or 1) > 1 else "mono"
+        self.stream = container.add_stream("aac", rate=self.rate, layout=self.layout)
+
+    def write(self, seconds: float) -> None:
+        if self.stream is None:
+            return
+        av = _import_av()
+        resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+        fifo = av.AudioFifo()
+        wanted, taken = int(round(seconds * self.rate)), 0
+        for frame in self.source.decode(self.input):
+            for resampled in resampler.resample(frame):
+                resampled.pts = None
+                fifo.write(resampled)
+            # AAC takes frames of exactly frame_size samples; only the last may be short.
+            while taken < wanted and fifo.samples >= self.stream.frame_size:
+                taken = self._encode(fifo.read(min(self.stream.frame_size, wanted - taken)), taken)
+            if taken >= wanted:
+                break
+        if taken < wanted and fifo.samples:  # the source's sound ends first: the last samples left
+            self._encode(fifo.read(min(fifo.samples, wanted - taken)), taken)
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+
+    def _encode(self, frame, taken: int) -> int:
+        # Timestamps count samples from 0: the sound starts with the first frame.
+        frame.pts, frame.time_base = taken, Fraction(1, self.rate)
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        return taken + frame.samples
+
+    def __enter__(self) -> "_Soundtrack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.source.close()
