@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger("xportrait")
 
@@ -150,10 +150,31 @@ class Progress:
         else:
             self._bar = ProgressBar(max(1, int(total)))
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, preview=None) -> None:
         self.updates.append((int(done), int(total)))
         if self._bar is not None:
-            self._bar.update_absolute(int(done), max(1, int(total)))
+            self._bar.update_absolute(int(done), max(1, int(total)), preview)
+
+    def show(self, preview) -> None:
+        """Send a preview image (ComfyUI's ("JPEG", image, size) tuple) with the progress reached so far."""
+        done, total = self.updates[-1] if self.updates else (0, 1)
+        if self._bar is not None:
+            self._bar.update_absolute(done, max(1, total), preview)
+
+
+def latent_previewer() -> Optional[Callable[[Any], Any]]:
+    """ComfyUI's preview of SD1.5 latents, as its preview method (--preview-method, or the settings) asks:
+    latents (1, 4, h, w), scaled as the model sees them -> a preview for `Progress.show`. None outside ComfyUI or
+    with previews off."""
+    try:
+        import comfy.latent_formats
+        import latent_preview
+    except ImportError:
+        return None
+    previewer = latent_preview.get_previewer(torch_device(), comfy.latent_formats.SD15())
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents)
 
 
 def interruptible_progress(total: int) -> Callable[[int, int], None]:

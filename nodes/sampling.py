@@ -94,7 +94,7 @@ class Sampler:
             uncond_context = context  # no CLIP in the checkpoint to encode the empty prompt with
 
         from xportrait_core.offload import sampling_working_memory
-        from xportrait_core.pipeline import DECODE_CHUNK, DEFAULT_WINDOW, animate_latents, iter_frames
+        from xportrait_core.pipeline import DECODE_CHUNK, DEFAULT_WINDOW, animate_latents, iter_frames, preview_strip
 
         # Room for the activations too, so ComfyUI unloads other models (upscalers, face restorers) if need be.
         model = handle.ready(memory_required=sampling_working_memory(
@@ -109,13 +109,19 @@ class Sampler:
             sampling_total[0] = total
             progress(done, total + decode_calls)
 
+        previewer = common.latent_previewer()
+
+        def on_step(_done: int, _steps: int, denoised) -> None:
+            # What the frames look like so far: a few of them side by side, as ComfyUI's samplers preview theirs.
+            progress.show(previewer(preview_strip(denoised)))
+
         def run(should_cancel):
             latents = animate_latents(
                 model, reference.prepared, global_hint=motion.global_hint, local_hint=motion.local_hint,
                 steps=int(steps), guidance_scale=float(guidance), overlap=int(window_overlap), seed=int(seed),
                 init=INITIAL_LATENTS[initial_latents], context=context, uncond_context=uncond_context,
                 global_strength=motion.global_strength, local_strength=motion.local_strength,
-                callback=on_model_call, should_cancel=should_cancel)
+                callback=on_model_call, should_cancel=should_cancel, on_step=on_step if previewer else None)
             frames = []
             for index, chunk in enumerate(iter_frames(model, latents, decode_chunk, should_cancel)):
                 frames.append(chunk)

@@ -72,9 +72,9 @@ class Server:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def run(self, prompt: dict) -> dict:
+    def run(self, prompt: dict, client_id: str | None = None) -> dict:
         """Queue an API-format prompt and wait for its history entry."""
-        answer = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        answer = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         assert "prompt_id" in answer, f"ComfyUI refused the prompt: {json.dumps(answer)[:2000]}"
         prompt_id = answer["prompt_id"]
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -122,7 +122,7 @@ def server(tmp_path_factory, golden_state_dict_path, source_image_path, driving_
     log = base / "comfyui.log"
     command = [_python(comfy), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-               "--extra-model-paths-config", str(extra)]
+               "--extra-model-paths-config", str(extra), "--preview-method", "latent2rgb"]
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}", process, log, base)
@@ -279,6 +279,89 @@ def test_the_saved_animation_carries_the_driving_videos_sound(server):
         frames = sum(1 for _ in container.decode(container.streams.video[0]))
     assert frames == NUM_FRAMES
     assert abs(sound - duration) < 0.1, (sound, duration)
+
+
+class PreviewListener:
+    """ComfyUI's websocket for one client id, read on a thread (a minimal RFC 6455 client: the test's Python may
+    have no websocket package): keeps the preview images ComfyUI sends as binary messages."""
+
+    PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE: 4-byte event, 4-byte image format, image bytes
+
+    def __init__(self, url: str, client_id: str):
+        import base64
+        import threading
+
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                          .encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += self.sock.recv(1)
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        self.previews: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            data += chunk
+        return data
+
+    def _read(self):
+        import struct
+
+        try:
+            while True:
+                first, second = self._exactly(2)
+                length = second & 0x7F
+                if length == 126:
+                    length = struct.unpack(">H", self._exactly(2))[0]
+                elif length == 127:
+                    length = struct.unpack(">Q", self._exactly(8))[0]
+                payload = self._exactly(length)
+                opcode = first & 0x0F
+                if opcode == 8:  # close
+                    return
+                if opcode == 2 and struct.unpack(">I", payload[:4])[0] == self.PREVIEW_IMAGE:
+                    self.previews.append(payload[8:])
+        except (OSError, ConnectionError):
+            return
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_sampler_sends_previews_to_the_comfyui_frontend(server):
+    """Started with --preview-method latent2rgb, ComfyUI shows the Sampler's x_0 while it samples: a preview
+    image reaches the frontend's websocket at every step, four frames side by side."""
+    import io
+
+    from PIL import Image
+
+    client_id = uuid.uuid4().hex
+    listener = PreviewListener(server.url, client_id)
+    try:
+        prompt = tiny_prompt("xportrait_basic_animation")
+        for node in prompt.values():
+            if node["class_type"] == "XPortraitSampler":
+                node["inputs"]["steps"] = 3
+            elif node["class_type"] == "SaveVideo":
+                node["inputs"]["filename_prefix"] = "tests/previews"
+        entry = server.run(prompt, client_id=client_id)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+        time.sleep(1.0)  # the last messages in flight
+    finally:
+        listener.close()
+    assert len(listener.previews) >= 3, f"{len(listener.previews)} previews\n{server.log_tail()}"
+    width, height = Image.open(io.BytesIO(listener.previews[-1])).size
+    assert width == 4 * height
 
 
 def _error_message(entry: dict) -> str:

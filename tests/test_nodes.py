@@ -574,3 +574,41 @@ def test_low_vram_hands_comfyui_only_the_networks_that_stay_on_the_gpu(tiny, mon
     assert calls[0][1]["memory_required"] == reference_net_bytes + 1000 // 32  # the reference net's visit
     assert calls[1][1]["memory_required"] == 1000
     assert offload.low_vram_memory_required(model, 10**12) == 10**12  # sampling's activations, when larger
+
+
+def test_sampler_previews_each_step_through_comfyuis_latent_previewer(tiny, reference, motion, monkeypatch):
+    """With ComfyUI's previews on, every step sends a preview of a few frames' x_0 with the progress bar, as
+    ComfyUI's own samplers do. ComfyUI's progress bar and previewer are stood in for here."""
+    import types
+
+    sent, decoded = [], []
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            sent.append((value, total, preview))
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            decoded.append(tuple(x0.shape))
+            return (preview_format, "image", 512)
+
+    utils = types.SimpleNamespace(ProgressBar=Bar)
+    formats = types.SimpleNamespace(SD15=lambda: "sd15")
+    previews = types.SimpleNamespace(get_previewer=lambda device, latent_format: Previewer())
+    comfy = types.ModuleType("comfy")
+    comfy.utils, comfy.latent_formats = utils, formats
+    for name, module in (("comfy", comfy), ("comfy.utils", utils), ("comfy.latent_formats", formats),
+                         ("latent_preview", previews)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(load_pack().nodes.common, "torch_device", lambda: torch.device("cpu"))
+    ref, motion_obj = reference[0], motion[0]
+    run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+             positive=zero_conditioning(), negative=None, **SAMPLER_ARGS)
+    latent = ref.resolution // 8
+    assert decoded == [(1, 4, latent, 4 * latent)] * STEPS  # four frames side by side, once a step
+    previewed = [entry for entry in sent if entry[2] is not None]
+    assert [entry[2] for entry in previewed] == [("JPEG", "image", 512)] * STEPS
+    assert all(value <= total for value, total, _ in sent)

@@ -14,7 +14,14 @@ from xportrait_core.initial_latents import (
     video_initial_latents,
 )
 from xportrait_core.model import MissingTextEncoderError
-from xportrait_core.pipeline import animate, animate_latents, decode_frames, images_to_tensor, iter_frames
+from xportrait_core.pipeline import (
+    animate,
+    animate_latents,
+    decode_frames,
+    images_to_tensor,
+    iter_frames,
+    preview_strip,
+)
 from xportrait_core.reference_attention import ReferenceBank
 from xportrait_core.sampler import SamplingCancelled
 
@@ -183,3 +190,12 @@ def test_working_memory_estimate_scales_from_the_measured_case():
     assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=64) == base + features64
     assert 2 * 110 * 320 * 64 * 64 * 2 > RESIDENT_HINT_FEATURE_BYTES
     assert sampling_working_memory(512, 16, torch.bfloat16, num_frames=110) == base
+
+
+def test_preview_strip_puts_evenly_spaced_frames_side_by_side():
+    latents = torch.arange(10.0)[:, None, None, None].expand(10, 4, 3, 2)  # frame i is all i
+    strip = preview_strip(latents)
+    assert strip.shape == (1, 4, 3, 8)
+    assert strip[0, 0, 0, ::2].tolist() == [0.0, 3.0, 6.0, 9.0]  # first, ..., last
+    assert preview_strip(latents[:2]).shape == (1, 4, 3, 4)  # fewer frames than the strip holds
+    assert torch.equal(preview_strip(latents[:1]), latents[:1])

@@ -241,6 +241,25 @@ def test_callback_reports_every_model_call():
     assert progress == [(k, 8) for k in range(1, 9)]
 
 
+def test_on_step_sees_each_steps_prediction_of_x0_and_changes_nothing():
+    def denoise(x, t, idx):
+        return 0.3 * x + 0.01 * idx.to(x)[:, None, None, None]
+
+    x_T = torch.randn(20, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    seen = []
+    kwargs = dict(window=16, overlap=4, generator=None, window_offsets=[3, 7, 11, 15])
+    plain = sample_ddim(denoise, x_T, ALPHAS, ddim_timesteps(4), **kwargs)
+    watched = sample_ddim(denoise, x_T, ALPHAS, ddim_timesteps(4), **kwargs,
+                          on_step=lambda done, steps, x0: seen.append((done, steps, x0.clone())))
+    assert torch.equal(plain, watched)
+    assert [(d, n) for d, n, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(x0.shape == x_T.shape and x0.dtype == torch.float32 for _, _, x0 in seen)
+    # The last step's x_0 prediction is (nearly) the result: alpha_prev of timestep 1 is 0.9991.
+    last = seen[-1][2]
+    assert float((last - watched).norm() / watched.norm()) < 0.05
+    assert float((seen[0][2] - watched).norm() / watched.norm()) > 0.05  # and not from the start
+
+
 # ---------------------------------------------------------------- cancellation
 
 

@@ -142,6 +142,7 @@ def animate_latents(
     callback: Optional[ProgressFn] = None,
     should_cancel: Optional[CancelFn] = None,
     encode_chunk: int = DECODE_CHUNK,
+    on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Sample the animation's latents: float32 (N, 4, R/8, R/8) on the model's device (scaled, VAE-ready).
 
@@ -154,7 +155,8 @@ def animate_latents(
     context / uncond_context: (1, 77, C) text conditioning of the two branches; default the empty prompt, which
         needs a checkpoint with CLIP weights.
     callback(done, total): after every model window call. should_cancel(): checked between model calls; raises
-        sampler.SamplingCancelled.
+        sampler.SamplingCancelled. on_step(steps_done, steps, denoised): after every step, with its x_0 latents
+        (for previews: see `preview_strip`).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -206,7 +208,7 @@ def animate_latents(
                 denoiser.precompute_reference_banks(timesteps)
         return sample_ddim(denoiser, x_T, model_alphas_cumprod(model), timesteps, eta=eta, window=window,
                            overlap=overlap, window_offsets=window_offsets, generator=generator, callback=callback,
-                           should_cancel=should_cancel)
+                           should_cancel=should_cancel, on_step=on_step)
     except SamplingCancelled as error:
         message = str(error)
     finally:
@@ -215,6 +217,14 @@ def animate_latents(
     # Raised afresh outside the handler: the sampler's exception (whose traceback holds its frames and their
     # arguments, x_T among them) is gone, so a host holding this one keeps no latents alive.
     raise SamplingCancelled(message)
+
+
+def preview_strip(latents: torch.Tensor, max_frames: int = 4) -> torch.Tensor:
+    """Up to `max_frames` frames of (N, 4, h, w) latents, evenly spaced from the first to the last, side by side
+    as one (1, 4, h, k*w) latent: a preview that shows the motion, for any latent previewer."""
+    count = min(max_frames, latents.shape[0])
+    picks = torch.linspace(0, latents.shape[0] - 1, count).round().long().tolist()
+    return torch.cat([latents[i] for i in picks], dim=-1)[None]
 
 
 def _video_frames(init_frames, num_frames: int, resolution: int) -> torch.Tensor:

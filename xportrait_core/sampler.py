@@ -165,6 +165,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """DDIM from x_T (F, C, h, w) over `timesteps` (increasing, as `ddim_timesteps` returns); returns x_0 latents.
 
@@ -176,6 +177,8 @@ def sample_ddim(
     callback(done, total): after every denoise call; total = steps * windows per step.
     should_cancel(): checked before every denoise call; True raises `SamplingCancelled` after dropping the
         partial latents, so neither the exception nor its traceback keeps them alive.
+    on_step(steps_done, num_steps, denoised): after every step, with that step's prediction of x_0 for the whole
+        video (float32, like x_T): what a host shows as a preview while sampling goes on.
     """
     if x_T.ndim != 4:
         raise ValueError(f"x_T must be (frames, channels, h, w), got {tuple(x_T.shape)}")
@@ -230,8 +233,11 @@ def sample_ddim(
         eps = eps_sum / counts.reshape(-1, 1, 1, 1)
         sigma = float(sigmas[index])
         noise = _draw_noise(x.shape, generator, x) if sigma > 0 else None
-        x = ddim_step(x, eps, float(alphas[index]), float(alphas_prev[index]), sigma, noise)[0]
+        x, denoised = ddim_step(x, eps, float(alphas[index]), float(alphas_prev[index]), sigma, noise)
         del eps, eps_sum, noise
+        if on_step is not None:
+            on_step(step + 1, num_steps, denoised)
+        del denoised
     if cancelled:
         # The traceback of the exception holds this frame: drop the partial latents before raising.
         del x, eps_sum, counts
