@@ -87,6 +87,21 @@ def test_low_vram_keeps_idle_networks_on_the_cpu_and_gives_the_same_frames(cuda_
     np.testing.assert_allclose(low, normal, atol=1e-5)
 
 
+def test_a_network_visiting_the_gpu_comes_home_to_its_own_cpu_tensors(golden_state_dict_path):
+    """offload.resident moves the reference net to the GPU and, after, puts its CPU tensors back: the same
+    Parameter objects, the same storage, no copy back from the GPU."""
+    from xportrait_core.checkpoint import load_xportrait
+
+    model = load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda")
+    offload.place_for_low_vram(model, "cuda")
+    parameters = list(model.reference_net.parameters())
+    pointers = [p.data_ptr() for p in parameters]
+    with offload.resident(model, "reference_net") as visiting:
+        assert all(p.is_cuda for p in visiting.parameters())
+    assert list(model.reference_net.parameters()) == parameters
+    assert [p.data_ptr() for p in parameters] == pointers and not any(p.is_cuda for p in parameters)
+
+
 def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_state_dict_path, golden_cases, caplog):
     """Every block shape gets its own graph: none falls back to eager for want of recompiles, and the result is
     the eager one (float32, TF32 off), for the diffusion networks and the VAE."""

@@ -1,6 +1,7 @@
 """`animate` end to end with the real tiny model: shapes, seeds, initial latents, references, errors, cancellation."""
 from __future__ import annotations
 
+import copy
 import gc
 
 import numpy as np
@@ -199,3 +200,21 @@ def test_preview_strip_puts_evenly_spaced_frames_side_by_side():
     assert strip[0, 0, 0, ::2].tolist() == [0.0, 3.0, 6.0, 9.0]  # first, ..., last
     assert preview_strip(latents[:2]).shape == (1, 4, 3, 4)  # fewer frames than the strip holds
     assert torch.equal(preview_strip(latents[:1]), latents[:1])
+
+
+def test_a_visiting_network_goes_home_without_its_weights_being_copied_back(tiny_model):
+    """offload.resident: the reference net (or VAE) visits the compute device and comes back to the very tensors it
+    left, so no weight crosses back from the GPU. The compute device is stood in for by 'meta' here."""
+    from xportrait_core import offload
+
+    model = copy.deepcopy(tiny_model)
+    vae = model.vae
+    vae.register_buffer("marker", torch.arange(3.0))  # buffers come back too
+    before = {k: (v.data_ptr(), v.clone()) for k, v in vae.state_dict().items()}
+    model.unet.to("meta")  # the model's compute device is now "meta"
+    with offload.resident(model, "vae") as visiting:
+        assert all(p.device.type == "meta" for p in visiting.parameters())
+        assert visiting.marker.device.type == "meta"
+    after = vae.state_dict()
+    for key, (pointer, value) in before.items():
+        assert after[key].device.type == "cpu" and after[key].data_ptr() == pointer and torch.equal(after[key], value)
