@@ -163,7 +163,7 @@ class Progress:
 
 
 def latent_previewer() -> Optional[Callable[[Any], Any]]:
-    """ComfyUI's preview of SD1.5 latents, as its preview method (--preview-method, or the settings) asks:
+    """ComfyUI's preview of SD1.5 latents, as its --preview-method asks:
     latents (1, 4, h, w), scaled as the model sees them -> a preview for `Progress.show`. None outside ComfyUI or
     with previews off."""
     try:

@@ -165,9 +165,11 @@ class _Soundtrack:
             for resampled in resampler.resample(frame):
                 resampled.pts = None
                 fifo.write(resampled)
-            # AAC takes frames of exactly frame_size samples; only the last may be short.
-            while taken < wanted and fifo.samples >= self.stream.frame_size:
-                taken = self._encode(fifo.read(min(self.stream.frame_size, wanted - taken)), taken)
+            # AAC takes frames of exactly frame_size samples (known once the encoder has opened, 1024 for AAC);
+            # only the last may be short.
+            chunk = self.stream.frame_size or 1024
+            while taken < wanted and fifo.samples >= chunk:
+                taken = self._encode(fifo.read(min(chunk, wanted - taken)), taken)
             if taken >= wanted:
                 break
         if taken < wanted and fifo.samples:  # the source's sound ends first: the last samples left
