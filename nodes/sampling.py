@@ -1,13 +1,16 @@
 """X-Portrait Sampler: reference + motion -> animated frames (DDIM with guidance over overlapping windows)."""
 from __future__ import annotations
 
+import logging
+
 from . import common
 from .loader import check_model
 from .motion import check_motion
 from .reference import check_reference
 
-INITIAL_LATENTS = {"noised reference": "reference", "noise": "noise"}
+INITIAL_LATENTS = {"noised reference": "reference", "noise": "noise", "noised init frames": "video"}
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+log = logging.getLogger("xportrait")
 
 
 def _context(conditioning, name: str, width: int):
@@ -64,7 +67,8 @@ class Sampler:
                 "initial_latents": (list(INITIAL_LATENTS), {
                     "default": "noised reference",
                     "tooltip": "noised reference: start from the reference's latent noised to t=999 (official). "
-                               "noise: start from pure noise."}),
+                               "noise: start from pure noise. noised init frames: start from the init_frames "
+                               "noised to t=999 (the official face-vid2vid option)."}),
             },
             "optional": {
                 "positive": ("CONDITIONING", {
@@ -73,11 +77,17 @@ class Sampler:
                 "negative": ("CONDITIONING", {
                     "tooltip": "Text conditioning of the unconditional branch. Default: the empty prompt through the "
                                "checkpoint's CLIP, or 'positive' when the checkpoint has no CLIP."}),
+                "init_frames": ("IMAGE", {
+                    "tooltip": "With initial_latents 'noised init frames': a first animation to start from, one "
+                               "frame per driving frame at the reference crop's framing (e.g. another animator's "
+                               "output for the same crop, as the official face-vid2vid option); resized to the "
+                               "reference's resolution."}),
             },
         }
 
     def sample(self, xportrait_model, reference, motion, seed: int = 999, steps: int = 30, guidance: float = 5.0,
-               window_overlap: int = 4, initial_latents: str = "noised reference", positive=None, negative=None):
+               window_overlap: int = 4, initial_latents: str = "noised reference", positive=None, negative=None,
+               init_frames=None):
         node = "X-Portrait Sampler"
         handle = check_model(xportrait_model, node)
         reference = check_reference(reference, node)
@@ -87,6 +97,18 @@ class Sampler:
         if reference.resolution != motion.resolution:
             raise ValueError(f"{node}: the reference is {reference.resolution}px but the motion was extracted at "
                              f"{motion.resolution}px: connect the same reference to Extract Motion and the Sampler")
+        init = INITIAL_LATENTS[initial_latents]
+        if init == "video":
+            if init_frames is None:
+                raise ValueError(f"{node}: initial_latents 'noised init frames' needs init_frames connected")
+            init_frames = common.image_batch(init_frames, f"{node}: init_frames")[..., :3]
+            if len(init_frames) < motion.num_frames:
+                raise ValueError(f"{node}: init_frames has {len(init_frames)} frames but the motion has "
+                                 f"{motion.num_frames}: give one per driving frame")
+        elif init_frames is not None:
+            log.warning("%s: init_frames is connected but initial_latents is %r: the frames are not used", node,
+                        initial_latents)
+            init_frames = None
         width = handle.config.unet.context_dim
         context = _context(positive, "positive", width)
         uncond_context = _context(negative, "negative", width)
@@ -119,7 +141,7 @@ class Sampler:
             latents = animate_latents(
                 model, reference.prepared, global_hint=motion.global_hint, local_hint=motion.local_hint,
                 steps=int(steps), guidance_scale=float(guidance), overlap=int(window_overlap), seed=int(seed),
-                init=INITIAL_LATENTS[initial_latents], context=context, uncond_context=uncond_context,
+                init=init, init_frames=init_frames, context=context, uncond_context=uncond_context,
                 global_strength=motion.global_strength, local_strength=motion.local_strength,
                 callback=on_model_call, should_cancel=should_cancel, on_step=on_step if previewer else None)
             frames = []

@@ -364,6 +364,25 @@ def test_the_sampler_sends_previews_to_the_comfyui_frontend(server):
     assert width == 4 * height
 
 
+def test_a_second_sampler_can_start_from_the_first_ones_frames(server):
+    """Chaining: Sampler -> (frames as init_frames, 'noised init frames') -> Sampler -> Create Video runs in
+    ComfyUI, e.g. to refine another animator's output of the same crop."""
+    prompt = tiny_prompt("xportrait_basic_animation")
+    (sampler_id,) = [k for k, node in prompt.items() if node["class_type"] == "XPortraitSampler"]
+    second = json.loads(json.dumps(prompt[sampler_id]))
+    second["inputs"].update(initial_latents="noised init frames", init_frames=[sampler_id, 0], seed=5)
+    prompt["99"] = second
+    for node in prompt.values():
+        if node["class_type"] == "CreateVideo":
+            node["inputs"]["images"] = ["99", 0]
+        elif node["class_type"] == "SaveVideo":
+            node["inputs"]["filename_prefix"] = "tests/refined"
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", (
+        f"{json.dumps(entry['status']['messages'])[:3000]}\n{server.log_tail()}")
+    assert _saved_frames(server, entry).shape == (NUM_FRAMES, 64, 64, 3)
+
+
 def _error_message(entry: dict) -> str:
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors, entry["status"]

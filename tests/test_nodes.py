@@ -282,6 +282,35 @@ def test_sampler_is_the_core_pipeline(tiny, reference, motion):
     assert not torch.equal(frames, other), "the seed reaches the sampler"
 
 
+def test_sampler_starts_from_init_frames_when_asked(tiny, reference, motion, caplog):
+    """'noised init frames' starts from another animation of the same crop (the official face-vid2vid option),
+    exactly as the core's init="video"; without it the frames are ignored, with a warning."""
+    from xportrait_core.pipeline import animate_latents
+
+    ref, motion_obj = reference[0], motion[0]
+    context = zero_conditioning()[0][0]
+    first, _ = run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+                        positive=zero_conditioning(), negative=None, **SAMPLER_ARGS)
+    args = {**SAMPLER_ARGS, "initial_latents": "noised init frames"}
+    refined, latent = run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+                               positive=zero_conditioning(), negative=None, init_frames=first, **args)
+    expected = animate_latents(tiny.model, ref.prepared, motion_obj.hints, steps=STEPS, guidance_scale=5.0, overlap=4,
+                               seed=7, context=context, uncond_context=context, init="video",
+                               init_frames=first.numpy())
+    torch.testing.assert_close(latent["samples"] * tiny.config.vae.scale_factor, expected, rtol=1e-6, atol=1e-7)
+    assert (refined - first).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs init_frames connected"):
+        run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+                 positive=zero_conditioning(), negative=None, **args)
+    with pytest.raises(ValueError, match=f"init_frames has 2 frames but the motion has {NUM_FRAMES}"):
+        run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+                 positive=zero_conditioning(), negative=None, init_frames=first[:2], **args)
+    with caplog.at_level("WARNING", logger="xportrait"):
+        unused, _ = run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
+                             positive=zero_conditioning(), negative=None, init_frames=first, **SAMPLER_ARGS)
+    assert torch.equal(unused, first) and "init_frames is connected but initial_latents is" in caplog.text
+
+
 def test_zero_local_strength_is_no_local_control(tiny, reference, motion):
     from xportrait_core.pipeline import animate
 
