@@ -101,10 +101,8 @@ class Sampler:
         if init == "video":
             if init_frames is None:
                 raise ValueError(f"{node}: initial_latents 'noised init frames' needs init_frames connected")
+            # The core checks there is one frame per driving frame.
             init_frames = common.image_batch(init_frames, f"{node}: init_frames")[..., :3]
-            if len(init_frames) < motion.num_frames:
-                raise ValueError(f"{node}: init_frames has {len(init_frames)} frames but the motion has "
-                                 f"{motion.num_frames}: give one per driving frame")
         elif init_frames is not None:
             log.warning("%s: init_frames is connected but initial_latents is %r: the frames are not used", node,
                         initial_latents)

@@ -302,7 +302,7 @@ def test_sampler_starts_from_init_frames_when_asked(tiny, reference, motion, cap
     with pytest.raises(ValueError, match="needs init_frames connected"):
         run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
                  positive=zero_conditioning(), negative=None, **args)
-    with pytest.raises(ValueError, match=f"init_frames has 2 frames but the motion has {NUM_FRAMES}"):
+    with pytest.raises(ValueError, match=f"init_frames has 2 frames; the motion has {NUM_FRAMES}"):
         run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
                  positive=zero_conditioning(), negative=None, init_frames=first[:2], **args)
     with caplog.at_level("WARNING", logger="xportrait"):
