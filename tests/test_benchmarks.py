@@ -42,7 +42,8 @@ def test_kernel_kinds_sum_profiled_time_by_kind():
 def test_smoke_run_on_the_cpu(tmp_path):
     out = tmp_path / "records.jsonl"
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
-                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases", "--json", str(out)],
+                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases",
+                          "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
