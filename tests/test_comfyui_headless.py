@@ -197,17 +197,26 @@ def test_core_nodes_match_the_snapshot_the_workflow_tests_use(server):
                 assert kind(live_inputs[key]) == kind(snap_inputs[key]), f"{name}.{key} changed type"
 
 
+def _saved_video(server, entry: dict) -> Path:
+    """The mp4 a prompt's Save Video wrote."""
+    videos = [item for output in entry["outputs"].values() for item in output.get("images", [])
+              if item.get("filename", "").endswith(".mp4")]
+    assert videos, f"no video saved: {json.dumps(entry['outputs'])[:2000]}"
+    return server.base / "output" / videos[0].get("subfolder", "") / videos[0]["filename"]
+
+
+def _assert_succeeded(server, entry: dict, what: str = "") -> None:
+    status = entry["status"]
+    assert status["status_str"] == "success", (
+        f"{what} failed: {json.dumps(status['messages'])[:3000]}\n{server.log_tail()}")
+
+
 @pytest.mark.parametrize("name", ["xportrait_basic_animation", "xportrait_multi_reference_identity",
                                   "xportrait_upscale_restore_paste_back"])
 def test_example_workflow_runs(server, name):
     entry = server.run(tiny_prompt(name))
-    status = entry["status"]
-    assert status["status_str"] == "success", (
-        f"{name} failed: {json.dumps(status['messages'])[:3000]}\n{server.log_tail()}")
-    videos = [item for output in entry["outputs"].values() for item in output.get("images", [])
-              if item.get("filename", "").endswith(".mp4")]
-    assert videos, f"no video saved: {json.dumps(entry['outputs'])[:2000]}"
-    saved = server.base / "output" / videos[0].get("subfolder", "") / videos[0]["filename"]
+    _assert_succeeded(server, entry, name)
+    saved = _saved_video(server, entry)
     assert saved.is_file() and saved.stat().st_size > 0
     import av
 
@@ -227,10 +236,7 @@ def _saved_frames(server, entry: dict):
     import av
     import numpy as np
 
-    videos = [item for output in entry["outputs"].values() for item in output.get("images", [])
-              if item.get("filename", "").endswith(".mp4")]
-    saved = server.base / "output" / videos[0].get("subfolder", "") / videos[0]["filename"]
-    with av.open(str(saved)) as container:
+    with av.open(str(_saved_video(server, entry))) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
 
 
@@ -246,8 +252,7 @@ def test_low_vram_mode_runs_under_comfyui_model_management_and_gives_the_same_fr
             elif node["class_type"] == "SaveVideo":
                 node["inputs"]["filename_prefix"] = f"tests/vram_{vram}"
         entry = server.run(prompt)
-        assert entry["status"]["status_str"] == "success", (
-            f"vram {vram}: {json.dumps(entry['status']['messages'])[:3000]}\n{server.log_tail()}")
+        _assert_succeeded(server, entry, f"vram {vram}")
         frames[vram] = _saved_frames(server, entry).astype(int)
     assert frames["low"].shape == frames["normal"].shape == (NUM_FRAMES, 64, 64, 3)
     assert abs(frames["low"] - frames["normal"]).max() <= 2  # the same frames, through the same video encoder
@@ -267,12 +272,8 @@ def test_the_saved_animation_carries_the_driving_videos_sound(server):
         elif node["class_type"] == "SaveVideo":
             node["inputs"]["filename_prefix"] = "tests/talking"
     entry = server.run(prompt)
-    assert entry["status"]["status_str"] == "success", (
-        f"{json.dumps(entry['status']['messages'])[:3000]}\n{server.log_tail()}")
-    videos = [item for output in entry["outputs"].values() for item in output.get("images", [])
-              if item.get("filename", "").endswith(".mp4")]
-    saved = server.base / "output" / videos[0].get("subfolder", "") / videos[0]["filename"]
-    with av.open(str(saved)) as container:
+    _assert_succeeded(server, entry)
+    with av.open(str(_saved_video(server, entry))) as container:
         assert len(container.streams.audio) == 1, "the animation has no sound"
         sound = sum(f.samples for f in container.decode(container.streams.audio[0])) / 44100
         container.seek(0)
@@ -355,7 +356,7 @@ def test_the_sampler_sends_previews_to_the_comfyui_frontend(server):
             elif node["class_type"] == "SaveVideo":
                 node["inputs"]["filename_prefix"] = "tests/previews"
         entry = server.run(prompt, client_id=client_id)
-        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:3000]
+        _assert_succeeded(server, entry, "the previewed run")
         time.sleep(1.0)  # the last messages in flight
     finally:
         listener.close()
@@ -378,8 +379,7 @@ def test_a_second_sampler_can_start_from_the_first_ones_frames(server):
         elif node["class_type"] == "SaveVideo":
             node["inputs"]["filename_prefix"] = "tests/refined"
     entry = server.run(prompt)
-    assert entry["status"]["status_str"] == "success", (
-        f"{json.dumps(entry['status']['messages'])[:3000]}\n{server.log_tail()}")
+    _assert_succeeded(server, entry)
     assert _saved_frames(server, entry).shape == (NUM_FRAMES, 64, 64, 3)
 
 

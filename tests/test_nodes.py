@@ -106,6 +106,21 @@ def zero_conditioning(width: int = 32):
     return [[torch.zeros(1, 77, width), {"pooled_output": None}]]
 
 
+def stand_in_comfyui(monkeypatch, **submodules):
+    """Put stand-ins for ComfyUI's modules in sys.modules: comfy.<name> for each keyword (model_management,
+    model_patcher, utils, latent_formats) and top-level modules given as top_<name> (latent_preview)."""
+    import types
+
+    comfy = types.ModuleType("comfy")
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    for name, module in submodules.items():
+        if name.startswith("top_"):
+            monkeypatch.setitem(sys.modules, name[4:], module)
+        else:
+            setattr(comfy, name, module)
+            monkeypatch.setitem(sys.modules, f"comfy.{name}", module)
+
+
 SAMPLER_ARGS = dict(seed=7, steps=STEPS, guidance=5.0, window_overlap=4, initial_latents="noised reference")
 
 
@@ -520,10 +535,7 @@ def test_loader_asks_comfyui_for_the_weights_and_the_working_memory(tiny, monkey
                                        unet_offload_device=lambda: torch.device("cpu"),
                                        load_models_gpu=lambda models, **kwargs: calls.append((models, kwargs)))
     patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: "patcher")
-    comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.model_patcher = management, patcher
-    for name, module in (("comfy", comfy), ("comfy.model_patcher", patcher), ("comfy.model_management", management)):
-        monkeypatch.setitem(sys.modules, name, module)
+    stand_in_comfyui(monkeypatch, model_management=management, model_patcher=patcher)
     loader = load_pack().nodes.loader
     monkeypatch.setattr(loader, "_managed_module", lambda model, low_vram=False: model)
     handle = loader.LoadedXPortrait(tiny.model, "tiny", "auto")
@@ -581,10 +593,7 @@ def test_low_vram_hands_comfyui_only_the_networks_that_stay_on_the_gpu(tiny, mon
                                        load_models_gpu=lambda models, **kwargs: calls.append((models, kwargs)))
     patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: wrapped.append(model)
                                     or "patcher")
-    comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.model_patcher = management, patcher
-    for name, module in (("comfy", comfy), ("comfy.model_patcher", patcher), ("comfy.model_management", management)):
-        monkeypatch.setitem(sys.modules, name, module)
+    stand_in_comfyui(monkeypatch, model_management=management, model_patcher=patcher)
     loader = load_pack().nodes.loader
     model = tiny.model
     low = loader.LoadedXPortrait(model, "tiny", "auto", low_vram=True)
@@ -627,11 +636,7 @@ def test_sampler_previews_each_step_through_comfyuis_latent_previewer(tiny, refe
     utils = types.SimpleNamespace(ProgressBar=Bar)
     formats = types.SimpleNamespace(SD15=lambda: "sd15")
     previews = types.SimpleNamespace(get_previewer=lambda device, latent_format: Previewer())
-    comfy = types.ModuleType("comfy")
-    comfy.utils, comfy.latent_formats = utils, formats
-    for name, module in (("comfy", comfy), ("comfy.utils", utils), ("comfy.latent_formats", formats),
-                         ("latent_preview", previews)):
-        monkeypatch.setitem(sys.modules, name, module)
+    stand_in_comfyui(monkeypatch, utils=utils, latent_formats=formats, top_latent_preview=previews)
     monkeypatch.setattr(load_pack().nodes.common, "torch_device", lambda: torch.device("cpu"))
     ref, motion_obj = reference[0], motion[0]
     run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,

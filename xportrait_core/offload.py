@@ -51,6 +51,7 @@ def gpu_networks(model: XPortrait) -> dict[str, nn.Module]:
 
 
 def network_bytes(module: nn.Module) -> int:
+    """Bytes of a network's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
