@@ -323,9 +323,11 @@ def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):
 
 def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
     """Milliseconds of GPU timeline per phase of one video job, from CUDA events between the pipeline's stages
-    (the same calls as `VideoJob.run`, spelled out): where a job's time goes besides its steady window steps.
+    (the same calls as `VideoJob.run`, spelled out as `pipeline.animate_latents` makes them, low-VRAM mode
+    included): where a job's time goes besides its steady window steps.
     A step's figure is the time since the previous step ended, so the first step holds its eager run and the
     second the recording of CUDA graphs (the GPU idles while the host records)."""
+    from xportrait_core import offload
     from xportrait_core.initial_latents import encode_reference, model_alphas_cumprod, reference_initial_latents
     from xportrait_core.pipeline import decode_frames, images_to_tensor
 
@@ -344,14 +346,21 @@ def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
     with torch.no_grad():
         sync()
         mark("start")
-        reference_latents = encode_reference(model, reference, generator)
-        x_T = reference_initial_latents(model, reference[:1], job.frames, generator)
+        with offload.resident(model, "vae"):
+            reference_latents = encode_reference(model, reference, generator)
+            x_T = reference_initial_latents(model, reference[:1], job.frames, generator)
         mark("vae encode and x_T")
+        low_vram = offload.is_low_vram(model)
         denoiser = GuidedDenoiser(model, reference_latents, global_hint=job.global_hint, local_hint=job.local_hint,
                                   guidance_scale=5.0, context=job.context.to(device),
-                                  uncond_context=job.context.to(device))
+                                  uncond_context=job.context.to(device), batch_branches=not low_vram)
         mark("denoiser set-up (hint features)")
-        latents = sample_ddim(denoiser, x_T, model_alphas_cumprod(model), ddim_timesteps(steps), window=16,
+        timesteps = ddim_timesteps(steps)
+        if low_vram:
+            with offload.resident(model, "reference_net"):
+                denoiser.precompute_reference_banks(timesteps)
+            mark("reference banks of every timestep (low-VRAM)")
+        latents = sample_ddim(denoiser, x_T, model_alphas_cumprod(model), timesteps, window=16,
                               overlap=overlap, generator=generator,
                               callback=lambda done, total: mark(f"window call {done}"))
         denoiser.release()

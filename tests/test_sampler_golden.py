@@ -151,7 +151,7 @@ def test_cuda_graph_recording_failure_falls_back_to_eager_once(tiny_model, golde
     attempts, released = [], []
 
     class FailingGraphs:
-        def __init__(self, device, compute_bank, guided_eps):
+        def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None):
             pass
 
         def eps(self, *args):
@@ -179,24 +179,31 @@ def test_cuda_graph_recording_failure_falls_back_to_eager_once(tiny_model, golde
     torch.testing.assert_close(second, eager(x, 251, idx), atol=0, rtol=0)
 
 
+class _RecordingGraphs:
+    """A stand-in for cuda_graphs.GuidanceGraphs on the CPU: computes what the graphs would record, eagerly, and
+    logs what it was given."""
+
+    calls: list = []
+
+    def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None):
+        self.compute_bank, self.stored_banks, self.guided_eps = compute_bank, stored_banks, guided_eps
+        self.calls.append("stored banks" if stored_banks is not None else "live banks")
+
+    def eps(self, x, t, global_hint, local_hint):
+        self.calls.append((t, tuple(global_hint.shape)))
+        timestep = torch.full((1,), t)
+        bank = self.stored_banks[t] if self.stored_banks is not None else self.compute_bank(timestep)
+        return self.guided_eps(x, timestep, global_hint, local_hint, bank)
+
+    def release(self):
+        self.calls.append("released")
+
+
 def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, golden_cases, monkeypatch):
     from xportrait_core import cuda_graphs
 
-    calls = []
-
-    class RecordingGraphs:
-        def __init__(self, device, compute_bank, guided_eps):
-            self.compute_bank, self.guided_eps = compute_bank, guided_eps
-
-        def eps(self, x, t, global_hint, local_hint):
-            calls.append((t, tuple(global_hint.shape)))
-            timestep = torch.full((1,), t)
-            return self.guided_eps(x, timestep, global_hint, local_hint, self.compute_bank(timestep))
-
-        def release(self):
-            calls.append("released")
-
-    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", RecordingGraphs)
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", _RecordingGraphs)
+    monkeypatch.setattr(_RecordingGraphs, "calls", [])
     name = "sample20_overlap4"
     args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
                 guidance_scale=5.0, context=golden_cases[f"{name}_context"],
@@ -212,8 +219,29 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
     idx = (torch.arange(16) + 10) % 20
     out = denoiser(x, 501, idx)
     denoiser.release()
-    assert calls == [(501, (16, *features[1:])), "released"]
+    assert _RecordingGraphs.calls == ["live banks", (501, (16, *features[1:])), "released"]
     torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-6, rtol=1e-6)
+
+
+def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, golden_cases, monkeypatch):
+    """Low-VRAM sampling (branches one after the other, banks computed before sampling) goes through the graphs
+    too, which read the stored banks; the eps is the batched eager one."""
+    from xportrait_core import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", _RecordingGraphs)
+    monkeypatch.setattr(_RecordingGraphs, "calls", [])
+    name = "sample16"
+    args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
+                guidance_scale=5.0, context=golden_cases[f"{name}_context"],
+                uncond_context=golden_cases[f"{name}_uncond_context"])
+    ref, x, idx = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"], torch.arange(16)
+    denoiser = GuidedDenoiser(tiny_model, ref, batch_branches=False, **args)
+    denoiser.cuda_graphs = True
+    denoiser.precompute_reference_banks([251, 501])
+    out = denoiser(x, 501, idx)
+    denoiser.release()
+    assert _RecordingGraphs.calls[0] == "stored banks" and _RecordingGraphs.calls[-1] == "released"
+    torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_cuda_graphs_are_not_attempted_under_the_cuda_malloc_async_allocator(monkeypatch, caplog):

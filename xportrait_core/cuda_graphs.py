@@ -8,6 +8,10 @@ memory pool:
     reference graph   static timestep -> reference bank                          (replayed once per timestep)
     window graph      static window latents, timestep, hints, bank -> guided eps  (replayed for every window)
 
+In low-VRAM mode the reference net has left the GPU and the banks were computed before sampling: each step's bank
+is then copied into one bank of fixed addresses instead of replaying a reference graph, and the window graph holds
+both guidance branches one after the other (their activations share the graph's memory, as they would eagerly).
+
 The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
 recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
 thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
@@ -75,20 +79,28 @@ class _Recorded:
 class GuidanceGraphs:
     """The reference and window graphs of one sampling run.
 
-    compute_bank(t) -> ReferenceBank and guided_eps(x, t, global_hint, local_hint, bank) -> eps are the eager
-    computations, with t a device tensor of shape (1,). Windows of another shape or other hints get their own
-    window graph.
+    guided_eps(x, t, global_hint, local_hint, bank) -> eps is the eager computation of one window, with t a device
+    tensor of shape (1,). The reference bank it reads comes from one of:
+      compute_bank(t) -> ReferenceBank   the reference net, recorded as the reference graph; or
+      stored_banks {timestep: bank}      banks computed before sampling (low-VRAM mode), copied at each step into a
+                                         bank of fixed addresses on the device.
+    Windows of another shape or other hints get their own window graph.
     """
 
-    def __init__(self, device: torch.device, compute_bank: Callable, guided_eps: Callable):
+    def __init__(self, device: torch.device, guided_eps: Callable, compute_bank: Optional[Callable] = None,
+                 stored_banks: Optional[dict] = None):
+        if (compute_bank is None) == (stored_banks is None):
+            raise ValueError("give exactly one of compute_bank and stored_banks")
         self.device = device
         self._compute_bank = compute_bank
+        self._stored_banks = stored_banks
         self._guided_eps = guided_eps
         self._stream = torch.cuda.Stream(device=device)
         self._timestep = torch.zeros(1, dtype=torch.long, device=device)
-        self._bank = None                       # the bank of timestep _bank_t (eager, or the graph's output)
+        self._bank = None                       # the bank of timestep _bank_t (eager, or of fixed addresses)
         self._bank_t: Optional[int] = None
         self._bank_graph: Optional[_Recorded] = None
+        self._static_bank = None                # stored banks' values land here, step by step
         self._window_graphs: dict[tuple, _Recorded] = {}
         self._warm: set = set()                 # what has run eagerly once, so may be recorded
         self._pool = None
@@ -108,10 +120,34 @@ class GuidanceGraphs:
             self._pool = graph.pool()
         return graph, output
 
+    @property
+    def _bank_fixed(self) -> bool:
+        """Whether the bank windows read keeps its addresses from now on, so window graphs may be recorded."""
+        return self._bank_graph is not None or self._static_bank is not None
+
+    def _stored_bank_of(self, t: int):
+        if t not in self._stored_banks:
+            raise KeyError(f"no precomputed reference bank for timestep {t}")
+        stored = self._stored_banks[t]
+        if self._static_bank is None:
+            from .reference_attention import ReferenceBank  # noqa: PLC0415 - keeps this module free of the model
+
+            self._static_bank = ReferenceBank(stored.num_references)
+            self._static_bank.entries = [torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in stored.entries]
+            self._static_bank.finish()
+        # On the caller's stream, which waited for the last replay that read the previous step's values; pinned
+        # host banks copy without stalling the host.
+        for target, entry in zip(self._static_bank.entries, stored.entries):
+            target.copy_(entry, non_blocking=True)
+        self._timestep.fill_(int(t))
+        return self._static_bank
+
     def _bank_of(self, t: int, caller: torch.cuda.Stream):
         if self._bank_t == t:
             return self._bank
-        if self._bank_graph is None and "bank" not in self._warm:
+        if self._stored_banks is not None:
+            self._bank = self._stored_bank_of(t)
+        elif self._bank_graph is None and "bank" not in self._warm:
             # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
             self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
             self._bank = self._compute_bank(self._timestep)
@@ -138,8 +174,8 @@ class GuidanceGraphs:
         inputs = {"x": x, **hints}
         key = tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items())
         recorded = self._window_graphs.get(key)
-        if recorded is None and (key not in self._warm or self._bank_graph is None):
-            # Eager until this shape has run once and the bank it reads is a graph's static output.
+        if recorded is None and (key not in self._warm or not self._bank_fixed):
+            # Eager until this shape has run once and the bank it reads keeps its addresses.
             self._warm.add(key)
             return self._guided_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
         self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
@@ -158,7 +194,8 @@ class GuidanceGraphs:
     def release(self) -> None:
         """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
         stay reserved, out of reach of the VAE decode that follows sampling)."""
-        self._bank = self._bank_graph = None
+        self._bank = self._bank_graph = self._static_bank = None
+        self._stored_banks = None
         self._window_graphs.clear()
         self._warm.clear()
         self._pool = None

@@ -49,10 +49,11 @@ class GuidedDenoiser:
         the model's empty-prompt context (which needs CLIP weights in the checkpoint).
     batch_branches: run both branches' UNet passes as one batch (`XPortrait.eps_guided`): faster, for the
         activation memory of a double batch; False runs them one after the other (low-VRAM mode does).
-    cuda_graphs: on a CUDA device, with batched branches and banks computed as sampling goes, record the
-        reference net's and each window's work as CUDA graphs on first use and replay them (cuda_graphs.py);
-        falls back to eager calls, with a warning, where recording fails. XPORTRAIT_CUDA_GRAPHS=0 turns it off;
-        the cudaMallocAsync allocator (ComfyUI's default) does too, with an info note (see cuda_graphs.py).
+    cuda_graphs: on a CUDA device, record the reference net's and each window's work as CUDA graphs on first
+        use and replay them (cuda_graphs.py); with banks precomputed (low-VRAM mode) each step's bank is copied
+        into fixed device buffers instead. Falls back to eager calls, with a warning, where recording fails.
+        XPORTRAIT_CUDA_GRAPHS=0 turns it off; the cudaMallocAsync allocator (ComfyUI's default) does too, with an
+        info note (see cuda_graphs.py).
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
@@ -104,8 +105,9 @@ class GuidedDenoiser:
                 self.uncond_context = self.context
         self._needs_cond = needs_cond
         self.batch_branches = bool(batch_branches)
-        self.cuda_graphs = (bool(cuda_graphs) and graphs.cuda_graphs_enabled() and model.device.type == "cuda"
-                            and graphs.allocator_supports_graphs())
+        # Graphs record the bank a conditional branch reads: a scale of 0 (unconditional only) runs eagerly.
+        self.cuda_graphs = (bool(cuda_graphs) and needs_cond and graphs.cuda_graphs_enabled()
+                            and model.device.type == "cuda" and graphs.allocator_supports_graphs())
         self._graphs: Optional[graphs.GuidanceGraphs] = None
         self._bank_t: Optional[int] = None
         self._bank = None
@@ -134,6 +136,9 @@ class GuidedDenoiser:
         """Run the reference net now for every timestep sampling will use and keep the banks on `store`
         (pinned host memory by default: about 23 MB a timestep at 512x512, copied in once per step), so the
         reference net need not stay on the GPU while sampling (see offload.py). Same banks, same result."""
+        if self._graphs is not None:  # graphs recorded so far read the live banks
+            self._graphs.release()
+            self._graphs = None
         banks = {}
         for t in torch.as_tensor(timesteps).tolist():
             banks[int(t)] = self.model.reference_bank(self.reference_latents, int(t), self.context).to(store)
@@ -162,21 +167,37 @@ class GuidedDenoiser:
         return hint.index_select(0, frame_indices.to(hint.device))
 
     def _guided_eps(self, x: torch.Tensor, t, global_hint: Optional[torch.Tensor],
-                    local_hint: Optional[torch.Tensor], bank: ReferenceBank) -> torch.Tensor:
-        cond, uncond = self.model.eps_guided(x, t, self.context, self.uncond_context, bank, global_hint=global_hint,
-                                             local_hint=local_hint, global_strength=self.global_strength,
-                                             local_strength=self.local_strength, hints_encoded=self.hints_encoded)
+                    local_hint: Optional[torch.Tensor], bank: Optional[ReferenceBank]) -> torch.Tensor:
+        """The guided eps of one window (t an int, or a device tensor while graphs record): both branches in one
+        UNet batch, or one after the other (`batch_branches=False`), or the one branch a scale of 0 or 1 needs."""
+        common = dict(global_hint=global_hint, local_hint=local_hint, global_strength=self.global_strength,
+                      local_strength=self.local_strength, hints_encoded=self.hints_encoded)
+        if self._needs_cond and self.uncond_context is not None and self.batch_branches:
+            cond, uncond = self.model.eps_guided(x, t, self.context, self.uncond_context, bank, **common)
+            return uncond + self.guidance_scale * (cond - uncond)
+        uncond = None
+        if self.uncond_context is not None:
+            uncond = self.model.eps_uncond(x, t, self.uncond_context).float()
+            if not self._needs_cond:
+                return uncond
+        cond = self.model.eps_cond(x, t, self.context, bank, **common).float()
+        if uncond is None:
+            return cond
         return uncond + self.guidance_scale * (cond - uncond)
 
     def _graphed_eps(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> Optional[torch.Tensor]:
         """The guided eps through CUDA graphs, or None where they are off or could not be recorded."""
-        if not self.cuda_graphs or self._stored_banks is not None:
+        if not self.cuda_graphs:
             return None
         if self._graphs is None:
-            self._graphs = graphs.GuidanceGraphs(
-                self.model.device,
-                lambda timestep: self.model.reference_bank(self.reference_latents, timestep, self.context),
-                self._guided_eps)
+            if self._stored_banks is not None:
+                self._graphs = graphs.GuidanceGraphs(self.model.device, self._guided_eps,
+                                                     stored_banks=self._stored_banks)
+            else:
+                self._graphs = graphs.GuidanceGraphs(
+                    self.model.device, self._guided_eps,
+                    compute_bank=lambda timestep: self.model.reference_bank(self.reference_latents, timestep,
+                                                                            self.context))
         try:
             return self._graphs.eps(x, t, self._frames(self.global_hint, frame_indices),
                                     self._frames(self.local_hint, frame_indices))
@@ -189,26 +210,13 @@ class GuidedDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> torch.Tensor:
-        if self.batch_branches and self._needs_cond and self.uncond_context is not None:
-            eps = self._graphed_eps(x, t, frame_indices)
-            if eps is not None:
-                return eps
-            return self._guided_eps(x, t, self._frames(self.global_hint, frame_indices),
-                                    self._frames(self.local_hint, frame_indices), self.reference_bank(t))
-        uncond = None
-        if self.uncond_context is not None:
-            uncond = self.model.eps_uncond(x, t, self.uncond_context).float()
-            if not self._needs_cond:
-                return uncond
-        cond = self.model.eps_cond(
-            x, t, self.context, self.reference_bank(t),
-            global_hint=self._frames(self.global_hint, frame_indices),
-            local_hint=self._frames(self.local_hint, frame_indices),
-            global_strength=self.global_strength, local_strength=self.local_strength, hints_encoded=self.hints_encoded,
-        ).float()
-        if uncond is None:
-            return cond
-        return uncond + self.guidance_scale * (cond - uncond)
+        eps = self._graphed_eps(x, t, frame_indices)
+        if eps is not None:
+            return eps
+        # A scale of 0 reads the unconditional branch alone, which needs no bank.
+        bank = self.reference_bank(t) if self._needs_cond else None
+        return self._guided_eps(x, t, self._frames(self.global_hint, frame_indices),
+                                self._frames(self.local_hint, frame_indices), bank)
 
 
 def guided_denoiser(model: XPortrait, reference_latents: torch.Tensor, **kwargs) -> GuidedDenoiser:
