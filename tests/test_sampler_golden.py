@@ -195,6 +195,10 @@ class _RecordingGraphs:
         bank = self.stored_banks[t] if self.stored_banks is not None else self.compute_bank(timestep)
         return self.guided_eps(x, timestep, global_hint, local_hint, bank)
 
+    def reference_bank(self, t):
+        self.calls.append(("bank", t))
+        return self.compute_bank(torch.full((1,), t))
+
     def release(self):
         self.calls.append("released")
 
@@ -238,9 +242,14 @@ def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, go
     denoiser = GuidedDenoiser(tiny_model, ref, batch_branches=False, **args)
     denoiser.cuda_graphs = True
     denoiser.precompute_reference_banks([251, 501])
+    # The banks themselves came from graphs of the reference net, released before sampling.
+    assert _RecordingGraphs.calls == ["live banks", ("bank", 251), ("bank", 501), "released"]
+    reference = tiny_model.reference_bank(ref, 501, denoiser.context)
+    for stored, computed in zip(denoiser._stored_banks[501].entries, reference.entries):
+        torch.testing.assert_close(stored, computed, atol=0, rtol=0)
     out = denoiser(x, 501, idx)
     denoiser.release()
-    assert _RecordingGraphs.calls[0] == "stored banks" and _RecordingGraphs.calls[-1] == "released"
+    assert _RecordingGraphs.calls[4] == "stored banks" and _RecordingGraphs.calls[-1] == "released"
     torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-5, rtol=1e-5)
 
 

@@ -165,6 +165,14 @@ class GuidanceGraphs:
         self._bank_t = t
         return self._bank
 
+    def reference_bank(self, t: int):
+        """The bank of timestep t (live banks only): eager the first time, recorded the second, replayed after.
+        Its tensors are the graph's output, overwritten by the next timestep's replay: copy what must outlive it
+        on the caller's stream (the replay waits for what was queued there before it)."""
+        if self._compute_bank is None:
+            raise RuntimeError("reference_bank needs graphs of live banks (compute_bank)")
+        return self._bank_of(int(t), torch.cuda.current_stream(self.device))
+
     def eps(self, x: torch.Tensor, t: int, global_hint: Optional[torch.Tensor] = None,
             local_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Guided eps of one window, as a fresh tensor on the caller's stream."""

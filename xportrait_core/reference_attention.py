@@ -39,17 +39,18 @@ class ReferenceBank:
             )
         return self.entries[slot]
 
-    def to(self, device: torch.device | str) -> "ReferenceBank":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ReferenceBank":
         """A finished copy of this bank on `device` (pinned when on the CPU, so copies back to a GPU are
-        asynchronous)."""
+        asynchronous); always new tensors, also on the bank's own device. With non_blocking=True a copy from a GPU
+        to the CPU holds its values only once that GPU's stream has been synchronised."""
         device = torch.device(device)
         bank = ReferenceBank(self.num_references)
         for entry in self.entries:
             if device.type == "cpu" and entry.device.type == "cuda":
                 pinned = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=True)
-                bank.entries.append(pinned.copy_(entry))
+                bank.entries.append(pinned.copy_(entry, non_blocking=non_blocking))
             else:
-                bank.entries.append(entry.to(device, non_blocking=entry.is_pinned()))
+                bank.entries.append(entry.to(device, non_blocking=entry.is_pinned(), copy=True))
         return bank.finish()
 
     def finish(self) -> "ReferenceBank":
