@@ -224,6 +224,15 @@ def offload_device():
     return mm.unet_offload_device()
 
 
+def pinned_memory_allowed() -> bool:
+    """False when ComfyUI was started with --disable-pinned-memory (newer ComfyUI versions have the flag)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return True
+    return not getattr(args, "disable_pinned_memory", False)
+
+
 def auto_dtype(device):
     """The dtype ComfyUI would pick for a UNet on this device (fp16/bf16 where fast, fp32 on CPU)."""
     import torch

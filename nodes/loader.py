@@ -98,7 +98,7 @@ class LoadedXPortrait:
 
             # The reference net and VAE stay on the CPU and visit the GPU only while they work (the sampler brings
             # them in and out). Inside ComfyUI the networks it manages are already in place; this moves nothing.
-            place_for_low_vram(self.model, self.model.device)
+            place_for_low_vram(self.model, self.model.device, pin_idle=common.pinned_memory_allowed())
         if self.compile and not self._compiled:
             self._compile_on_first_use()
         return self.model

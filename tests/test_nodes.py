@@ -201,15 +201,22 @@ def test_loader_infers_the_config_and_applies_the_dtype(tiny, tiny_with_clip, mo
 def test_loader_low_vram_places_idle_networks_apart_when_the_model_is_made_ready(models_dir, monkeypatch):
     from xportrait_core import offload
 
+    import types
+
     placed = []
-    monkeypatch.setattr(offload, "place_for_low_vram", lambda model, device: placed.append(device) or model)
+    monkeypatch.setattr(offload, "place_for_low_vram",
+                        lambda model, device, pin_idle: placed.append((device, pin_idle)) or model)
     low = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto", vram="low")[0]
     normal = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto")[0]
     assert low.low_vram and not normal.low_vram and "low_vram" in repr(low)
     normal.ready()
     assert placed == []
     low.ready()
-    assert placed == [low.model.device]
+    assert placed == [(low.model.device, True)]
+    # ComfyUI's --disable-pinned-memory keeps the idle networks in ordinary (swappable) memory.
+    stand_in_comfyui(monkeypatch, cli_args=types.SimpleNamespace(args=types.SimpleNamespace(disable_pinned_memory=True)))
+    low.ready()
+    assert placed[-1] == (low.model.device, False)
     with pytest.raises(ValueError, match="vram must be one of normal, low"):
         run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto", vram="tiny")
 

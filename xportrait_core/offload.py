@@ -63,15 +63,18 @@ def low_vram_memory_required(model: XPortrait, working_bytes: int) -> int:
     return max(int(working_bytes), largest_visit + int(working_bytes) // 32)
 
 
-def place_for_low_vram(model: XPortrait, device: torch.device | str) -> XPortrait:
-    """`gpu_networks` on `device`, the rest on the CPU."""
+def place_for_low_vram(model: XPortrait, device: torch.device | str, pin_idle: bool = True) -> XPortrait:
+    """`gpu_networks` on `device`, the rest on the CPU: in page-locked memory when `device` is a CUDA GPU and
+    `pin_idle` (about 1.7 GiB of the host's RAM at bf16 that cannot be swapped out; their visits then copy
+    asynchronously), in ordinary memory otherwise."""
     for network in gpu_networks(model).values():
         network.to(device)
     for name in IDLE_NETWORKS:
         getattr(model, name).to("cpu")
     if torch.device(device).type == "cuda":
-        for name in IDLE_NETWORKS:
-            _pin(getattr(model, name))
+        if pin_idle:
+            for name in IDLE_NETWORKS:
+                _pin(getattr(model, name))
         torch.cuda.empty_cache()
     return model
 
