@@ -203,15 +203,21 @@ class _RecordingGraphs:
         self.calls.append("released")
 
 
-def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, golden_cases, monkeypatch):
+def _graphed_case(monkeypatch, golden_cases, name: str) -> dict:
+    """The stand-in graphs in place of cuda_graphs.GuidanceGraphs, its call log emptied; the denoiser arguments of
+    golden case `name`."""
     from xportrait_core import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", _RecordingGraphs)
     monkeypatch.setattr(_RecordingGraphs, "calls", [])
-    name = "sample20_overlap4"
-    args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
+    return dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
                 guidance_scale=5.0, context=golden_cases[f"{name}_context"],
                 uncond_context=golden_cases[f"{name}_uncond_context"])
+
+
+def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, golden_cases, monkeypatch):
+    name = "sample20_overlap4"
+    args = _graphed_case(monkeypatch, golden_cases, name)
     ref, x = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"][:16]
     denoiser = GuidedDenoiser(tiny_model, ref, **args)
     denoiser.cuda_graphs = True
@@ -230,14 +236,8 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
 def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, golden_cases, monkeypatch):
     """Low-VRAM sampling (branches one after the other, banks computed before sampling) goes through the graphs
     too, which read the stored banks; the eps is the batched eager one."""
-    from xportrait_core import cuda_graphs
-
-    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", _RecordingGraphs)
-    monkeypatch.setattr(_RecordingGraphs, "calls", [])
     name = "sample16"
-    args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
-                guidance_scale=5.0, context=golden_cases[f"{name}_context"],
-                uncond_context=golden_cases[f"{name}_uncond_context"])
+    args = _graphed_case(monkeypatch, golden_cases, name)
     ref, x, idx = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"], torch.arange(16)
     denoiser = GuidedDenoiser(tiny_model, ref, batch_branches=False, **args)
     denoiser.cuda_graphs = True
