@@ -202,10 +202,36 @@ def kernel_kind_totals(kernels) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def profile_window(model: XPortrait, resolution: int, frames: int = 16):
-    """Top CUDA kernels of one guided window call (reference net, both ControlNets, both UNet passes)."""
+def profiled_kernels(device: torch.device, fn, what: str) -> dict[str, float]:
+    """Run `fn` once under the profiler: print its top kernels (appended to $OUT/profiles.txt too), emit and
+    return the milliseconds per kernel kind. On the CPU its ops stand in for kernels (for smoke tests)."""
     from torch.profiler import ProfilerActivity, profile
 
+    on_cuda = device.type == "cuda"
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=30,
+                                      max_name_column_width=90)
+    print(table)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
+            f.write(f"{what}\n{table}\n")
+    kernels = [(e.key, e.self_device_time_total if on_cuda else e.self_cpu_time_total) for e in prof.key_averages()]
+    milliseconds = kernel_kind_totals(kernels)
+    emit(kind="profile", what=what, total_cuda_ms=round(sum(us for _, us in kernels) / 1000, 2), **milliseconds)
+    return milliseconds
+
+
+def emit_rates(what: str, flops: dict[str, int], milliseconds: dict[str, float]) -> None:
+    """What each kind of kernel achieves: the FLOPs of a profiled call by kind over that kind's kernel time."""
+    emit(kind="profile_rates", what=what, tflop=round(sum(flops.values()) / 1e12, 2),
+         **{f"{kind} TFLOP/s": round(flops[kind] / 1e12 / (milliseconds[kind] / 1e3))
+            for kind in flops if milliseconds.get(kind)})
+
+
+def profile_window(model: XPortrait, resolution: int, frames: int = 16):
+    """Top CUDA kernels of one guided window call (reference net, both ControlNets, both UNet passes)."""
     job = VideoJob(model, frames, resolution)
     device = model.device
     ref = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
@@ -217,22 +243,26 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
         for t in (500, 501):
             denoise(x, t, idx)
         sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            denoise(x, 502, idx)
-            sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
-    print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
-            f.write(table + "\n")
-    kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages()]
-    milliseconds = kernel_kind_totals(kernels)
-    emit(kind="profile", total_cuda_ms=round(sum(us for _, us in kernels) / 1000, 2), **milliseconds)
-    # What each kind of kernel achieves: the same call's FLOPs by kind over that kind's kernel time.
-    flops = window_flops_by_kind(model, resolution, frames)
-    emit(kind="profile_rates", tflop=round(sum(flops.values()) / 1e12, 2),
-         **{f"{kind} TFLOP/s": round(flops[kind] / 1e12 / (milliseconds[kind] / 1e3))
-            for kind in flops if milliseconds.get(kind)})
+    what = f"guided window call ({frames} frames)"
+    milliseconds = profiled_kernels(device, lambda: denoise(x, 502, idx), what)
+    emit_rates(what, window_flops_by_kind(model, resolution, frames), milliseconds)
+
+
+def profile_decode(model: XPortrait, resolution: int, chunk: int):
+    """Top CUDA kernels of one VAE decode of `chunk` frames (after a warm-up decode), with rates by kind."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xportrait_core.offload import resident
+
+    latents = torch.randn(chunk, 4, resolution // 8, resolution // 8, device=model.device)
+    what = f"vae decode ({chunk} frames)"
+    with resident(model, "vae"), torch.no_grad():
+        model.decode_latents(latents, chunk=chunk)
+        milliseconds = profiled_kernels(model.device, lambda: model.decode_latents(latents, chunk=chunk), what)
+        stance = getattr(torch.compiler, "set_stance", None)
+        with (stance("force_eager") if stance else contextlib.nullcontext()), FlopCounterMode(display=False) as counter:
+            model.decode_latents(latents, chunk=chunk)
+    emit_rates(what, flops_by_kind(counter), milliseconds)
 
 
 # FLOP-counted ops by the kernel kind that runs them (attention along frames runs the pack's own kernel, which the
@@ -256,6 +286,11 @@ def window_flops_by_kind(model: XPortrait, resolution: int, frames: int = 16) ->
         with FlopCounterMode(display=False) as counter:
             bank = model.reference_bank(ref, 500, ctx)
             model.eps_guided(x, 500, ctx, ctx, bank, global_features, local_features, hints_encoded=True)
+    return flops_by_kind(counter)
+
+
+def flops_by_kind(counter) -> dict[str, int]:
+    """A FlopCounterMode's global counts summed by kernel kind (OP_KINDS)."""
     totals: dict[str, int] = {}
     for op, count in counter.get_flop_counts()["Global"].items():
         kind = OP_KINDS.get(str(op).removeprefix("aten.").split(".")[0], "other")
@@ -565,7 +600,8 @@ def main(argv=None):
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings to try, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--decode-chunk", type=int, default=16, help="frames per VAE decode batch")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one window's calls")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top CUDA kernels of one window's calls and of one VAE decode chunk")
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
     parser.add_argument("--phases", action="store_true",
                         help="after the timed runs, one more job timed phase by phase (set-up, window calls, decode)")
@@ -608,6 +644,7 @@ def main(argv=None):
             label = "+".join(applied) + f"-{name}"
             if args.profile:
                 profile_window(model, args.resolution)
+                profile_decode(model, args.resolution, args.decode_chunk)
             if args.breakdown:
                 breakdown_window(model, args.resolution)
             if args.networks:

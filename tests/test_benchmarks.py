@@ -42,8 +42,8 @@ def test_kernel_kinds_sum_profiled_time_by_kind():
 def test_smoke_run_on_the_cpu(tmp_path):
     out = tmp_path / "records.jsonl"
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
-                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases",
-                          "--json", str(out)],
+                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases", "--profile",
+                          "--decode-chunk", "2", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -53,6 +53,10 @@ def test_smoke_run_on_the_cpu(tmp_path):
     networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
     assert "eps_guided (controls + both branches in one UNet batch)" in networks
     assert all(seconds > 0 for seconds in networks.values())
+    # --profile: one window call and one decode chunk, their time by kernel kind (CPU ops stand in here).
+    profiles = {r["what"]: r for r in records if r["kind"] == "profile"}
+    assert list(profiles) == ["guided window call (16 frames)", "vae decode (2 frames)"]
+    assert all(p["convolutions"] > 0 for p in profiles.values())
     (phases,) = [r["milliseconds"] for r in records if r["kind"] == "phases"]
     # One window call per timestep for 4 frames; the first two are shown apart (eager run, graph recording).
     assert "window call 1" in phases and "window call 2" in phases and "window call 3" not in phases
