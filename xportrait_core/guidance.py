@@ -128,9 +128,13 @@ class GuidedDenoiser:
                     raise KeyError(f"no precomputed reference bank for timestep {t}")
                 self._bank = self._stored_banks[t].to(self.model.device)
             else:
-                self._bank = self.model.reference_bank(self.reference_latents, t, self.context)
+                self._bank = self._live_bank(t)
             self._bank_t = t
         return self._bank
+
+    def _live_bank(self, t) -> ReferenceBank:
+        """The reference net's bank at timestep t (an int, or a device tensor while graphs record)."""
+        return self.model.reference_bank(self.reference_latents, t, self.context)
 
     def precompute_reference_banks(self, timesteps, store: torch.device | str = "cpu") -> None:
         """Run the reference net now for every timestep sampling will use and keep the banks on `store`
@@ -155,18 +159,12 @@ class GuidedDenoiser:
 
     def _computed_banks(self, timesteps: list[int], store, use_graphs: bool) -> dict[int, ReferenceBank]:
         device = self.model.device
-        source = None
-        if use_graphs:
-            source = graphs.GuidanceGraphs(device, self._guided_eps, compute_bank=lambda timestep: (
-                self.model.reference_bank(self.reference_latents, timestep, self.context)))
+        source = graphs.GuidanceGraphs(device, self._guided_eps, compute_bank=self._live_bank) if use_graphs else None
+        bank_of = source.reference_bank if source is not None else self._live_bank
         banks = {}
         try:
             for t in timesteps:
-                if source is not None:
-                    bank = source.reference_bank(t)
-                else:
-                    bank = self.model.reference_bank(self.reference_latents, t, self.context)
-                banks[t] = bank.to(store, non_blocking=True)
+                banks[t] = bank_of(t).to(store, non_blocking=True)
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # the copies to the host have landed
         finally:
@@ -219,14 +217,9 @@ class GuidedDenoiser:
         if not self.cuda_graphs:
             return None
         if self._graphs is None:
-            if self._stored_banks is not None:
-                self._graphs = graphs.GuidanceGraphs(self.model.device, self._guided_eps,
-                                                     stored_banks=self._stored_banks)
-            else:
-                self._graphs = graphs.GuidanceGraphs(
-                    self.model.device, self._guided_eps,
-                    compute_bank=lambda timestep: self.model.reference_bank(self.reference_latents, timestep,
-                                                                            self.context))
+            source = ({"stored_banks": self._stored_banks} if self._stored_banks is not None
+                      else {"compute_bank": self._live_bank})
+            self._graphs = graphs.GuidanceGraphs(self.model.device, self._guided_eps, **source)
         try:
             return self._graphs.eps(x, t, self._frames(self.global_hint, frame_indices),
                                     self._frames(self.local_hint, frame_indices))

@@ -85,7 +85,7 @@ def _pin(network: nn.Module) -> None:
     A visit to the GPU then copies them with DMA, asynchronously: from pageable memory each of the reference net's
     ~700 tensors was a copy that stalled the host until the GPU had drained its queue."""
     for module in network.modules():
-        for name, parameter in module._parameters.items():
+        for parameter in module._parameters.values():
             if parameter is not None and parameter.device.type == "cpu" and not parameter.is_pinned():
                 parameter.data = parameter.data.pin_memory()
         for name, buffer in module._buffers.items():
