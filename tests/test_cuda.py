@@ -139,7 +139,6 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
     """The recorded graphs replay the eager computation exactly (two windows a step; the first step runs eagerly
     as the warm-up): with both branches in one batch and the reference graph serving both windows, and as
     low-VRAM mode samples (branches one after the other, banks precomputed and copied into fixed buffers)."""
-    from xportrait_core import guidance
     from xportrait_core.guidance import GuidedDenoiser
     from xportrait_core.initial_latents import model_alphas_cumprod
     from xportrait_core.sampler import ddim_timesteps, sample_ddim
@@ -164,16 +163,11 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
         return out, replays
 
     eager, _ = run(False)
-    guidance._WARMED_GRAPHS.clear()  # as in a fresh process: nothing warmed up yet
     graphed, replays = run(True)
     # Live banks: steps 2-4, two windows each (the first step's bank is eager, so its second window is too).
     # Stored banks have fixed addresses from the start: the first step's second window replays already.
     assert replays == (7 if low_vram else 6)
     torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=1e-6)
-    # The same job again: warmed up by the first run, it records on its first call and replays every window.
-    again, replays = run(True)
-    assert replays == 8
-    torch.testing.assert_close(again, eager, atol=1e-6, rtol=1e-6)
     # And both are the official run (float32 on the GPU: the CPU golden tolerance, loosened for GPU kernels).
     torch.testing.assert_close(graphed.cpu(), golden_cases[f"{name}_out"], atol=1e-3, rtol=1e-3)
 

@@ -151,7 +151,7 @@ def test_cuda_graph_recording_failure_falls_back_to_eager_once(tiny_model, golde
     attempts, released = [], []
 
     class FailingGraphs:
-        def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None, warmed=None):
+        def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None):
             pass
 
         def eps(self, *args):
@@ -185,7 +185,7 @@ class _RecordingGraphs:
 
     calls: list = []
 
-    def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None, warmed=None):
+    def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None):
         self.compute_bank, self.stored_banks, self.guided_eps = compute_bank, stored_banks, guided_eps
         self.calls.append("stored banks" if stored_banks is not None else "live banks")
 

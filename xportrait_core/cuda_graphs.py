@@ -14,10 +14,7 @@ both guidance branches one after the other (their activations share the graph's 
 
 The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
 recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
-thrown away. That warm-up lasts as long as the process: a caller may pass a set (`warmed`) that outlives these
-graphs, and a later run of the same computation then records on its first call (an eager call is slower than a
-replay). Should such a recording fail all the same (the networks recompiled since, say), that call runs eagerly and
-the next one records, as on a first run. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
+thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
 ordered after and before the caller's stream. Every input is copied into a static buffer before a replay; everything else the graphs read
 (weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
 (`GuidedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
@@ -62,12 +59,24 @@ def allocator_supports_graphs() -> bool:
     return False
 
 
+def release_stuck_generators() -> None:
+    """After a failed recording, let the CUDA random generators draw again outside recordings.
+
+    When a recording fails, PyTorch ends the capture without telling the default CUDA generators, and each then
+    refuses every later draw outside a recording ("Offset increment outside graph capture encountered
+    unexpectedly"; seen on the H200, torch 2.11, when a recording compiled code): any node's `torch.randn` on
+    the GPU would fail until some recording succeeds. Each generator gets a fresh copy of its state (same seed
+    and offset, not capturing). Graphs recorded earlier keep the old state, so a failed run's graphs must all be
+    released, as the denoiser does."""
+    for generator in getattr(torch.cuda, "default_generators", ()):
+        try:
+            generator.graphsafe_set_state(generator.clone_state())
+        except Exception as error:  # a PyTorch without graph-safe generator states (before 2.4)
+            log.debug("X-Portrait: could not reset a CUDA generator after a failed recording: %s", error)
+
+
 class GraphCaptureError(RuntimeError):
     """The denoiser's work could not be recorded as a CUDA graph (the eager path still works)."""
-
-
-class _StaleWarmUp(Exception):
-    """Recording failed where only an earlier run had warmed the computation up: run it eagerly this time."""
 
 
 class _Recorded:
@@ -95,7 +104,7 @@ class GuidanceGraphs:
     """
 
     def __init__(self, device: torch.device, guided_eps: Callable, compute_bank: Optional[Callable] = None,
-                 stored_banks: Optional[dict] = None, warmed: Optional[set] = None):
+                 stored_banks: Optional[dict] = None):
         if (compute_bank is None) == (stored_banks is None):
             raise ValueError("give exactly one of compute_bank and stored_banks")
         self.device = device
@@ -109,11 +118,7 @@ class GuidanceGraphs:
         self._bank_graph: Optional[_Recorded] = None
         self._static_bank = None                # stored banks' values land here, step by step
         self._window_graphs: dict[tuple, _Recorded] = {}
-        # What has run eagerly once, so may be recorded: keys of window shapes and "bank". The caller's set lets
-        # the warm-up outlast these graphs (later runs of the same computation); entries are only added here once
-        # the eager call they stand for has run.
-        self._warm: set = warmed if warmed is not None else set()
-        self._warmed_here: set = set()          # of those, what this run warmed itself
+        self._warm: set = set()                 # what has run eagerly once, so may be recorded
         self._pool = None
         self.replays = 0
 
@@ -126,6 +131,7 @@ class GuidanceGraphs:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
                 output = fn()
         except Exception as error:  # e.g. a host sync or a pageable host copy inside the step
+            release_stuck_generators()
             raise GraphCaptureError(f"{type(error).__name__}: {error}") from error
         if self._pool is None:
             self._pool = graph.pool()
@@ -159,48 +165,22 @@ class GuidanceGraphs:
         if self._stored_banks is not None:
             self._bank = self._stored_bank_of(t)
         elif self._bank_graph is None and "bank" not in self._warm:
-            self._bank = self._eager_bank(t)
+            # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
+            self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
+            self._bank = self._compute_bank(self._timestep)
+            self._warm.add("bank")
         else:
             self._stream.wait_stream(caller)
-            try:
-                with torch.cuda.stream(self._stream):
-                    self._timestep.fill_(int(t))
-                    if self._bank_graph is None:
-                        self._bank = None  # the eager bank's memory goes back before recording
-                        graph, bank = self._record_warmed("bank", lambda: self._compute_bank(self._timestep))
-                        self._bank_graph = _Recorded(graph, {}, bank)
-                    self._bank = self._bank_graph.replay({})
-            except _StaleWarmUp:
-                caller.wait_stream(self._stream)
-                self._bank = self._eager_bank(t)
-            else:
-                caller.wait_stream(self._stream)
+            with torch.cuda.stream(self._stream):
+                self._timestep.fill_(int(t))
+                if self._bank_graph is None:
+                    self._bank = None  # the eager bank's memory goes back before recording
+                    graph, bank = self._record(lambda: self._compute_bank(self._timestep))
+                    self._bank_graph = _Recorded(graph, {}, bank)
+                self._bank = self._bank_graph.replay({})
+            caller.wait_stream(self._stream)
         self._bank_t = t
         return self._bank
-
-    def _eager_bank(self, t: int):
-        # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
-        self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
-        bank = self._compute_bank(self._timestep)
-        self._mark_warm("bank")
-        return bank
-
-    def _mark_warm(self, key) -> None:
-        self._warm.add(key)
-        self._warmed_here.add(key)
-
-    def _record_warmed(self, key, fn: Callable[[], object]):
-        """`_record(fn)`; where only an earlier run had warmed `key` up and recording fails, forget that warm-up
-        and raise _StaleWarmUp (the caller runs this call eagerly instead)."""
-        try:
-            return self._record(fn)
-        except GraphCaptureError as error:
-            if key in self._warmed_here:
-                raise
-            self._warm.discard(key)
-            log.debug("X-Portrait: recording %s after an earlier run's warm-up failed (%s); warming up again", key,
-                      error)
-            raise _StaleWarmUp() from error
 
     def reference_bank(self, t: int):
         """The bank of timestep t (live banks only): eager the first time, recorded the second, replayed after.
@@ -221,28 +201,20 @@ class GuidanceGraphs:
         recorded = self._window_graphs.get(key)
         if recorded is None and (key not in self._warm or not self._bank_fixed):
             # Eager until this shape has run once and the bank it reads keeps its addresses.
-            return self._eager_eps(key, x, global_hint, local_hint, bank)
+            self._warm.add(key)
+            return self._guided_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
         self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
-        try:
-            with torch.cuda.stream(self._stream):
-                if recorded is None:
-                    static = {name: v.to(self.device).clone() for name, v in inputs.items()}
-                    graph, output = self._record_warmed(key, lambda: self._guided_eps(
-                        static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
-                    recorded = self._window_graphs[key] = _Recorded(graph, static, output)
-                eps = recorded.replay(inputs)
-        except _StaleWarmUp:
-            caller.wait_stream(self._stream)
-            return self._eager_eps(key, x, global_hint, local_hint, bank)
+        with torch.cuda.stream(self._stream):
+            if recorded is None:
+                static = {name: v.to(self.device).clone() for name, v in inputs.items()}
+                graph, output = self._record(lambda: self._guided_eps(
+                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
+                recorded = self._window_graphs[key] = _Recorded(graph, static, output)
+            eps = recorded.replay(inputs)
         caller.wait_stream(self._stream)
         self.replays += 1
         # A copy on the caller's stream: the next replay overwrites the graph's output buffer.
         return eps.clone()
-
-    def _eager_eps(self, key, x, global_hint, local_hint, bank) -> torch.Tensor:
-        eps = self._guided_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
-        self._mark_warm(key)
-        return eps
 
     def release(self) -> None:
         """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
@@ -250,6 +222,6 @@ class GuidanceGraphs:
         self._bank = self._bank_graph = self._static_bank = None
         self._stored_banks = None
         self._window_graphs.clear()
-        self._warmed_here.clear()  # the caller's `warmed` set keeps what ran: the next run records at once
+        self._warm.clear()
         self._pool = None
         torch.cuda.empty_cache()

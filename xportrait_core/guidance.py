@@ -11,7 +11,6 @@ step; the official code ran it on one copy of the reference per frame of every w
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Optional
 
 import torch
@@ -37,12 +36,6 @@ def resident_hint_bytes(num_frames: int, resolution: int, dtype: torch.dtype, mo
     stay in host memory instead."""
     features = num_hints * num_frames * model_channels * (resolution // 8) ** 2 * dtype.itemsize
     return features if features <= RESIDENT_HINT_FEATURE_BYTES else 0
-
-
-# What each model's CUDA graphs have warmed up (cuda_graphs.py), by the settings of the computation: a later
-# denoiser of the same model, shapes and settings records its graphs on its first call instead of after an eager
-# one (ComfyUI runs the same job again and again). Weak, so a model let go takes its entries with it.
-_WARMED_GRAPHS: "weakref.WeakKeyDictionary[XPortrait, dict[tuple, set]]" = weakref.WeakKeyDictionary()
 
 
 class GuidedDenoiser:
@@ -164,24 +157,9 @@ class GuidedDenoiser:
         self._stored_banks = banks
         self._bank = self._bank_t = None
 
-    def _warmed_graphs(self) -> set:
-        """The set of what CUDA graphs of this computation have warmed up in this process (see _WARMED_GRAPHS):
-        everything that picks the kernels a window or bank runs is in its key."""
-        model = self.model
-        hints = tuple(None if h is None else (tuple(h.shape[1:]), h.dtype, h.device.type)
-                      for h in (self.global_hint, self.local_hint))
-        settings = (
-            model.device, model.dtype, model.memory_format, tuple(self.reference_latents.shape),
-            tuple(self.context.shape), None if self.uncond_context is None else tuple(self.uncond_context.shape),
-            self.uncond_context is self.context, self._needs_cond, self.batch_branches, self.hints_encoded, hints,
-            self.global_strength == 1.0, self.local_strength == 1.0, self._stored_banks is not None,
-        )
-        return _WARMED_GRAPHS.setdefault(model, {}).setdefault(settings, set())
-
     def _computed_banks(self, timesteps: list[int], store, use_graphs: bool) -> dict[int, ReferenceBank]:
         device = self.model.device
-        source = (graphs.GuidanceGraphs(device, self._guided_eps, compute_bank=self._live_bank,
-                                        warmed=self._warmed_graphs()) if use_graphs else None)
+        source = graphs.GuidanceGraphs(device, self._guided_eps, compute_bank=self._live_bank) if use_graphs else None
         bank_of = source.reference_bank if source is not None else self._live_bank
         banks = {}
         try:
@@ -241,8 +219,7 @@ class GuidedDenoiser:
         if self._graphs is None:
             source = ({"stored_banks": self._stored_banks} if self._stored_banks is not None
                       else {"compute_bank": self._live_bank})
-            self._graphs = graphs.GuidanceGraphs(self.model.device, self._guided_eps, warmed=self._warmed_graphs(),
-                                                 **source)
+            self._graphs = graphs.GuidanceGraphs(self.model.device, self._guided_eps, **source)
         try:
             return self._graphs.eps(x, t, self._frames(self.global_hint, frame_indices),
                                     self._frames(self.local_hint, frame_indices))
