@@ -136,3 +136,47 @@ def test_fused_geglu_candidate_matches_the_packs_geglu_in_the_interpreter():
     for out_shape, ref_shape, err, scale in json.loads(run.stdout.strip().splitlines()[-1]):
         assert out_shape == ref_shape
         assert err < 2e-3 * max(1.0, scale), (out_shape, err)  # fp16 output rounding
+
+
+GROUP_NORM_INTERPRETED = r"""
+import importlib.util, json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from xportrait_core.blocks import GroupNorm32
+spec = importlib.util.spec_from_file_location("bench_group_norm", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+torch.manual_seed(0)
+results = []
+# (shape, groups, SiLU, tile rows x channels, dtype): tiles the rows and channels do not fill, channel blocks that
+# split a group, groups of one channel block; activations off centre (mean 3, deviation 2), as E[x^2] - E[x]^2
+# must cope with.
+for shape, groups, silu, blocks, dtype in (((2, 64, 5, 7), 32, True, (16, 32), torch.float16),
+                                          ((1, 40, 9, 4), 4, False, (16, 16), torch.float32),
+                                          ((3, 96, 4, 4), 32, True, (8, 64), torch.bfloat16)):
+    norm = GroupNorm32(groups, shape[1])
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+        x = (torch.randn(*shape) * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+        out = bench.group_norm_channels_last(x, groups, norm.weight.to(dtype), norm.bias.to(dtype), norm.eps, silu,
+                                             *blocks)
+        ref = norm(x.float())  # the pack's GroupNorm, float32
+        ref = torch.nn.functional.silu(ref) if silu else ref
+    results.append([out.is_contiguous(memory_format=torch.channels_last), out.dtype == dtype,
+                    (out.float() - ref).abs().max().item(), ref.abs().max().item(), torch.finfo(dtype).eps])
+print(json.dumps(results))
+"""
+
+
+def test_channels_last_group_norm_candidate_matches_the_packs_group_norm_in_the_interpreter():
+    """The candidate kernel bench_group_norm.py times computes what the pack's GroupNorm (and the SiLU after it)
+    computes, channels-last in and out, so its timings compare like with like."""
+    if importlib.util.find_spec("triton") is None and not os.environ.get("CI"):
+        pytest.skip("triton is not installed (it is a test dependency on Linux x86-64)")
+    run = subprocess.run([sys.executable, "-c", GROUP_NORM_INTERPRETED,
+                          str(ROOT / "benchmarks" / "bench_group_norm.py")],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    for channels_last, same_dtype, err, scale, eps in json.loads(run.stdout.strip().splitlines()[-1]):
+        assert channels_last and same_dtype
+        assert err <= 2 * eps * max(1.0, scale) + 1e-5, (err, scale, eps)  # one rounding of the output
