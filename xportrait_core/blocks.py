@@ -142,11 +142,6 @@ class Attention(nn.Module):
     its keys and values are projected once and broadcast over the frames instead of projecting 16 copies.
     `appended_rows` limits the bank to the first rows of the batch: in a batched guidance pass the rows after
     them are the unconditional branch, which attends over its own tokens only.
-
-    Projections of the same tokens run as one matrix product over the concatenated weights (q, k, v of a
-    self-attention; k, v of a context or the bank): at 320 channels these products are bound by reading and
-    writing the activations, so one read of the tokens instead of three pays, and each output column is the same
-    dot product as before. The weights stay three modules, as the checkpoint stores them.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: Optional[int] = None):
@@ -159,29 +154,24 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def _keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.linear(tokens, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
-
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
         return t.view(b, n, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 appended: Optional[torch.Tensor] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
+        context = x if context is None else context
         batch = x.shape[0]
-        if context is None:
-            q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, dim=-1)
-        else:
-            q = self.to_q(x)
-            k, v = self._keys_values(context)
-        q = self._heads(q)
+        q = self._heads(self.to_q(x))
+        k = self.to_k(context)
+        v = self.to_v(context)
         if k.shape[0] != batch:  # a context shared by every frame (batch 1)
             k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
         if appended is None:
             out = attention(q, self._heads(k), self._heads(v))
         else:
             rows = batch if appended_rows is None else appended_rows
-            k_bank, v_bank = self._keys_values(appended)
+            k_bank, v_bank = self.to_k(appended), self.to_v(appended)
             if k_bank.shape[0] != rows:
                 k_bank, v_bank = k_bank.expand(rows, -1, -1), v_bank.expand(rows, -1, -1)
             out = attention(q[:rows], self._heads(torch.cat([k[:rows], k_bank], dim=1)),
