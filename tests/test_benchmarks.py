@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from triton_interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
@@ -94,32 +94,11 @@ def test_window_flops_are_split_by_kernel_kind():
     assert 1.8 < sum(doubled.values()) / sum(flops.values()) < 2.0
 
 
-# Runs a benchmark's candidate kernel in Triton's CPU interpreter, in a process of its own (the interpreter is chosen
-# when Triton loads): the benchmark file is loaded as `bench`, and the body prints its results as one JSON line.
-INTERPRETER_PREAMBLE = r"""
-import importlib.util, json, os, sys
-os.environ["TRITON_INTERPRET"] = "1"
-import torch
-spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+GEGLU_INTERPRETED = r"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("bench_geglu", sys.argv[1])
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-torch.manual_seed(0)
-"""
-
-
-def _interpreted(benchmark: str, body: str) -> list:
-    """The JSON that `body` prints, run after INTERPRETER_PREAMBLE on benchmarks/<benchmark>.py. Triton is a test
-    dependency on Linux x86-64: under CI its absence fails the test."""
-    if importlib.util.find_spec("triton") is None and not os.environ.get("CI"):
-        pytest.skip("triton is not installed (it is a test dependency on Linux x86-64)")
-    run = subprocess.run([sys.executable, "-c", INTERPRETER_PREAMBLE + body,
-                          str(ROOT / "benchmarks" / f"{benchmark}.py")],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-GEGLU_INTERPRETED = r"""
 results = []
 # (input shape, inner width, tile config): edges that fill no tile, a K that is no multiple of BLOCK_K, 3-D input.
 for shape, inner, config in (((37, 48), 40, (16, 16, 16, 4, 1)), ((2, 65, 64), 96, (32, 32, 32, 4, 1)),
@@ -146,37 +125,8 @@ def test_fused_geglu_candidate_matches_the_packs_geglu_in_the_interpreter():
     x = torch.randn(3, 7, 24)
     with torch.no_grad():
         assert torch.allclose(bench.geglu_reference(x, module.proj.weight, module.proj.bias), module(x), atol=1e-6)
-    for out_shape, ref_shape, err, scale in _interpreted("bench_geglu", GEGLU_INTERPRETED):
+    for out_shape, ref_shape, err, scale in run_interpreted(GEGLU_INTERPRETED,
+                                                            str(ROOT / "benchmarks" / "bench_geglu.py")):
         assert out_shape == ref_shape
         assert err < 2e-3 * max(1.0, scale), (out_shape, err)  # fp16 output rounding
 
-
-GROUP_NORM_INTERPRETED = r"""
-from xportrait_core.blocks import GroupNorm32
-results = []
-# (shape, groups, SiLU, tile rows x channels, dtype): tiles the rows and channels do not fill, channel blocks that
-# split a group, groups of one channel block; activations off centre (mean 3, deviation 2), as E[x^2] - E[x]^2
-# must cope with.
-for shape, groups, silu, blocks, dtype in (((2, 64, 5, 7), 32, True, (16, 32), torch.float16),
-                                          ((1, 40, 9, 4), 4, False, (16, 16), torch.float32),
-                                          ((3, 96, 4, 4), 32, True, (8, 64), torch.bfloat16)):
-    norm = GroupNorm32(groups, shape[1])
-    with torch.no_grad():
-        norm.weight.normal_(), norm.bias.normal_()
-        x = (torch.randn(*shape) * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
-        out = bench.group_norm_channels_last(x, groups, norm.weight.to(dtype), norm.bias.to(dtype), norm.eps, silu,
-                                             *blocks)
-        ref = norm(x.float())  # the pack's GroupNorm, float32
-        ref = torch.nn.functional.silu(ref) if silu else ref
-    results.append([out.is_contiguous(memory_format=torch.channels_last), out.dtype == dtype,
-                    (out.float() - ref).abs().max().item(), ref.abs().max().item(), torch.finfo(dtype).eps])
-print(json.dumps(results))
-"""
-
-
-def test_channels_last_group_norm_candidate_matches_the_packs_group_norm_in_the_interpreter():
-    """The candidate kernel bench_group_norm.py times computes what the pack's GroupNorm (and the SiLU after it)
-    computes, channels-last in and out, so its timings compare like with like."""
-    for channels_last, same_dtype, err, scale, eps in _interpreted("bench_group_norm", GROUP_NORM_INTERPRETED):
-        assert channels_last and same_dtype
-        assert err <= 2 * eps * max(1.0, scale) + 1e-5, (err, scale, eps)  # one rounding of the output

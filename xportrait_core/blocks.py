@@ -14,19 +14,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .group_norm import GroupNorm
 from .reference_attention import ReferenceBank
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm32(GroupNorm):
     """GroupNorm with float32 statistics whatever the activations' dtype, as the official UNet computes it.
 
-    CUDA's half-precision group_norm kernels already accumulate in float32, so there the half tensor goes in as it
-    is (an explicit upcast would only add two full passes over the activations); elsewhere it is upcast.
+    CUDA's half-precision group_norm kernels (PyTorch's and the pack's channels-last one) already accumulate in
+    float32, so there the half tensor goes in as it is (an explicit upcast would only add two full passes over the
+    activations); elsewhere it is upcast.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 or x.is_cuda:
-            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+            return super().forward(x)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
@@ -217,7 +219,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, first_bank_slot: int):
         super().__init__()
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, bank_slot=first_bank_slot + d) for d in range(depth)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .blocks import Attention, FeedForward
 from .config import MotionModuleConfig
+from .group_norm import GroupNorm
 
 
 class PositionalEncoding(nn.Module):
@@ -70,7 +71,7 @@ class MotionModule(nn.Module):
     def __init__(self, channels: int, config: MotionModuleConfig):
         super().__init__()
         self.max_frames = config.max_frames
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             TemporalTransformerBlock(channels, config.num_heads, config.attentions_per_block, config.max_frames)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import VAEConfig
+from .group_norm import GroupNorm
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
