@@ -2,14 +2,15 @@
 
 PyTorch's CUDA GroupNorm takes contiguous (NCHW) input only: a channels-last activation is copied to NCHW, normed,
 and copied back to channels-last by the convolution that follows. Here the (N, H*W, C) rows are read as they lie:
-the first pass sums each channel's values and squares over blocks of rows (float32), a few small ops turn those
-into each group's mean and reciprocal deviation and each channel's scale and shift, and the second pass writes
+the first pass sums each channel's values and squares over blocks of rows (float32), one reduction turns those
+into each group's totals, and the second pass derives each channel's scale and shift from them and writes
 scale * x + shift, channels-last. Two reads and one write of the activation, against five reads and four writes.
 
-Measured on the H200 (bf16, 2026-12-01, `benchmarks/bench_group_norm.py`, taken beside other processes'
-compiles): 0.31 ms against 0.77 for PyTorch's at the UNet's 32 x 320 x 64 x 64, 0.38 against 1.57 at 640
-channels, 0.35 against 2.32 for a spatial transformer's norm, 0.45 against 3.09 for the VAE's 4 x 128 x 512 x 512;
-at 32 x 1280 x 16 x 16 it was slower (0.31 against 0.25).
+Measured on the H200 (bf16, 2026-12-01, `benchmarks/bench_group_norm.py`, beside other processes' compiles) at
+68eae08, whose statistics took a dozen small PyTorch ops between the passes where one reduction now does (the
+same arithmetic, fewer launches; not timed on a GPU since): 0.31 ms against 0.77 for PyTorch's at the UNet's
+32 x 320 x 64 x 64, 0.38 against 1.57 at 640 channels, 0.35 against 2.32 for a spatial transformer's norm, 0.45
+against 3.09 for the VAE's 4 x 128 x 512 x 512; at 32 x 1280 x 16 x 16 it was slower (0.31 against 0.25).
 
 Used by `GroupNorm` (below) for CUDA half-precision channels-last input outside `torch.compile` (Inductor writes
 its own, fused GroupNorm there), once a probe has seen it agree with PyTorch's; ``XPORTRAIT_GROUP_NORM_KERNEL=0``
@@ -47,9 +48,10 @@ def set_group_norm_kernel(enabled: bool) -> None:
 if triton is not None:
 
     @triton.jit
-    def _channel_sums_kernel(X, SUMS, SQUARES, rows_total, channels, row_blocks,
+    def _channel_sums_kernel(X, PARTIAL, rows_total, channels, row_blocks, plane,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # Program (n, row block, channel block): per-channel sums of x and x*x over BLOCK_R rows of sample n.
+        # Program (n, row block, channel block): per-channel sums of x and of x*x over BLOCK_R rows of sample n,
+        # written to PARTIAL[0, n, block, c] and PARTIAL[1, n, block, c] (`plane` elements apart).
         n = tl.program_id(0)
         block = tl.program_id(1)
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -60,22 +62,26 @@ if triton is not None:
         x = tl.load(X + base + rows.to(tl.int64)[:, None] * channels + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         out = (n * row_blocks + block).to(tl.int64) * channels + cols
-        tl.store(SUMS + out, tl.sum(x, axis=0), mask=col_ok)
-        tl.store(SQUARES + out, tl.sum(x * x, axis=0), mask=col_ok)
+        tl.store(PARTIAL + out, tl.sum(x, axis=0), mask=col_ok)
+        tl.store(PARTIAL + plane + out, tl.sum(x * x, axis=0), mask=col_ok)
 
     @triton.jit
-    def _scale_shift_kernel(X, Y, SCALE, SHIFT, rows_total, channels,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr):
-        # y = x * scale[n, c] + shift[n, c], then SiLU if asked; rounded to Y's dtype once, at the end.
+    def _normalize_kernel(X, Y, TOTALS, W, B, rows_total, channels, num_groups, per_group, plane, inv_count, eps,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr):
+        # Each channel's group statistics from the group totals (sums of x and x*x, `plane` elements apart), then
+        # y = (x - mean) * rstd * weight + bias as one multiply-add, SiLU if asked, rounded once to Y's dtype.
         n = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < channels
+        group = n * num_groups + cols // per_group
+        mean = tl.load(TOTALS + group, mask=col_ok, other=0.0) * inv_count
+        variance = tl.maximum(tl.load(TOTALS + plane + group, mask=col_ok, other=0.0) * inv_count - mean * mean, 0.0)
+        scale = tl.rsqrt(variance + eps) * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        shift = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
         mask = (rows < rows_total)[:, None] & col_ok[None, :]
         offsets = n.to(tl.int64) * rows_total * channels + rows.to(tl.int64)[:, None] * channels + cols[None, :]
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + n * channels + cols, mask=col_ok, other=0.0)
-        shift = tl.load(SHIFT + n * channels + cols, mask=col_ok, other=0.0)
         y = x * scale[None, :] + shift[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
@@ -87,7 +93,8 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
                              block_channels: int = BLOCK_CHANNELS) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps) (then SiLU if `silu`) for x (N, C, H, W) in channels-last
     memory, returned channels-last in x's dtype. Statistics in float32, the variance as E[x^2] - E[x]^2 over
-    each group (tested on activations off centre)."""
+    each group (tested on activations off centre). Five launches: the two passes, their buffers and one
+    reduction of the per-block sums to group totals (the host's cost matters where no CUDA graph records them)."""
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("group_norm_channels_last takes channels-last input")
     n, channels, height, width = x.shape
@@ -95,21 +102,15 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
         raise ValueError(f"{channels} channels do not split into {num_groups} groups")
     rows = height * width
     row_blocks = triton.cdiv(rows, block_rows)
-    grid = (n, row_blocks, triton.cdiv(channels, block_channels))
-    sums = torch.empty(n, row_blocks, channels, device=x.device, dtype=torch.float32)
-    squares = torch.empty_like(sums)
-    _channel_sums_kernel[grid](x, sums, squares, rows, channels, row_blocks, BLOCK_R=block_rows,
-                               BLOCK_C=block_channels)
     per_group = channels // num_groups
-    count = rows * per_group
-    mean = sums.sum(1).view(n, num_groups, per_group).sum(-1) / count
-    variance = (squares.sum(1).view(n, num_groups, per_group).sum(-1) / count - mean * mean).clamp_min(0.0)
-    # Per channel: scale = weight / sqrt(var + eps) of its group, shift = bias - mean * scale.
-    scale = torch.rsqrt(variance + eps).repeat_interleave(per_group, dim=1) * weight.float()
-    shift = bias.float() - mean.repeat_interleave(per_group, dim=1) * scale
+    grid = (n, row_blocks, triton.cdiv(channels, block_channels))
+    partial = torch.empty(2, n, row_blocks, channels, device=x.device, dtype=torch.float32)
+    _channel_sums_kernel[grid](x, partial, rows, channels, row_blocks, n * row_blocks * channels,
+                               BLOCK_R=block_rows, BLOCK_C=block_channels)
+    totals = partial.view(2, n, row_blocks, num_groups, per_group).sum(dim=(2, 4))  # (2, N, groups)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    _scale_shift_kernel[grid](x, out, scale.contiguous(), shift.contiguous(), rows, channels,
-                              BLOCK_R=block_rows, BLOCK_C=block_channels, SILU=silu)
+    _normalize_kernel[grid](x, out, totals, weight, bias, rows, channels, num_groups, per_group, n * num_groups,
+                            1.0 / (rows * per_group), eps, BLOCK_R=block_rows, BLOCK_C=block_channels, SILU=silu)
     return out
 
 
@@ -157,6 +158,6 @@ class GroupNorm(nn.GroupNorm):
     checkpoint keys)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if supports(x):
+        if self.affine and supports(x):
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
