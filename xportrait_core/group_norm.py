@@ -158,6 +158,8 @@ class GroupNorm(nn.GroupNorm):
     checkpoint keys)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.affine and supports(x):
+        if not self.affine:
+            return super().forward(x)
+        if supports(x):
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
