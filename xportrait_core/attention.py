@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import frame_attention
+from .switches import switched_on
 
 log = logging.getLogger("xportrait")
 
@@ -45,7 +46,7 @@ _xformers_import_error: Optional[str] = None
 _xformers_works: dict[tuple[str, torch.dtype], bool] = {}
 _logged: set[tuple[str, str, torch.dtype]] = set()
 _resolved: dict[tuple[str, torch.dtype], str] = {}
-_frame_kernel: bool = os.environ.get("XPORTRAIT_FRAME_KERNEL", "1").strip() not in ("0", "false", "no", "off")
+_frame_kernel: bool = switched_on("XPORTRAIT_FRAME_KERNEL")
 _frame_kernel_works: dict[tuple[str, torch.dtype], bool] = {}
 
 # CUDA attention kernels launch one block row per (batch x head); grids past 65535 fail on some kernels, so very

@@ -28,17 +28,18 @@ torch 2.11). So graphs are not attempted there: see `allocator_supports_graphs`.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Optional
 
 import torch
+
+from .switches import switched_on
 
 log = logging.getLogger("xportrait")
 
 
 def cuda_graphs_enabled() -> bool:
     """False when XPORTRAIT_CUDA_GRAPHS=0 (or false/no/off): every window then runs eagerly."""
-    return os.environ.get("XPORTRAIT_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("XPORTRAIT_CUDA_GRAPHS")
 
 
 _logged_allocator_note = False

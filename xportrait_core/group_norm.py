@@ -19,11 +19,12 @@ or `set_group_norm_kernel(False)` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .switches import switched_on
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
     import triton
@@ -35,7 +36,7 @@ log = logging.getLogger("xportrait")
 
 BLOCK_ROWS, BLOCK_CHANNELS = 64, 64
 
-_enabled: bool = os.environ.get("XPORTRAIT_GROUP_NORM_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+_enabled: bool = switched_on("XPORTRAIT_GROUP_NORM_KERNEL")
 _works: dict[tuple[str, torch.dtype], bool] = {}
 
 
