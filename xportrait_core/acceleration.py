@@ -45,7 +45,9 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
     for name in NETWORKS + ("vae",):
         network = getattr(model, name)
         if not regional:
-            network.compile(mode=mode, dynamic=False)
+            # The VAE is called through encode/decode, never its forward: compile the halves those call.
+            for whole in (network.encoder, network.decoder) if name == "vae" else (network,):
+                whole.compile(mode=mode, dynamic=False)
             continue
         for module in network.modules():
             if isinstance(module, (ResBlock, SpatialTransformer, MotionModule, ResnetBlock, AttnBlock)):
