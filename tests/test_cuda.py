@@ -104,6 +104,75 @@ def test_a_network_visiting_the_gpu_comes_home_to_its_own_cpu_tensors(golden_sta
     assert [p.data_ptr() for p in parameters] == pointers and not any(p.is_cuda for p in parameters)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 320, 64, 64), (32, 1280, 16, 16), (4, 128, 512, 512), (2, 2560, 8, 8)])
+def test_group_norm_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
+    """The channels-last GroupNorm kernel on the GPU at UNet and VAE shapes, off-centre activations: within one
+    rounding of float32 PyTorch, and channels-last out."""
+    from xportrait_core.group_norm import group_norm_channels_last
+
+    x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(shape[1], device="cuda").to(dtype), torch.randn(shape[1], device="cuda").to(dtype)
+    for silu in (False, True):
+        out = group_norm_channels_last(x, 32, weight, bias, 1e-6, silu=silu)
+        ref = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
+        ref = F.silu(ref) if silu else ref
+        assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+        assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(43691, 2 * 1280), (16384, 2 * 2560), (4096, 16, 2 * 1280), (77, 2 * 40)])
+def test_geglu_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
+    from xportrait_core.geglu import gated_gelu
+
+    projection = (torch.randn(shape, device="cuda") * 3).to(dtype)
+    value, gate = projection.float().chunk(2, dim=-1)
+    ref = value * F.gelu(gate)
+    out = gated_gelu(projection)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+
+
+def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
+    """The uncompiled bf16 channels-last path with the pack's GroupNorm and GEGLU kernels (the Load node's default)
+    against the same weights through PyTorch's ops: both within bf16 noise of each other."""
+    from xportrait_core import geglu, group_norm
+    from xportrait_core.acceleration import use_channels_last
+    from xportrait_core.checkpoint import load_xportrait
+
+    cases = {k: v.cuda() for k, v in golden_cases.items()}
+    model = use_channels_last(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda"))
+    calls = {"group_norm": 0, "geglu": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def predict():
+        with torch.no_grad():
+            bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
+            return model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
+                                  cases["local_hint"])
+
+    original = group_norm.group_norm_channels_last, geglu.gated_gelu
+    try:
+        group_norm.group_norm_channels_last = counted("group_norm", original[0])
+        geglu.gated_gelu = counted("geglu", original[1])
+        with_kernels = predict()
+        assert calls["group_norm"] > 0 and calls["geglu"] > 0, calls
+        group_norm.set_group_norm_kernel(False)
+        geglu.set_geglu_kernel(False)
+        without = predict()
+    finally:
+        group_norm.group_norm_channels_last, geglu.gated_gelu = original
+        group_norm.set_group_norm_kernel(True)
+        geglu.set_geglu_kernel(True)
+    assert ((with_kernels - without).norm() / without.norm()).item() < 2e-2
+
+
 def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_state_dict_path, golden_cases, caplog):
     """Every block shape gets its own graph: none falls back to eager for want of recompiles, and the result is
     the eager one (float32, TF32 off), for the diffusion networks and the VAE."""
