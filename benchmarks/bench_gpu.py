@@ -245,6 +245,7 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
         sync()
     what = f"guided window call ({frames} frames)"
     milliseconds = profiled_kernels(device, lambda: denoise(x, 502, idx), what)
+    denoise.release()  # its graphs' pool, back to the driver: else it would count in the next video's peak
     emit_rates(what, window_flops_by_kind(model, resolution, frames), milliseconds)
 
 
@@ -476,6 +477,9 @@ def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overl
     emit(kind="syncs", variant=label, frames=frames, count=syncs, where=where)
     on_cuda = model.device.type == "cuda"
     if on_cuda:
+        # Memory cached by earlier work (a profile, another frame count) would stay reserved through the runs and
+        # count in their peak: hand it back first, so the peak is this job's.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(runs):
