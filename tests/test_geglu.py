@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_stand_in import CudaTensorStandIn
 from triton_interpreter import run_interpreted
 
 from xportrait_core import geglu
@@ -58,33 +59,20 @@ def test_feed_forward_runs_the_kernel_on_every_slice_and_gives_the_same_result()
     assert err < 1e-5 * max(1.0, scale)
 
 
-class _CudaProjection:
-    """Stands in for a CUDA projection output: supports() reads only these."""
-
-    is_cuda = True
-    device = torch.device("cuda")
-
-    def __init__(self, dtype=torch.bfloat16, contiguous=True):
-        self.dtype, self._contiguous = dtype, contiguous
-
-    def is_contiguous(self):
-        return self._contiguous
-
-
 def test_kernel_applies_to_cuda_half_inference_only_and_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(geglu, "_kernel_usable", lambda device, dtype: True)
     monkeypatch.setattr(geglu, "triton", object())
     monkeypatch.setattr(geglu, "_enabled", True)
     with torch.no_grad():
-        assert geglu.supports(_CudaProjection())
-        assert geglu.supports(_CudaProjection(torch.float16))
-        assert not geglu.supports(_CudaProjection(torch.float32))  # float32 keeps PyTorch's pair
-        assert not geglu.supports(_CudaProjection(contiguous=False))
+        assert geglu.supports(CudaTensorStandIn(dim=2))
+        assert geglu.supports(CudaTensorStandIn(torch.float16, dim=2))
+        assert not geglu.supports(CudaTensorStandIn(torch.float32, dim=2))  # float32 keeps PyTorch's pair
+        assert not geglu.supports(CudaTensorStandIn(layout="strided", dim=2))
         assert not geglu.supports(torch.randn(2, 8))  # CPU
         geglu.set_geglu_kernel(False)
-        assert not geglu.supports(_CudaProjection())
+        assert not geglu.supports(CudaTensorStandIn(dim=2))
         geglu.set_geglu_kernel(True)
-    assert not geglu.supports(_CudaProjection())  # autograd on: PyTorch's ops, which it can differentiate
+    assert not geglu.supports(CudaTensorStandIn(dim=2))  # autograd on: PyTorch's ops, which it can differentiate
 
 
 def test_off_the_kernel_geglu_is_value_times_gelu_of_the_gate():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from cuda_stand_in import CudaTensorStandIn
 from triton_interpreter import run_interpreted
 
 from xportrait_core import group_norm
@@ -63,35 +64,19 @@ def test_modules_run_the_kernel_where_it_applies_and_give_the_same_result():
     assert err < 1e-4 * max(1.0, scale)
 
 
-class _CudaLike:
-    """Stands in for a CUDA activation: supports() reads only these."""
-
-    is_cuda = True
-    device = torch.device("cuda")
-
-    def __init__(self, dtype=torch.bfloat16, channels_last=True):
-        self.dtype, self._channels_last = dtype, channels_last
-
-    def dim(self):
-        return 4
-
-    def is_contiguous(self, memory_format=torch.contiguous_format):
-        return self._channels_last == (memory_format == torch.channels_last)
-
-
 def test_kernel_applies_to_cuda_half_channels_last_input_only_and_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(group_norm, "_kernel_usable", lambda device, dtype: True)
     monkeypatch.setattr(group_norm, "triton", object())
     monkeypatch.setattr(group_norm, "_enabled", True)
-    assert group_norm.supports(_CudaLike())
-    assert group_norm.supports(_CudaLike(torch.float16))
-    assert not group_norm.supports(_CudaLike(torch.float32))  # float32 keeps PyTorch's kernel
-    assert not group_norm.supports(_CudaLike(channels_last=False))
+    assert group_norm.supports(CudaTensorStandIn(layout="channels_last"))
+    assert group_norm.supports(CudaTensorStandIn(torch.float16, "channels_last"))
+    assert not group_norm.supports(CudaTensorStandIn(torch.float32, "channels_last"))  # float32 keeps PyTorch's kernel
+    assert not group_norm.supports(CudaTensorStandIn())
     assert not group_norm.supports(torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last))  # CPU
     group_norm.set_group_norm_kernel(False)
-    assert not group_norm.supports(_CudaLike())
+    assert not group_norm.supports(CudaTensorStandIn(layout="channels_last"))
     group_norm.set_group_norm_kernel(True)
-    assert group_norm.supports(_CudaLike())
+    assert group_norm.supports(CudaTensorStandIn(layout="channels_last"))
 
 
 def test_off_the_kernel_the_modules_are_pytorchs_group_norm():
