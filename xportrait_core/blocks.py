@@ -173,18 +173,21 @@ class Attention(nn.Module):
         v = self.to_v(context)
         if k.shape[0] != batch:  # a context shared by every frame (batch 1)
             k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
+        # Outputs (B, H, N, D) are taken as (B, N, H, D): the layout SDPA's and the frame kernel's outputs lie in,
+        # which the output projection reads as (B, N, H*D) without a copy.
         if appended is None:
-            out = attention(q, self._heads(k), self._heads(v))
+            out = attention(q, self._heads(k), self._heads(v)).transpose(1, 2)
         else:
             rows = batch if appended_rows is None else appended_rows
             k_bank, v_bank = self.to_k(appended), self.to_v(appended)
             if k_bank.shape[0] != rows:
                 k_bank, v_bank = k_bank.expand(rows, -1, -1), v_bank.expand(rows, -1, -1)
             out = attention(q[:rows], self._heads(torch.cat([k[:rows], k_bank], dim=1)),
-                            self._heads(torch.cat([v[:rows], v_bank], dim=1)))
+                            self._heads(torch.cat([v[:rows], v_bank], dim=1))).transpose(1, 2)
             if rows < batch:
-                out = torch.cat([out, attention(q[rows:], self._heads(k[rows:]), self._heads(v[rows:]))])
-        return self.to_out(out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3]))
+                # Joined in that layout too: joined as (B, H, N, D), the result would need a transposing copy.
+                out = torch.cat([out, attention(q[rows:], self._heads(k[rows:]), self._heads(v[rows:])).transpose(1, 2)])
+        return self.to_out(out.reshape(batch, -1, q.shape[1] * q.shape[3]))
 
 
 class BasicTransformerBlock(nn.Module):
