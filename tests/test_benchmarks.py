@@ -130,3 +130,19 @@ def test_fused_geglu_candidate_matches_the_packs_geglu_in_the_interpreter():
         assert out_shape == ref_shape
         assert err < 2e-3 * max(1.0, scale), (out_shape, err)  # fp16 output rounding
 
+
+
+def test_strided_ops_census_sees_the_layouts_the_gpu_would_run(tmp_path):
+    """benchmarks/strided_ops.py on the tiny model (in its own process: it replaces the kernels' entry points with
+    stand-ins): it finds the motion modules' frame-major transposes, copies the uncompiled path still makes, and no
+    copy of an attention output (5a14970 removed the last one)."""
+    out = tmp_path / "ops.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "strided_ops.py"), "--config", "tiny",
+                          "--resolution", "64", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    sites = {(r["op"], r["site"].split(":")[0]) for r in rows}
+    assert ("clone.default", "temporal.py") in sites
+    assert ("clone.default", "blocks.py") not in sites
+    assert all(r["calls"] > 0 and r["elements"] > 0 for r in rows)
