@@ -118,3 +118,16 @@ def test_batched_guidance_pass_with_one_shared_context(tiny_model, golden_cases)
         assert _max_err(cond, expected_cond) < 1e-5
         assert _max_err(uncond, expected_uncond) < 1e-5
         assert _max_err(cond, uncond) > 1e-3
+
+
+@torch.no_grad()
+def test_batched_guidance_pass_with_one_shared_per_frame_context(tiny_model, golden_cases):
+    """One per-frame context tensor (F, 77, C) for both branches: each branch's rows get it (it was passed once,
+    as if of batch 1, and the doubled batch could not take it)."""
+    c = golden_cases
+    context = c["context"]
+    bank = tiny_model.reference_bank(c["reference_latent"][:1], 500, context)
+    cond, uncond = tiny_model.eps_guided(c["x_noisy"], 500, context, context, bank, c["global_hint"], None,
+                                         local_strength=0.0)
+    assert _max_err(cond, tiny_model.eps_cond(c["x_noisy"], 500, context, bank, c["global_hint"], None)) < 1e-5
+    assert _max_err(uncond, tiny_model.eps_uncond(c["x_noisy"], 500, context)) < 1e-5

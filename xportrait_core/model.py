@@ -145,8 +145,8 @@ class XPortrait(nn.Module):
         ts = self._timesteps(t, frames)
         control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength,
                                        hints_encoded)
-        if shared_context:
-            both_contexts = context
+        if shared_context and context.shape[0] == 1:
+            both_contexts = context  # broadcast over all rows by the attention, no copy per row
         else:
             both_contexts = torch.cat([c.expand(frames, -1, -1) if c.shape[0] == 1 else c
                                        for c in (context, uncond_context)])
