@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import frame_attention
+from .kernel_probe import probed_once
 from .switches import switched_on
 
 log = logging.getLogger("xportrait")
@@ -110,24 +111,20 @@ def frame_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton frame-attention kernel runs, and agrees with SDPA, for this device type and dtype
     (probed once). Triton can be installed yet unable to build its launcher (no C compiler, say): then the
     dispatch keeps to the backend for those sequences too, with one warning."""
-    key = (device.type, dtype)
-    if key not in _frame_kernel_works:
-        # Fixed values, not random ones: a probe must not move anyone's random stream.
-        q = torch.arange(3 * 2 * 16 * 32, device=device, dtype=torch.float32).sin().reshape(3, 2, 16, 32).to(dtype)
-        works = False
-        if frame_attention.supports(q, q, q, causal=False):
-            try:
-                out = frame_attention.frame_attention(q, q, q).float()
-                expected = F.scaled_dot_product_attention(q.float(), q.float(), q.float())
-                works = bool(torch.allclose(out, expected, atol=2e-2, rtol=2e-2))
-                if not works:
-                    log.warning("X-Portrait frame-attention kernel disagrees with SDPA on %s/%s: not used",
-                                device.type, dtype)
-            except Exception as exc:  # e.g. Triton without a C compiler to build its launcher
-                log.warning("X-Portrait frame-attention kernel cannot run on %s/%s (%s: %s): using %s instead",
-                            device.type, dtype, type(exc).__name__, exc, "SDPA")
-        _frame_kernel_works[key] = works
-    return _frame_kernel_works[key]
+    if (device.type, dtype) in _frame_kernel_works:
+        return _frame_kernel_works[(device.type, dtype)]
+    # Fixed values, not random ones: a probe must not move anyone's random stream.
+    q = torch.arange(3 * 2 * 16 * 32, device=device, dtype=torch.float32).sin().reshape(3, 2, 16, 32).to(dtype)
+    if not frame_attention.supports(q, q, q, causal=False):
+        _frame_kernel_works[(device.type, dtype)] = False
+        return False
+
+    def agrees() -> bool:
+        out = frame_attention.frame_attention(q, q, q).float()
+        expected = F.scaled_dot_product_attention(q.float(), q.float(), q.float())
+        return torch.allclose(out, expected, atol=2e-2, rtol=2e-2)
+
+    return probed_once(_frame_kernel_works, "frame-attention", "SDPA", device, dtype, agrees)
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:

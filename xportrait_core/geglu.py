@@ -14,11 +14,10 @@ the pair itself there), once a probe has seen it agree with PyTorch's; ``XPORTRA
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
+from .kernel_probe import probed_once
 from .switches import switched_on
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
@@ -26,8 +25,6 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-log = logging.getLogger("xportrait")
 
 BLOCK_ROWS, BLOCK_COLUMNS = 8, 256
 
@@ -83,22 +80,13 @@ def reference_gated_gelu(projection: torch.Tensor) -> torch.Tensor:
 def _kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel runs, and agrees with PyTorch, for this device type and dtype (probed once): Triton can be
     installed yet unable to build its launcher (no C compiler, say)."""
-    key = (device.type, dtype)
-    if key not in _works:
+    def agrees() -> bool:
         # Fixed values, not random ones: a probe must not move anyone's random stream.
         probe = (torch.arange(3 * 5 * 2 * 40, device=device, dtype=torch.float32).sin() * 3).reshape(3, 5, 80)
-        works = False
-        try:
-            half = probe.to(dtype)
-            out = gated_gelu(half).float()
-            works = bool(torch.allclose(out, reference_gated_gelu(half.float()), atol=3e-2, rtol=2e-2))
-            if not works:
-                log.warning("X-Portrait GEGLU kernel disagrees with PyTorch on %s/%s: not used", device.type, dtype)
-        except Exception as exc:  # e.g. Triton without a C compiler to build its launcher
-            log.warning("X-Portrait GEGLU kernel cannot run on %s/%s (%s: %s): using PyTorch's", device.type, dtype,
-                        type(exc).__name__, exc)
-        _works[key] = works
-    return _works[key]
+        half = probe.to(dtype)
+        return torch.allclose(gated_gelu(half).float(), reference_gated_gelu(half.float()), atol=3e-2, rtol=2e-2)
+
+    return probed_once(_works, "GEGLU", "PyTorch's gelu and multiply", device, dtype, agrees)
 
 
 def supports(projection: torch.Tensor) -> bool:

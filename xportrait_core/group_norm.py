@@ -19,12 +19,11 @@ or `set_group_norm_kernel(False)` turns it off.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernel_probe import probed_once
 from .switches import switched_on
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
@@ -32,8 +31,6 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-log = logging.getLogger("xportrait")
 
 BLOCK_ROWS, BLOCK_CHANNELS = 64, 64
 
@@ -119,24 +116,15 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
 def _kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel runs, and agrees with PyTorch's GroupNorm, for this device type and dtype (probed once):
     Triton can be installed yet unable to build its launcher (no C compiler, say)."""
-    key = (device.type, dtype)
-    if key not in _works:
+    def agrees() -> bool:
         # Fixed values, not random ones: a probe must not move anyone's random stream.
         x = torch.arange(2 * 64 * 3 * 5, device=device, dtype=torch.float32).sin().reshape(2, 64, 3, 5) * 2 + 1
         weight, bias = torch.linspace(0.5, 1.5, 64, device=device), torch.linspace(-1, 1, 64, device=device)
-        works = False
-        try:
-            half = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            out = group_norm_channels_last(half, 32, weight.to(dtype), bias.to(dtype), 1e-5).float()
-            works = bool(torch.allclose(out, F.group_norm(half.float(), 32, weight, bias, 1e-5), atol=5e-2, rtol=2e-2))
-            if not works:
-                log.warning("X-Portrait GroupNorm kernel disagrees with PyTorch's on %s/%s: not used", device.type,
-                            dtype)
-        except Exception as exc:  # e.g. Triton without a C compiler to build its launcher
-            log.warning("X-Portrait GroupNorm kernel cannot run on %s/%s (%s: %s): using PyTorch's", device.type,
-                        dtype, type(exc).__name__, exc)
-        _works[key] = works
-    return _works[key]
+        half = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        out = group_norm_channels_last(half, 32, weight.to(dtype), bias.to(dtype), 1e-5).float()
+        return torch.allclose(out, F.group_norm(half.float(), 32, weight, bias, 1e-5), atol=5e-2, rtol=2e-2)
+
+    return probed_once(_works, "GroupNorm", "PyTorch's GroupNorm", device, dtype, agrees)
 
 
 def supports(x: torch.Tensor) -> bool:
