@@ -173,7 +173,7 @@ class Attention(nn.Module):
         v = self.to_v(context)
         # Outputs (B, H, N, D) are taken as (B, N, H, D): the layout SDPA's and the frame kernel's outputs lie in,
         # which the output projection reads as (B, N, H*D) without a copy.
-        if k.shape[0] != batch and appended is None:
+        if k.shape[0] == 1 and batch > 1 and appended is None:
             # A context shared by every row (the text, batch 1): all rows' queries form one sequence over the same
             # keys, handed to the kernel at batch 1, so it gets no keys and values expanded over the batch to copy.
             tokens = x.shape[1]
