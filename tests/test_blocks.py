@@ -62,26 +62,3 @@ def test_attention_output_reaches_the_projection_without_a_transposing_copy(monk
     assert copies == []
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(plain, layer(x))
-
-
-def test_shared_context_attends_as_one_sequence_without_expanded_keys(monkeypatch):
-    """A cross-attention context of batch 1 (the text, shared by every frame and both guidance branches) reaches
-    the kernel at batch 1 with all rows' queries as one sequence, and gives what each row attending alone gives."""
-    from xportrait_core import blocks
-
-    seen = []
-
-    def recording_attention(q, k, v):
-        seen.append((tuple(q.shape), tuple(k.shape), k.stride()))
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    torch.manual_seed(0)
-    layer = Attention(32, heads=4, dim_head=8, context_dim=24).eval()
-    x, context = torch.randn(6, 10, 32), torch.randn(1, 5, 24)
-    with torch.no_grad():
-        each = torch.cat([layer(x[i:i + 1], context=context) for i in range(6)])
-        monkeypatch.setattr(blocks, "attention", recording_attention)
-        out = layer(x, context=context)
-    assert seen == [((1, 4, 60, 8), (1, 4, 5, 8), seen[0][2])] and 0 not in seen[0][2]
-    torch.testing.assert_close(out, each, atol=1e-6, rtol=1e-6)
-    assert out.shape == (6, 10, 32)

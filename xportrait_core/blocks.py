@@ -171,17 +171,10 @@ class Attention(nn.Module):
         q = self._heads(self.to_q(x))
         k = self.to_k(context)
         v = self.to_v(context)
+        if k.shape[0] != batch:  # a context shared by every frame (batch 1)
+            k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
         # Outputs (B, H, N, D) are taken as (B, N, H, D): the layout SDPA's and the frame kernel's outputs lie in,
         # which the output projection reads as (B, N, H*D) without a copy.
-        if k.shape[0] == 1 and batch > 1 and appended is None:
-            # A context shared by every row (the text, batch 1): all rows' queries form one sequence over the same
-            # keys, handed to the kernel at batch 1, so it gets no keys and values expanded over the batch to copy.
-            tokens = x.shape[1]
-            q = q.transpose(1, 2).reshape(1, batch * tokens, self.heads, -1).transpose(1, 2)
-            out = attention(q, self._heads(k), self._heads(v)).transpose(1, 2)
-            return self.to_out(out.reshape(batch, tokens, q.shape[1] * q.shape[3]))
-        if k.shape[0] != batch:
-            k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
         if appended is None:
             out = attention(q, self._heads(k), self._heads(v)).transpose(1, 2)
         else:
