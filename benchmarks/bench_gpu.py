@@ -223,6 +223,57 @@ def profiled_kernels(device: torch.device, fn, what: str) -> dict[str, float]:
     return milliseconds
 
 
+def time_by_source(ops, package: str = "xportrait_core", limit: int = 25) -> list[dict]:
+    """Kernel time by op and by the function that called it: `ops` are (op name, enclosing Python frames innermost
+    first, microseconds); the function is the innermost frame in `package`, else the innermost frame. A frame reads
+    "file(line the function starts at): name", as the profiler's Python tracer names it. Largest first."""
+    totals: dict[tuple[str, str], list] = {}
+    for name, stack, us in ops:
+        if us <= 0:
+            continue
+        frames = [f for f in stack if package in f] or list(stack) or ["(no Python stack)"]
+        entry = totals.setdefault((name, frames[0]), [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    rows = [{"op": name, "where": where, "ms": round(us / 1000, 3), "calls": calls}
+            for (name, where), (us, calls) in totals.items()]
+    return sorted(rows, key=lambda r: -r["ms"])[:limit]
+
+
+def profiled_sources(device: torch.device, fn, what: str) -> list[dict]:
+    """Run `fn` once under the profiler with Python stacks: which of the pack's functions launch the kernel time
+    (ops run eagerly only: a replayed CUDA graph has no Python stack, so run with --cuda-graphs 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.no_grad(), profile(activities=activities, with_stack=True) as prof:
+        fn()
+        sync()
+    def python_frame(event) -> bool:  # the profiler's Python tracer records each Python call as an event
+        return ".py(" in event.name or event.name.startswith("<built-in")
+
+    def enclosing_frames(event) -> list[str]:
+        frames, parent = [], event.cpu_parent
+        while parent is not None:
+            if python_frame(parent):
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        return frames
+
+    ops = [(e.name, enclosing_frames(e), e.self_device_time_total if on_cuda else e.self_cpu_time_total)
+           for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and not python_frame(e)]
+    rows = time_by_source(ops)
+    lines = [f"{what}: kernel time by op and the pack's function that ran it"] + [
+        f"{r['ms']:9.3f} ms {r['calls']:5d}x  {r['op']:<40.40} {r['where']}" for r in rows]
+    print("\n".join(lines))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+    emit(kind="profile_sources", what=what, rows=rows)
+    return rows
+
+
 def emit_rates(what: str, flops: dict[str, int], milliseconds: dict[str, float]) -> None:
     """What each kind of kernel achieves: the FLOPs of a profiled call by kind over that kind's kernel time."""
     emit(kind="profile_rates", what=what, tflop=round(sum(flops.values()) / 1e12, 2),
@@ -230,7 +281,7 @@ def emit_rates(what: str, flops: dict[str, int], milliseconds: dict[str, float])
             for kind in flops if milliseconds.get(kind)})
 
 
-def profile_window(model: XPortrait, resolution: int, frames: int = 16):
+def profile_window(model: XPortrait, resolution: int, frames: int = 16, sources: bool = False):
     """Top CUDA kernels of one guided window call (reference net, both ControlNets, both UNet passes)."""
     job = VideoJob(model, frames, resolution)
     device = model.device
@@ -245,6 +296,8 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16):
         sync()
     what = f"guided window call ({frames} frames)"
     milliseconds = profiled_kernels(device, lambda: denoise(x, 502, idx), what)
+    if sources:
+        profiled_sources(device, lambda: denoise(x, 503, idx), what)
     denoise.release()  # its graphs' pool, back to the driver: else it would count in the next video's peak
     emit_rates(what, window_flops_by_kind(model, resolution, frames), milliseconds)
 
@@ -606,6 +659,10 @@ def main(argv=None):
     parser.add_argument("--decode-chunk", type=int, default=16, help="frames per VAE decode batch")
     parser.add_argument("--profile", action="store_true",
                         help="print the top CUDA kernels of one window's calls and of one VAE decode chunk")
+    parser.add_argument("--profile-sources", action="store_true",
+                        help="with --profile: also the window call's kernel time by op and the pack's function that "
+                             "ran it (needs "
+                             "--cuda-graphs 0 on a GPU: a replayed graph has no Python stack)")
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
     parser.add_argument("--phases", action="store_true",
                         help="after the timed runs, one more job timed phase by phase (set-up, window calls, decode)")
@@ -623,6 +680,10 @@ def main(argv=None):
             # The allocator backend is fixed when torch loads (already done here): start again with it set.
             os.execv(sys.executable, [sys.executable] + sys.argv)
         # Other settings are read at the first CUDA allocation, still to come.
+    if args.profile_sources and not args.profile:
+        raise SystemExit("--profile-sources goes with --profile")
+    if args.profile_sources and args.device == "cuda" and args.cuda_graphs:
+        raise SystemExit("--profile-sources needs --cuda-graphs 0: a replayed CUDA graph has no Python stack")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
@@ -647,7 +708,7 @@ def main(argv=None):
             applied.append(step)
             label = "+".join(applied) + f"-{name}"
             if args.profile:
-                profile_window(model, args.resolution)
+                profile_window(model, args.resolution, sources=args.profile_sources)
                 profile_decode(model, args.resolution, args.decode_chunk)
             if args.breakdown:
                 breakdown_window(model, args.resolution)

@@ -39,10 +39,27 @@ def test_kernel_kinds_sum_profiled_time_by_kind():
     assert list(totals) == sorted(totals, key=lambda k: -totals[k])
 
 
+def test_kernel_time_is_attributed_to_the_packs_innermost_function():
+    bench = _bench_module()
+    rows = bench.time_by_source([
+        ("aten::copy_", ["xportrait_core/temporal.py(91): forward", "xportrait_core/unet.py(200): forward"], 40.0),
+        ("aten::copy_", ["torch/nn/functional.py(10): f", "xportrait_core/temporal.py(91): forward"], 60.0),
+        ("aten::add", ["xportrait_core/blocks.py(77): forward"], 500.0),
+        ("aten::add", [], 30.0),
+        ("aten::empty", ["xportrait_core/blocks.py(77): forward"], 0.0),
+    ])
+    assert rows == [
+        {"op": "aten::add", "where": "xportrait_core/blocks.py(77): forward", "ms": 0.5, "calls": 1},
+        {"op": "aten::copy_", "where": "xportrait_core/temporal.py(91): forward", "ms": 0.1, "calls": 2},
+        {"op": "aten::add", "where": "(no Python stack)", "ms": 0.03, "calls": 1},
+    ]
+
+
 def test_smoke_run_on_the_cpu(tmp_path):
     out = tmp_path / "records.jsonl"
     run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
                           "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases", "--profile",
+                          "--profile-sources",
                           "--decode-chunk", "2", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -57,6 +74,11 @@ def test_smoke_run_on_the_cpu(tmp_path):
     profiles = {r["what"]: r for r in records if r["kind"] == "profile"}
     assert list(profiles) == ["guided window call (16 frames)", "vae decode (2 frames)"]
     assert all(p["convolutions"] > 0 for p in profiles.values())
+    # --profile-sources: the window call's time by op and the pack's function that ran it.
+    (sources,) = [r["rows"] for r in records if r["kind"] == "profile_sources"]
+    assert sources and all(r["ms"] > 0 and r["calls"] > 0 for r in sources)
+    assert any("convolution" in r["op"] and "blocks.py" in r["where"] for r in sources), sources[:5]
+    assert any("xportrait_core" in r["where"] and ".py" in r["where"] for r in sources), sources[:5]
     (phases,) = [r["milliseconds"] for r in records if r["kind"] == "phases"]
     # One window call per timestep for 4 frames; the first two are shown apart (eager run, graph recording).
     assert "window call 1" in phases and "window call 2" in phases and "window call 3" not in phases
