@@ -202,6 +202,13 @@ def kernel_kind_totals(kernels) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
+def keep_profile(text: str) -> None:
+    """Append a profile's table to $OUT/profiles.txt, where the device tool brings files back from."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
+            f.write(text)
+
+
 def profiled_kernels(device: torch.device, fn, what: str) -> dict[str, float]:
     """Run `fn` once under the profiler: print its top kernels (appended to $OUT/profiles.txt too), emit and
     return the milliseconds per kernel kind. On the CPU its ops stand in for kernels (for smoke tests)."""
@@ -214,9 +221,7 @@ def profiled_kernels(device: torch.device, fn, what: str) -> dict[str, float]:
     table = prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=30,
                                       max_name_column_width=90)
     print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
-            f.write(f"{what}\n{table}\n")
+    keep_profile(f"{what}\n{table}\n")
     kernels = [(e.key, e.self_device_time_total if on_cuda else e.self_cpu_time_total) for e in prof.key_averages()]
     milliseconds = kernel_kind_totals(kernels)
     emit(kind="profile", what=what, total_cuda_ms=round(sum(us for _, us in kernels) / 1000, 2), **milliseconds)
@@ -250,6 +255,7 @@ def profiled_sources(device: torch.device, fn, what: str) -> list[dict]:
     with torch.no_grad(), profile(activities=activities, with_stack=True) as prof:
         fn()
         sync()
+
     def python_frame(event) -> bool:  # the profiler's Python tracer records each Python call as an event
         return ".py(" in event.name or event.name.startswith("<built-in")
 
@@ -267,9 +273,7 @@ def profiled_sources(device: torch.device, fn, what: str) -> list[dict]:
     lines = [f"{what}: kernel time by op and the pack's function that ran it"] + [
         f"{r['ms']:9.3f} ms {r['calls']:5d}x  {r['op']:<40.40} {r['where']}" for r in rows]
     print("\n".join(lines))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
-            f.write("\n".join(lines) + "\n\n")
+    keep_profile("\n".join(lines) + "\n\n")
     emit(kind="profile_sources", what=what, rows=rows)
     return rows
 
@@ -660,9 +664,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print the top CUDA kernels of one window's calls and of one VAE decode chunk")
     parser.add_argument("--profile-sources", action="store_true",
-                        help="with --profile: also the window call's kernel time by op and the pack's function that "
-                             "ran it (needs "
-                             "--cuda-graphs 0 on a GPU: a replayed graph has no Python stack)")
+                        help="with --profile: also the window call's kernel time by op and the pack's function "
+                             "that ran it (needs --cuda-graphs 0 on a GPU: a replayed graph has no Python stack)")
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
     parser.add_argument("--phases", action="store_true",
                         help="after the timed runs, one more job timed phase by phase (set-up, window calls, decode)")
@@ -674,16 +677,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with --config tiny for a smoke test")
     parser.add_argument("--config", choices=["official", "tiny"], default="official")
     args = parser.parse_args(argv)
+    if args.profile_sources and not args.profile:
+        raise SystemExit("--profile-sources goes with --profile")
+    if args.profile_sources and args.device == "cuda" and args.cuda_graphs:
+        raise SystemExit("--profile-sources needs --cuda-graphs 0: a replayed CUDA graph has no Python stack")
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATORS[args.allocator]
         if args.allocator == "async":
             # The allocator backend is fixed when torch loads (already done here): start again with it set.
             os.execv(sys.executable, [sys.executable] + sys.argv)
         # Other settings are read at the first CUDA allocation, still to come.
-    if args.profile_sources and not args.profile:
-        raise SystemExit("--profile-sources goes with --profile")
-    if args.profile_sources and args.device == "cuda" and args.cuda_graphs:
-        raise SystemExit("--profile-sources needs --cuda-graphs 0: a replayed CUDA graph has no Python stack")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()

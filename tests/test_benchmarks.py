@@ -168,3 +168,11 @@ def test_strided_ops_census_sees_the_layouts_the_gpu_would_run(tmp_path):
     assert ("clone.default", "temporal.py") in sites
     assert ("clone.default", "blocks.py") not in sites
     assert all(r["calls"] > 0 and r["elements"] > 0 for r in rows)
+
+
+def test_profile_sources_is_refused_where_it_could_not_see_the_stacks():
+    bench = _bench_module()
+    with pytest.raises(SystemExit, match="goes with --profile"):
+        bench.main(["--profile-sources"])
+    with pytest.raises(SystemExit, match="--cuda-graphs 0"):
+        bench.main(["--profile", "--profile-sources"])  # on a GPU, graphs on by default
