@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xportrait_core import attention  # noqa: E402
+from xportrait_core.model import attention  # noqa: E402
 from xportrait_core.cli import DEFAULT_CUDA_ALLOC_CONF  # noqa: E402
-from xportrait_core.config import XPortraitConfig  # noqa: E402
-from xportrait_core.guidance import GuidedDenoiser  # noqa: E402
-from xportrait_core.model import XPortrait  # noqa: E402
-from xportrait_core.pipeline import animate_latents, decode_frames  # noqa: E402
-from xportrait_core.sampler import ddim_timesteps, sample_ddim  # noqa: E402
-from xportrait_core.schedule import q_sample  # noqa: E402
+from xportrait_core.model.config import XPortraitConfig  # noqa: E402
+from xportrait_core.sampling.guidance import GuidedDenoiser  # noqa: E402
+from xportrait_core.model.xportrait import XPortrait  # noqa: E402
+from xportrait_core.sampling.pipeline import animate_latents, decode_frames  # noqa: E402
+from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim  # noqa: E402
+from xportrait_core.model.schedule import q_sample  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALLOCATORS = {"expandable": DEFAULT_CUDA_ALLOC_CONF, "native": "", "async": "backend:cudaMallocAsync"}
@@ -133,8 +133,8 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
 
 
 def apply_variant(model: XPortrait, step: str, args) -> None:
-    from xportrait_core.acceleration import compile_networks, use_channels_last
-    from xportrait_core.offload import place_for_low_vram
+    from xportrait_core.fast.compilation import compile_networks, use_channels_last
+    from xportrait_core.fast.offload import place_for_low_vram
 
     if step == "eager":
         return
@@ -310,7 +310,7 @@ def profile_decode(model: XPortrait, resolution: int, chunk: int):
     """Top CUDA kernels of one VAE decode of `chunk` frames (after a warm-up decode), with rates by kind."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from xportrait_core.offload import resident
+    from xportrait_core.fast.offload import resident
 
     latents = torch.randn(chunk, 4, resolution // 8, resolution // 8, device=model.device)
     what = f"vae decode ({chunk} frames)"
@@ -359,8 +359,8 @@ def flops_by_kind(counter) -> dict[str, int]:
 def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):
     """GPU milliseconds of one guided window call by kind of block and network, from CUDA events around every
     block call (eager or compiled blocks alike; a compiled block is timed as a whole)."""
-    from xportrait_core.blocks import Attention, FeedForward, ResBlock, SpatialTransformer
-    from xportrait_core.temporal import MotionModule, TemporalSelfAttention
+    from xportrait_core.model.blocks import Attention, FeedForward, ResBlock, SpatialTransformer
+    from xportrait_core.model.temporal import MotionModule, TemporalSelfAttention
 
     kinds = [(TemporalSelfAttention, "temporal attention"), (Attention, "spatial attention"),
              (FeedForward, "feed-forward"), (ResBlock, "ResBlock"), (SpatialTransformer, "spatial transformer (all)"),
@@ -420,9 +420,9 @@ def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
     included): where a job's time goes besides its steady window steps.
     A step's figure is the time since the previous step ended, so the first step holds its eager run and the
     second the recording of CUDA graphs (the GPU idles while the host records)."""
-    from xportrait_core import offload
-    from xportrait_core.initial_latents import encode_reference, model_alphas_cumprod, reference_initial_latents
-    from xportrait_core.pipeline import decode_frames, images_to_tensor
+    from xportrait_core.fast import offload
+    from xportrait_core.sampling.initial_latents import encode_reference, model_alphas_cumprod, reference_initial_latents
+    from xportrait_core.sampling.pipeline import decode_frames, images_to_tensor
 
     model, device = job.model, job.model.device
     on_cuda = device.type == "cuda"
@@ -479,7 +479,7 @@ def count_flops(job: VideoJob) -> tuple[float, float]:
     torch.utils.flop_counter. Sampling FLOPs scale with the number of timesteps; the VAE runs once."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from xportrait_core.offload import resident
+    from xportrait_core.fast.offload import resident
 
     with resident(job.model, "reference_net"), FlopCounterMode(display=False) as sampling:
         job_run_timesteps(job, [999])
@@ -577,7 +577,7 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
     blocks) against the official fp32 fixtures."""
     from safetensors.torch import load_file
 
-    from xportrait_core.checkpoint import load_xportrait
+    from xportrait_core.model.checkpoint import load_xportrait
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Full float32 matrix products here: TF32 would blur the float32 comparison by ~1e-3.
@@ -585,7 +585,7 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
     cases = {k: v.to(device) for k, v in load_file(str(golden / "tiny_cases.safetensors")).items()}
     model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device)
     if fast:
-        from xportrait_core.acceleration import compile_networks, use_channels_last
+        from xportrait_core.fast.compilation import compile_networks, use_channels_last
 
         compile_networks(use_channels_last(model))
     with torch.no_grad():

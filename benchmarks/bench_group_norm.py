@@ -1,5 +1,5 @@
 """GroupNorm (optionally followed by SiLU) on channels-last activations: the pack's kernel
-(`xportrait_core/group_norm.py`) against PyTorch's, at the shapes of a guided window step and a VAE decode chunk.
+(`xportrait_core/fast/group_norm.py`) against PyTorch's, at the shapes of a guided window step and a VAE decode chunk.
 
 PyTorch's CUDA GroupNorm takes contiguous (NCHW) input only, so each channels-last activation is copied to NCHW,
 normed, and copied back to channels-last by the convolution that follows; the SiLU after it is a pass of its own.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xportrait_core import group_norm  # noqa: E402
+from xportrait_core.fast import group_norm  # noqa: E402
 
 
 def group_norm_pytorch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,

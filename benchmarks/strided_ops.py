@@ -29,11 +29,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xportrait_core import attention, frame_attention, geglu, group_norm  # noqa: E402
-from xportrait_core.acceleration import use_channels_last  # noqa: E402
-from xportrait_core.config import XPortraitConfig  # noqa: E402
-from xportrait_core.guidance import GuidedDenoiser  # noqa: E402
-from xportrait_core.model import XPortrait  # noqa: E402
+from xportrait_core.fast import frame_attention, geglu, group_norm  # noqa: E402
+from xportrait_core.model import attention  # noqa: E402
+from xportrait_core.fast.compilation import use_channels_last  # noqa: E402
+from xportrait_core.model.config import XPortraitConfig  # noqa: E402
+from xportrait_core.sampling.guidance import GuidedDenoiser  # noqa: E402
+from xportrait_core.model.xportrait import XPortrait  # noqa: E402
 
 COPIES = (torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default)
 

@@ -192,7 +192,7 @@ def interruptible_progress(total: int) -> Callable[[int, int], None]:
 def run_cancellable(work: Callable[[Callable[[], bool]], Any]) -> Any:
     """Run `work(should_cancel)`; when the core stops because of the interruption (`SamplingCancelled`), raise
     ComfyUI's own interruption instead, which ComfyUI reports as "interrupted" rather than as an error."""
-    from xportrait_core.sampler import SamplingCancelled
+    from xportrait_core.sampling.sampler import SamplingCancelled
 
     try:
         return work(processing_interrupted)

@@ -51,8 +51,8 @@ class IdentityCheck:
                                  "driving frames the animation was made from (one per frame)")
         common.throw_if_interrupted()
 
-        from xportrait_core.identity import measure_identity, plot_identity
-        from xportrait_core.image_formats import as_rgb_float
+        from xportrait_core.faces.identity import measure_identity, plot_identity
+        from xportrait_core.media.image_formats import as_rgb_float
 
         # Face descriptors take a while per frame: stop between frames.
         progress = common.interruptible_progress(len(frames) * (2 if driving is not None else 1))

@@ -38,7 +38,7 @@ def _managed_module(model, low_vram: bool = False):
 
         _managed_class = ManagedXPortrait
     if low_vram:
-        from xportrait_core.offload import gpu_networks
+        from xportrait_core.fast.offload import gpu_networks
 
         return _managed_class(model, gpu_networks(model))
     return _managed_class(model)
@@ -71,7 +71,7 @@ class LoadedXPortrait:
         """The network on the compute device. Inside ComfyUI, `load_models_gpu` moves it there, unloading other
         models first if the GPU is short of memory (the weights plus `memory_required` bytes of working memory),
         and may offload it again when a later node needs the room."""
-        from xportrait_core.attention import (
+        from xportrait_core.model.attention import (
             get_attention_backend_setting,
             set_attention_backend,
         )
@@ -84,7 +84,7 @@ class LoadedXPortrait:
             import comfy.model_management as mm
 
             if self.low_vram:
-                from xportrait_core.offload import low_vram_memory_required
+                from xportrait_core.fast.offload import low_vram_memory_required
 
                 memory_required = low_vram_memory_required(self.model, memory_required)
             # Plain nn.Modules cannot run partially loaded (ComfyUI's low-VRAM mode needs its own layer classes).
@@ -94,7 +94,7 @@ class LoadedXPortrait:
             if self.model.device != device:
                 self.model.to(device)
         if self.low_vram:
-            from xportrait_core.offload import place_for_low_vram
+            from xportrait_core.fast.offload import place_for_low_vram
 
             # The reference net and VAE stay on the CPU and visit the GPU only while they work (the sampler brings
             # them in and out). Inside ComfyUI the networks it manages are already in place; this moves nothing.
@@ -108,7 +108,7 @@ class LoadedXPortrait:
             log.info("X-Portrait: compile applies on CUDA GPUs only; running %s uncompiled on %s",
                      self.name, self.model.device)
         else:
-            from xportrait_core.acceleration import compile_networks
+            from xportrait_core.fast.compilation import compile_networks
 
             # On the compute device, so the attention backend is resolved for it outside the compiled code; the
             # blocks compile lazily, during the first sampling.
@@ -189,12 +189,12 @@ class LoadXPortraitModel:
             raise ValueError(f"vram must be one of {', '.join(VRAM_MODES)}, got {vram!r}")
         path = common.model_file_path(model_name)
 
-        from xportrait_core.attention import (
+        from xportrait_core.model.attention import (
             get_attention_backend_setting,
             resolve_backend,
             set_attention_backend,
         )
-        from xportrait_core.checkpoint import load_xportrait
+        from xportrait_core.model.checkpoint import load_xportrait
 
         compute_device = common.torch_device()
         weight_dtype = _dtype(dtype, compute_device)
@@ -210,7 +210,7 @@ class LoadXPortraitModel:
         except Exception as exc:
             raise ValueError(f"Load X-Portrait Model: {os.path.basename(path)} could not be loaded: {exc}") from exc
         if compute_device.type == "cuda":
-            from xportrait_core.acceleration import use_channels_last
+            from xportrait_core.fast.compilation import use_channels_last
 
             # cuDNN's convolutions run channels-last without layout conversions (measured faster on the H100).
             use_channels_last(model)

@@ -15,7 +15,7 @@ NO_ALIGNMENT = -2
 class XPortraitMotion:
     """What travels on an XPORTRAIT_MOTION socket.
 
-    hints: `xportrait_core.face_alignment.MotionHints` (global and local hints, boxes, best frame, warnings).
+    hints: `xportrait_core.faces.motion_hints.MotionHints` (global and local hints, boxes, best frame, warnings).
     local_hint: the local hint the Sampler uses: `hints.local_hint`, or a copy restricted to some regions.
     global_strength / local_strength: scales of the two ControlNets' residuals (0 skips that ControlNet exactly).
     """
@@ -88,7 +88,7 @@ class ExtractMotion:
             raise ValueError(f"X-Portrait Extract Motion: best_frame {best_frame} is out of range: the driving video has "
                              f"{len(frames)} frames (use 0..{len(frames) - 1}, -1 for auto or -2 for no alignment)")
 
-        from xportrait_core.face_alignment import extract_motion
+        from xportrait_core.faces.motion_hints import extract_motion
 
         # Landmark detection is slow on long videos: stop between frames.
         hints = extract_motion(frames, reference.primary.image, resolution=reference.resolution,
@@ -148,7 +148,7 @@ class HierarchicalMotionAttention:
             if not 0.0 <= float(value) <= 2.0:
                 raise ValueError(f"{node}: {name} must be in [0, 2], got {value}")
 
-        from xportrait_core.motion_regions import restrict_local_hint
+        from xportrait_core.faces.motion_regions import restrict_local_hint
 
         mask = common.mask_batch(region_mask)
         local_hint = restrict_local_hint(motion.hints.local_hint, motion.hints.local_boxes, eyes=bool(eyes),

@@ -41,7 +41,7 @@ class PasteBack:
 
         import numpy as np
 
-        from xportrait_core.paste_back import paste_frame, paste_mask
+        from xportrait_core.faces.paste_back import paste_frame, paste_mask
 
         photo = reference.primary
         mask = paste_mask(photo, None if feather == AUTO_FEATHER else feather)

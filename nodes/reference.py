@@ -12,7 +12,7 @@ CROP_MODES = ("crop", "resize")
 class XPortraitReference:
     """What travels on an XPORTRAIT_REFERENCE socket.
 
-    prepared: one `xportrait_core.reference_crop.PreparedReference` per input image (crop, crop box, source photo);
+    prepared: one `xportrait_core.faces.reference_crop.PreparedReference` per input image (crop, crop box, source photo);
         the first is the portrait that is animated (and pasted back into), the others add appearance detail.
     The reference latents are not stored: the VAE lives in the model, which this node does not take, and the
     official latents are posterior samples drawn from the Sampler's seed, so the Sampler encodes them.
@@ -70,7 +70,7 @@ class LoadReference:
             raise ValueError(f"mode must be one of {', '.join(CROP_MODES)}, got {mode!r}")
         batch = common.image_batch(image, "X-Portrait Load Reference: image")
 
-        from xportrait_core.reference_crop import prepare_references, stack_references
+        from xportrait_core.faces.reference_crop import prepare_references, stack_references
 
         prepared = prepare_references(batch, resolution=int(resolution), mode=mode, margin=float(crop_margin))
         return (XPortraitReference(prepared), common.to_image(stack_references(prepared)))

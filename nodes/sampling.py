@@ -113,8 +113,8 @@ class Sampler:
         if uncond_context is None and context is not None and handle.model.text_encoder is None:
             uncond_context = context  # no CLIP in the checkpoint to encode the empty prompt with
 
-        from xportrait_core.offload import sampling_working_memory
-        from xportrait_core.pipeline import DECODE_CHUNK, DEFAULT_WINDOW, animate_latents, iter_frames, preview_strip
+        from xportrait_core.fast.offload import sampling_working_memory
+        from xportrait_core.sampling.pipeline import DECODE_CHUNK, DEFAULT_WINDOW, animate_latents, iter_frames, preview_strip
 
         # Room for the activations too, so ComfyUI unloads other models (upscalers, face restorers) if need be.
         model = handle.ready(memory_required=sampling_working_memory(

@@ -59,8 +59,8 @@ def tiny_model(golden_state_dict_path):
     """The tiny X-Portrait built from `tiny()` and loaded from the official-format golden weights (float32, CPU)."""
     import torch
 
-    from xportrait_core.checkpoint import load_xportrait
-    from xportrait_core.config import XPortraitConfig
+    from xportrait_core.model.checkpoint import load_xportrait
+    from xportrait_core.model.config import XPortraitConfig
 
     model = load_xportrait(golden_state_dict_path, XPortraitConfig.tiny(), dtype=torch.float32, device="cpu")
     model.eval()
@@ -89,6 +89,6 @@ def portrait(source_image_path):
 @pytest.fixture(scope="session")
 def driving_frames(driving_video_path):
     """Every frame of the sample driving video as uint8 (N, H, W, 3), decoded once per session."""
-    from xportrait_core.video_io import read_video
+    from xportrait_core.media.video_io import read_video
 
     return read_video(driving_video_path)[0]

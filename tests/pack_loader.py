@@ -36,9 +36,9 @@ def tiny_checkpoint_with_text_encoder(golden_state_dict_path, destination: Path,
     import torch
     from safetensors.torch import save_file
 
-    from xportrait_core.checkpoint import load_xportrait
-    from xportrait_core.config import XPortraitConfig
-    from xportrait_core.text_encoder import CLIPTextEncoder
+    from xportrait_core.model.checkpoint import load_xportrait
+    from xportrait_core.model.config import XPortraitConfig
+    from xportrait_core.model.text_encoder import CLIPTextEncoder
 
     model = load_xportrait(golden_state_dict_path, XPortraitConfig.tiny())
     torch.manual_seed(seed)

@@ -110,7 +110,7 @@ class ProgressBar:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[int]) -> None:
-    from .pipeline import DEFAULT_GUIDANCE, DEFAULT_OVERLAP, DEFAULT_SEED, DEFAULT_WINDOW
+    from .sampling.pipeline import DEFAULT_GUIDANCE, DEFAULT_OVERLAP, DEFAULT_SEED, DEFAULT_WINDOW
 
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (default {steps})")
@@ -138,7 +138,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    from .pipeline import DECODE_CHUNK
+    from .sampling.pipeline import DECODE_CHUNK
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cuda, cuda:1, cpu")
@@ -222,12 +222,12 @@ def read_image(path: str):
 def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, config=None, context_fn=None) -> int:
     import numpy as np
 
-    from .checkpoint import load_xportrait
-    from .face_alignment import extract_motion
-    from .image_formats import to_uint8
-    from .pipeline import animate_latents, iter_frames
-    from .reference_crop import prepare_reference
-    from .video_io import read_video, write_video
+    from .model.checkpoint import load_xportrait
+    from .faces.motion_hints import extract_motion
+    from .media.image_formats import to_uint8
+    from .sampling.pipeline import animate_latents, iter_frames
+    from .faces.reference_crop import prepare_reference
+    from .media.video_io import read_video, write_video
 
     show = not args.quiet
     say = (lambda msg: print(msg, file=sys.stderr)) if show else (lambda msg: None)
@@ -243,18 +243,18 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device)
     if device.type == "cuda":
-        from .acceleration import use_channels_last
+        from .fast.compilation import use_channels_last
 
         # cuDNN's convolutions run channels-last without layout conversions (the README's measured rows all do).
         use_channels_last(model)
         if getattr(args, "compile", False):
-            from .acceleration import compile_networks
+            from .fast.compilation import compile_networks
 
             compile_networks(model)
     elif getattr(args, "compile", False):
         say(f"--compile applies on CUDA GPUs only: running uncompiled on {device}")
     if getattr(args, "low_vram", False):
-        from .offload import place_for_low_vram
+        from .fast.offload import place_for_low_vram
 
         place_for_low_vram(model, device)
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
@@ -306,7 +306,7 @@ def _shared_dir(env: str, name: str) -> Path:
 def _cmd_demo(args) -> int:
     import torch
 
-    from .config import XPortraitConfig
+    from .model.config import XPortraitConfig
 
     golden, assets = _shared_dir("XPORTRAIT_GOLDEN", "golden"), _shared_dir("XPORTRAIT_ASSETS", "assets")
     args.weights = args.weights or str(golden / "tiny_official_state_dict.safetensors")
@@ -326,7 +326,7 @@ def _cmd_demo(args) -> int:
 def _cmd_convert(args) -> int:
     import torch
 
-    from .checkpoint import convert_checkpoint
+    from .model.checkpoint import convert_checkpoint
 
     report = convert_checkpoint(args.input, args.output, dtype=getattr(torch, _DTYPES[args.dtype]))
     print(f"wrote {args.output}", file=sys.stderr)
@@ -356,7 +356,7 @@ def default_cuda_allocator() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     default_cuda_allocator()
     args = build_parser().parse_args(argv)
-    from .sampler import SamplingCancelled
+    from .sampling.sampler import SamplingCancelled
 
     try:
         return COMMANDS[args.command](args)

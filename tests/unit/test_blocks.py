@@ -1,0 +1,64 @@
+"""Inference-only memory savings in the blocks compute the same values as the plain forms."""
+from __future__ import annotations
+
+import torch
+
+from xportrait_core.model.blocks import Attention, FeedForward
+
+
+def test_feed_forward_in_slices_equals_one_pass(monkeypatch):
+    torch.manual_seed(0)
+    ff = FeedForward(32)
+    x = torch.randn(10, 7, 32)
+    with torch.no_grad():
+        whole = ff(x)
+        monkeypatch.setattr(FeedForward, "chunk_bytes", 7 * 256 * 4 * 3)  # three rows of the projection per slice
+        sliced = ff(x)
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
+    # With autograd on it takes the plain path, so gradients flow as usual.
+    x.requires_grad_(True)
+    ff(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bank_reaches_only_the_conditional_rows():
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8)
+    x = torch.randn(6, 5, 16)
+    bank = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        batched = attn(x, appended=bank, appended_rows=4)
+        torch.testing.assert_close(batched[:4], attn(x[:4], appended=bank), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(batched[4:], attn(x[4:]), atol=1e-6, rtol=1e-6)
+
+
+def test_attention_output_reaches_the_projection_without_a_transposing_copy(monkeypatch):
+    """SDPA's CUDA kernels return (B, H, N, D) lying as (B, N, H, D); the output projection reads that as (B, N, H*D)
+    with no copy, also when the bank reaches only the first rows and the two parts are joined."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xportrait_core.model import blocks
+
+    def cuda_like_attention(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # the values, in the CUDA kernels' layout
+
+    monkeypatch.setattr(blocks, "attention", cuda_like_attention)
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                copies.append(func)
+            return func(*args, **(kwargs or {}))
+
+    layer = Attention(32, heads=4, dim_head=8).eval()
+    x, bank = torch.randn(6, 10, 32), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        expected = torch.cat([layer(x[:4], appended=bank), layer(x[4:])])
+        with Copies():
+            out = layer(x, appended=bank, appended_rows=4)
+            plain = layer(x)
+    assert copies == []
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(plain, layer(x))

@@ -1,0 +1,2 @@
+"""Faces: landmarks, the reference crop, the driving frames' motion hints, eye/mouth regions, paste-back and
+identity measures."""

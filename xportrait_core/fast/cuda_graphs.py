@@ -1,0 +1,228 @@
+"""CUDA graphs of the guided denoiser's GPU work: record the kernels once, replay them at every window.
+
+A guided window step launches thousands of kernels (four networks); eagerly, and even more so through the guards
+of `torch.compile`'s regions, the host takes about as long to launch them as the GPU takes to run them, and the
+GPU waits. A CUDA graph replays the whole recorded sequence with one launch. Two graphs are recorded, sharing one
+memory pool:
+
+    reference graph   static timestep -> reference bank                          (replayed once per timestep)
+    window graph      static window latents, timestep, hints, bank -> guided eps  (replayed for every window)
+
+In low-VRAM mode the reference net has left the GPU and the banks were computed before sampling: each step's bank
+is then copied into one bank of fixed addresses instead of replaying a reference graph, and the window graph holds
+both guidance branches one after the other (their activations share the graph's memory, as they would eagerly).
+
+The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
+recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
+thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
+ordered after and before the caller's stream. Every input is copied into a static buffer before a replay; everything else the graphs read
+(weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
+(`GuidedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
+step, say) `GraphCaptureError` says so and the denoiser goes on eagerly.
+
+Graphs need PyTorch's native caching allocator. Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the
+memory a recording allocates is not mapped yet while it records, Triton's and Inductor's kernel launchers reject
+those pointers, and freeing the tensors of the failed recording then aborts the process (seen on the H100 with
+torch 2.11). So graphs are not attempted there: see `allocator_supports_graphs`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .switches import switched_on
+
+log = logging.getLogger("xportrait")
+
+
+def cuda_graphs_enabled() -> bool:
+    """False when XPORTRAIT_CUDA_GRAPHS=0 (or false/no/off): every window then runs eagerly."""
+    return switched_on("XPORTRAIT_CUDA_GRAPHS")
+
+
+_logged_allocator_note = False
+
+
+def allocator_supports_graphs() -> bool:
+    """True under PyTorch's native CUDA allocator. Under cudaMallocAsync it logs, once, how to get graphs back."""
+    global _logged_allocator_note
+    backend = torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "native"
+    if backend == "native":
+        return True
+    if not _logged_allocator_note:
+        _logged_allocator_note = True
+        log.info("X-Portrait: CUDA graphs are off under the %s allocator (its recordings cannot be replayed with "
+                 "Triton kernels); sampling runs without them. Start ComfyUI with --disable-cuda-malloc (and "
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for faster sampling with less reserved memory.",
+                 backend)
+    return False
+
+
+def release_stuck_generators() -> None:
+    """After a failed recording, let the CUDA random generators draw again outside recordings.
+
+    When a recording fails, PyTorch ends the capture without telling the default CUDA generators, and each then
+    refuses every later draw outside a recording ("Offset increment outside graph capture encountered
+    unexpectedly"; seen on the H200, torch 2.11, when a recording compiled code): any node's `torch.randn` on
+    the GPU would fail until some recording succeeds. Each generator gets a fresh copy of its state (same seed
+    and offset, not capturing). Graphs recorded earlier keep the old state, so a failed run's graphs must all be
+    released, as the denoiser does."""
+    for generator in getattr(torch.cuda, "default_generators", ()):
+        try:
+            generator.graphsafe_set_state(generator.clone_state())
+        except Exception as error:  # a PyTorch without graph-safe generator states (before 2.4)
+            log.debug("X-Portrait: could not reset a CUDA generator after a failed recording: %s", error)
+
+
+class GraphCaptureError(RuntimeError):
+    """The denoiser's work could not be recorded as a CUDA graph (the eager path still works)."""
+
+
+class _Recorded:
+    """One recorded graph, the static tensors it reads, and its (static) output."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+    def replay(self, values: dict[str, torch.Tensor]):
+        for name, value in values.items():
+            self.inputs[name].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+
+class GuidanceGraphs:
+    """The reference and window graphs of one sampling run.
+
+    guided_eps(x, t, global_hint, local_hint, bank) -> eps is the eager computation of one window, with t a device
+    tensor of shape (1,). The reference bank it reads comes from one of:
+      compute_bank(t) -> ReferenceBank   the reference net, recorded as the reference graph; or
+      stored_banks {timestep: bank}      banks computed before sampling (low-VRAM mode), copied at each step into a
+                                         bank of fixed addresses on the device.
+    Windows of another shape or other hints get their own window graph.
+    """
+
+    def __init__(self, device: torch.device, guided_eps: Callable, compute_bank: Optional[Callable] = None,
+                 stored_banks: Optional[dict] = None):
+        if (compute_bank is None) == (stored_banks is None):
+            raise ValueError("give exactly one of compute_bank and stored_banks")
+        self.device = device
+        self._compute_bank = compute_bank
+        self._stored_banks = stored_banks
+        self._guided_eps = guided_eps
+        self._stream = torch.cuda.Stream(device=device)
+        self._timestep = torch.zeros(1, dtype=torch.long, device=device)
+        self._bank = None                       # the bank of timestep _bank_t (eager, or of fixed addresses)
+        self._bank_t: Optional[int] = None
+        self._bank_graph: Optional[_Recorded] = None
+        self._static_bank = None                # stored banks' values land here, step by step
+        self._window_graphs: dict[tuple, _Recorded] = {}
+        self._warm: set = set()                 # what has run eagerly once, so may be recorded
+        self._pool = None
+        self.replays = 0
+
+    def _record(self, fn: Callable[[], object]):
+        # The eager warm-up's freed blocks stay cached by the allocator, where the graphs' private pool cannot
+        # reuse them: hand them back to the driver first, or the run would hold the step's memory twice.
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                output = fn()
+        except Exception as error:  # e.g. a host sync or a pageable host copy inside the step
+            release_stuck_generators()
+            raise GraphCaptureError(f"{type(error).__name__}: {error}") from error
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph, output
+
+    @property
+    def _bank_fixed(self) -> bool:
+        """Whether the bank windows read keeps its addresses from now on, so window graphs may be recorded."""
+        return self._bank_graph is not None or self._static_bank is not None
+
+    def _stored_bank_of(self, t: int):
+        if t not in self._stored_banks:
+            raise KeyError(f"no precomputed reference bank for timestep {t}")
+        stored = self._stored_banks[t]
+        if self._static_bank is None:
+            from ..model.reference_bank import ReferenceBank  # noqa: PLC0415 - keeps this module free of the model
+
+            self._static_bank = ReferenceBank(stored.num_references)
+            self._static_bank.entries = [torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in stored.entries]
+            self._static_bank.finish()
+        # On the caller's stream, which waited for the last replay that read the previous step's values; pinned
+        # host banks copy without stalling the host.
+        for target, entry in zip(self._static_bank.entries, stored.entries):
+            target.copy_(entry, non_blocking=True)
+        self._timestep.fill_(int(t))
+        return self._static_bank
+
+    def _bank_of(self, t: int, caller: torch.cuda.Stream):
+        if self._bank_t == t:
+            return self._bank
+        if self._stored_banks is not None:
+            self._bank = self._stored_bank_of(t)
+        elif self._bank_graph is None and "bank" not in self._warm:
+            # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
+            self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
+            self._bank = self._compute_bank(self._timestep)
+            self._warm.add("bank")
+        else:
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                self._timestep.fill_(int(t))
+                if self._bank_graph is None:
+                    self._bank = None  # the eager bank's memory goes back before recording
+                    graph, bank = self._record(lambda: self._compute_bank(self._timestep))
+                    self._bank_graph = _Recorded(graph, {}, bank)
+                self._bank = self._bank_graph.replay({})
+            caller.wait_stream(self._stream)
+        self._bank_t = t
+        return self._bank
+
+    def reference_bank(self, t: int):
+        """The bank of timestep t (live banks only): eager the first time, recorded the second, replayed after.
+        Its tensors are the graph's output, overwritten by the next timestep's replay: copy what must outlive it
+        on the caller's stream (the replay waits for what was queued there before it)."""
+        if self._compute_bank is None:
+            raise RuntimeError("reference_bank needs graphs of live banks (compute_bank)")
+        return self._bank_of(int(t), torch.cuda.current_stream(self.device))
+
+    def eps(self, x: torch.Tensor, t: int, global_hint: Optional[torch.Tensor] = None,
+            local_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Guided eps of one window, as a fresh tensor on the caller's stream."""
+        caller = torch.cuda.current_stream(self.device)
+        bank = self._bank_of(t, caller)
+        hints = {name: h for name, h in (("global_hint", global_hint), ("local_hint", local_hint)) if h is not None}
+        inputs = {"x": x, **hints}
+        key = tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items())
+        recorded = self._window_graphs.get(key)
+        if recorded is None and (key not in self._warm or not self._bank_fixed):
+            # Eager until this shape has run once and the bank it reads keeps its addresses.
+            self._warm.add(key)
+            return self._guided_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+        self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
+        with torch.cuda.stream(self._stream):
+            if recorded is None:
+                static = {name: v.to(self.device).clone() for name, v in inputs.items()}
+                graph, output = self._record(lambda: self._guided_eps(
+                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
+                recorded = self._window_graphs[key] = _Recorded(graph, static, output)
+            eps = recorded.replay(inputs)
+        caller.wait_stream(self._stream)
+        self.replays += 1
+        # A copy on the caller's stream: the next replay overwrites the graph's output buffer.
+        return eps.clone()
+
+    def release(self) -> None:
+        """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
+        stay reserved, out of reach of the VAE decode that follows sampling)."""
+        self._bank = self._bank_graph = self._static_bank = None
+        self._stored_banks = None
+        self._window_graphs.clear()
+        self._warm.clear()
+        self._pool = None
+        torch.cuda.empty_cache()
