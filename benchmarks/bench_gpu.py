@@ -34,8 +34,9 @@ from xportrait_core.model.xportrait import XPortrait  # noqa: E402
 from xportrait_core.sampling.pipeline import animate_latents, decode_frames  # noqa: E402
 from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim  # noqa: E402
 from xportrait_core.model.schedule import q_sample  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from xportrait_core.model.dtypes import PRECISIONS, dtype_named  # noqa: E402
+from xportrait_core.fast.operations import fast_operations  # noqa: E402
+from xportrait_core.fast.prepare import prepare_model  # noqa: E402
 ALLOCATORS = {"expandable": DEFAULT_CUDA_ALLOC_CONF, "native": "", "async": "backend:cudaMallocAsync"}
 RESULTS: list[dict] = []
 
@@ -48,7 +49,7 @@ def emit(**record):
 def build_random_model(config: XPortraitConfig, dtype: torch.dtype, device: str) -> XPortrait:
     torch.manual_seed(0)
     with torch.device(device):
-        model = XPortrait(config, with_text_encoder=False)
+        model = XPortrait(config, with_text_encoder=False, operations=fast_operations())
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -133,22 +134,19 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
 
 
 def apply_variant(model: XPortrait, step: str, args) -> None:
-    from xportrait_core.fast.compilation import compile_networks, use_channels_last
-    from xportrait_core.fast.offload import place_for_low_vram
-
     if step == "eager":
         return
     if step == "low_vram":
-        place_for_low_vram(model, model.device)
+        prepare_model(model, low_vram=True)
         emit(kind="variant", step=step, vram_after_placing_gib=round(torch.cuda.memory_allocated() / 2**30, 2))
         return
     probe = window_probe(model, args.resolution)
     before = probe()
     start = time.perf_counter()
     if step == "channels_last":
-        use_channels_last(model)
+        prepare_model(model, channels_last=True)
     else:
-        compile_networks(model, mode=args.compile_mode, regional=step == "compile")
+        prepare_model(model, compile=True, compile_mode=args.compile_mode, regional=step == "compile")
     after = probe()  # compiles, for the compile variants
     sync()
     emit(kind="variant", step=step, seconds_to_apply=round(time.perf_counter() - start, 1),
@@ -583,11 +581,10 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
     # Full float32 matrix products here: TF32 would blur the float32 comparison by ~1e-3.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     cases = {k: v.to(device) for k, v in load_file(str(golden / "tiny_cases.safetensors")).items()}
-    model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device)
+    model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device,
+                           operations=fast_operations())
     if fast:
-        from xportrait_core.fast.compilation import compile_networks, use_channels_last
-
-        compile_networks(use_channels_last(model))
+        prepare_model(model, channels_last=True, compile=True)
     with torch.no_grad():
         bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
         eps_c = model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
@@ -641,7 +638,7 @@ def set_inductor_options(settings: list[str]) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=DTYPES, nargs="*", default=["bf16"])
+    parser.add_argument("--dtype", choices=PRECISIONS, nargs="*", default=["bf16"])
     parser.add_argument("--frames", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--final-frames", type=int, nargs="*", default=[],
                         help="frame counts measured only after the last variant")
@@ -652,7 +649,7 @@ def main(argv=None):
     parser.add_argument("--attention", default="auto", choices=attention.BACKENDS)
     parser.add_argument("--check-golden", type=Path, default=None, metavar="DIR")
     parser.add_argument("--golden-fast", action="store_true", help="check golden with channels-last + compile")
-    parser.add_argument("--golden-dtypes", choices=DTYPES, nargs="+", default=["fp32", "bf16", "fp16"])
+    parser.add_argument("--golden-dtypes", choices=PRECISIONS, nargs="+", default=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", type=Path, default=None, help="also write all records to this file")
     parser.add_argument("--variants", nargs="+", default=["eager"],
                         choices=["eager", "channels_last", "compile", "compile_whole", "low_vram"],
@@ -700,10 +697,10 @@ def main(argv=None):
 
     if args.check_golden:
         for name in args.golden_dtypes:
-            check_golden(args.check_golden, DTYPES[name], fast=args.golden_fast)
+            check_golden(args.check_golden, dtype_named(name), fast=args.golden_fast)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for name in args.dtype:
-        dtype = DTYPES[name]
+        dtype = dtype_named(name)
         model = build_random_model(config, dtype, args.device)
         applied = []
         for step in args.variants:

@@ -8,7 +8,6 @@ from . import common
 
 log = logging.getLogger("xportrait")
 
-DTYPES = ("auto", "fp16", "bf16", "fp32")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
 VRAM_MODES = ("normal", "low")
 
@@ -93,29 +92,20 @@ class LoadedXPortrait:
             device = common.torch_device()
             if self.model.device != device:
                 self.model.to(device)
-        if self.low_vram:
-            from xportrait_core.fast.offload import place_for_low_vram
+        from xportrait_core.fast.prepare import prepare_model
 
-            # The reference net and VAE stay on the CPU and visit the GPU only while they work (the sampler brings
-            # them in and out). Inside ComfyUI the networks it manages are already in place; this moves nothing.
-            place_for_low_vram(self.model, self.model.device, pin_idle=common.pinned_memory_allowed())
-        if self.compile and not self._compiled:
-            self._compile_on_first_use()
+        # Low VRAM: the reference net and VAE stay on the CPU and visit the GPU only while they work (the sampler
+        # brings them in and out); inside ComfyUI the networks it manages are already in place. Compile: on the
+        # compute device, so the attention backend is resolved for it outside the compiled code; the blocks compile
+        # lazily, during the first sampling (CUDA only: elsewhere it runs uncompiled, with a note in the log).
+        compile_now = self.compile and not self._compiled
+        prepare_model(self.model, compile=compile_now, low_vram=self.low_vram,
+                      pin_idle=common.pinned_memory_allowed())
+        if compile_now:
+            self._compiled = True
+            if self.model.device.type == "cuda":
+                log.info("X-Portrait: %s compiled; the first sampling compiles each block shape", self.name)
         return self.model
-
-    def _compile_on_first_use(self):
-        if self.model.device.type != "cuda":
-            log.info("X-Portrait: compile applies on CUDA GPUs only; running %s uncompiled on %s",
-                     self.name, self.model.device)
-        else:
-            from xportrait_core.fast.compilation import compile_networks
-
-            # On the compute device, so the attention backend is resolved for it outside the compiled code; the
-            # blocks compile lazily, during the first sampling.
-            compile_networks(self.model)
-            log.info("X-Portrait: %s compiled; the first sampling compiles each block shape (about 2 minutes, about "
-                     "20 s with a warm Inductor cache)", self.name)
-        self._compiled = True
 
     def __repr__(self) -> str:
         extras = (", low_vram" if self.low_vram else "") + (", compile" if self.compile else "")
@@ -128,12 +118,18 @@ def check_model(model, node: str) -> LoadedXPortrait:
     return model
 
 
+def _dtype_choices() -> tuple[str, ...]:
+    from xportrait_core.model.dtypes import PRECISIONS
+
+    return ("auto", *PRECISIONS)
+
+
 def _dtype(name: str, device):
-    import torch
+    from xportrait_core.model.dtypes import dtype_named
 
     if name == "auto":
         return common.auto_dtype(device)
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return dtype_named(name)
 
 
 class LoadXPortraitModel:
@@ -154,7 +150,7 @@ class LoadXPortraitModel:
                 "model_name": (common.list_model_files(), {
                     "tooltip": "model_state-415001.th or its safetensors conversion, in ComfyUI/models/xportrait "
                                "(or a folder named 'xportrait' in extra_model_paths.yaml)."}),
-                "dtype": (list(DTYPES), {
+                "dtype": (list(_dtype_choices()), {
                     "default": "auto",
                     "tooltip": "Weight and compute precision. auto: fp16/bf16 on a GPU that runs them fast, fp32 on "
                                "CPU. The official inference ran in fp16."}),
@@ -181,8 +177,8 @@ class LoadXPortraitModel:
 
     def load(self, model_name: str, dtype: str = "auto", attention: str = "auto", vram: str = "normal",
              compile: bool = False):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in _dtype_choices():
+            raise ValueError(f"dtype must be one of {', '.join(_dtype_choices())}, got {dtype!r}")
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
         if vram not in VRAM_MODES:
@@ -194,6 +190,8 @@ class LoadXPortraitModel:
             resolve_backend,
             set_attention_backend,
         )
+        from xportrait_core.fast.operations import fast_operations
+        from xportrait_core.fast.prepare import prepare_model
         from xportrait_core.model.checkpoint import load_xportrait
 
         compute_device = common.torch_device()
@@ -206,14 +204,12 @@ class LoadXPortraitModel:
             set_attention_backend(previous)  # leave other models' attention as it was
             raise
         try:
-            model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device())
+            model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device(),
+                                   operations=fast_operations())
         except Exception as exc:
             raise ValueError(f"Load X-Portrait Model: {os.path.basename(path)} could not be loaded: {exc}") from exc
-        if compute_device.type == "cuda":
-            from xportrait_core.fast.compilation import use_channels_last
-
-            # cuDNN's convolutions run channels-last without layout conversions (measured faster on the H100).
-            use_channels_last(model)
+        # Channels-last for the GPU it will run on (it is loaded to the offload device first).
+        prepare_model(model, channels_last=compute_device.type == "cuda")
         log.info("X-Portrait: loaded %s (%s, attention %s)", model_name, weight_dtype, attention)
         return (LoadedXPortrait(model, model_name, attention, low_vram=vram == "low", compile=bool(compile)),)
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .model.dtypes import PRECISIONS
+
 
 CHECKPOINT_ENV = "XPORTRAIT_CHECKPOINT"
 MODELS_DIR_ENV = "XPORTRAIT_MODELS_DIR"  # the node pack's fallback folder variable, honoured here too
@@ -142,7 +144,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cuda, cuda:1, cpu")
-    g.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+    g.add_argument("--dtype", choices=("auto", *PRECISIONS), default="auto",
                    help="weights dtype (auto: fp16 on GPU, fp32 on CPU)")
     g.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK,
                    help=f"frames per VAE decode batch (default {DECODE_CHUNK}; the official 16 needs ~7 GB more at 512; "
@@ -188,24 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Validate an official checkpoint and write it as one safetensors file.")
     c.add_argument("input", help="official checkpoint (.th / .ckpt)")
     c.add_argument("output", help="destination .safetensors")
-    c.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="stored dtype (fp16)")
+    c.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp16", help="stored dtype (fp16)")
     return parser
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
 
-_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
 def _device_and_dtype(device: str, dtype: str):
     import torch
+
+    from .model.dtypes import dtype_named
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype == "auto":
         dtype = "fp16" if device.type == "cuda" else "fp32"
-    return device, getattr(torch, _DTYPES[dtype])
+    return device, dtype_named(dtype)
 
 
 def read_image(path: str):
@@ -222,6 +223,8 @@ def read_image(path: str):
 def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, config=None, context_fn=None) -> int:
     import numpy as np
 
+    from .fast.operations import fast_operations
+    from .fast.prepare import prepare_model
     from .model.checkpoint import load_xportrait
     from .faces.motion_hints import extract_motion
     from .media.image_formats import to_uint8
@@ -241,22 +244,13 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
         raise FileNotFoundError(f"driving video not found: {args.driving}")
 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
-    model = load_xportrait(checkpoint, config, dtype=dtype, device=device)
-    if device.type == "cuda":
-        from .fast.compilation import use_channels_last
-
-        # cuDNN's convolutions run channels-last without layout conversions (the README's measured rows all do).
-        use_channels_last(model)
-        if getattr(args, "compile", False):
-            from .fast.compilation import compile_networks
-
-            compile_networks(model)
-    elif getattr(args, "compile", False):
+    model = load_xportrait(checkpoint, config, dtype=dtype, device=device, operations=fast_operations())
+    on_cuda = device.type == "cuda"
+    if getattr(args, "compile", False) and not on_cuda:
         say(f"--compile applies on CUDA GPUs only: running uncompiled on {device}")
-    if getattr(args, "low_vram", False):
-        from .fast.offload import place_for_low_vram
-
-        place_for_low_vram(model, device)
+    # Channels-last on a GPU: cuDNN's convolutions run it without layout conversions (the README's rows all do).
+    prepare_model(model, channels_last=on_cuda, compile=on_cuda and getattr(args, "compile", False),
+                  low_vram=getattr(args, "low_vram", False))
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
     context = context_fn(model) if context_fn else model.empty_prompt_context()
 
@@ -324,11 +318,10 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    import torch
-
     from .model.checkpoint import convert_checkpoint
+    from .model.dtypes import dtype_named
 
-    report = convert_checkpoint(args.input, args.output, dtype=getattr(torch, _DTYPES[args.dtype]))
+    report = convert_checkpoint(args.input, args.output, dtype=dtype_named(args.dtype))
     print(f"wrote {args.output}", file=sys.stderr)
     if report is not None and hasattr(report, "describe"):
         print(report.describe(), file=sys.stderr)

@@ -1,13 +1,14 @@
-"""Optional speed-ups that change how the networks run, never what they compute."""
+"""Channels-last memory and torch.compile: ways of running the same networks, never changing what they compute."""
 from __future__ import annotations
 
 import torch
 
 from ..model import attention
 from ..model.blocks import ResBlock, SpatialTransformer
+from ..model.temporal import MotionModule
 from ..model.vae import AttnBlock, ResnetBlock
 from ..model.xportrait import XPortrait
-from ..model.temporal import MotionModule
+from .operations import probe_kernels
 
 NETWORKS = ("unet", "reference_net", "global_control", "local_control")
 RECOMPILE_LIMIT = 128
@@ -26,17 +27,18 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
     """`torch.compile` the diffusion networks and the VAE in place (the text encoder runs once per job).
 
     regional=True compiles the repeated blocks (ResBlock, spatial transformer, motion module) instead of whole
-    networks: the same compiled code serves every instance of a block of the same shape, so cold start takes
-    seconds per shape rather than minutes per network, for most of the fusion gain. The first calls compile.
-    The VAE's blocks are compiled the same way: decoding runs once per frame, but at 512x512 its GroupNorm+SiLU
-    passes over 128-channel full-size maps are memory-bound, and fused they decode 4 frames in 42 ms instead of
-    76 ms (H100, bf16), a fifth of a second of a 16-frame video.
+    networks: the same compiled code serves every instance of a block of the same shape, so cold start compiles
+    each block shape once rather than each whole network, for most of the fusion gain. The first calls compile.
+    The VAE's blocks are compiled the same way: decoding runs once per frame, and its GroupNorm and SiLU passes
+    over full-size maps are memory-bound, which fusing them relieves.
     """
-    # Resolve (and log) the attention backend eagerly, so compiled graphs only look it up.
-    attention._resolve_and_log(model.device, model.dtype)
+    # Resolve (and log) the attention backend and run the kernels' probes eagerly, so compiled graphs only look
+    # their answers up.
+    attention.resolve_once(model.device, model.dtype)
+    probe_kernels(model.device, model.dtype)
     # Every input shape of a block is its own compiled graph (dynamic=False): the UNet, reference net and
-    # ControlNets give a ResBlock some 30 shapes. Past the recompile limit (8 by default) Dynamo silently runs
-    # the remaining shapes eagerly, so raise it to cover them all.
+    # ControlNets give a ResBlock dozens of shapes. Past the recompile limit Dynamo silently runs the remaining
+    # shapes eagerly, so raise it to cover them all.
     import torch._dynamo  # noqa: PLC0415
 
     for limit in ("recompile_limit", "cache_size_limit"):

@@ -9,14 +9,27 @@ tokens of its own sequence), and writes the output in the layout the output proj
 padding beyond the next power of two.
 
 Products outside the diagonal (when a program holds several sequences) are cheap: the work is bound by memory
-traffic, which this keeps at one read of q, k, v and one write of the output. Used by `attention.attention` for CUDA half-precision tensors when
-Triton is available; the arithmetic is flash attention's (float32 scores and softmax, half-precision products).
+traffic, which this keeps at one read of q, k, v and one write of the output. The arithmetic is flash attention's
+(float32 scores and softmax, half-precision products).
+
+`with_kernel(base)` (below; `fast_operations` uses it) wraps an attention function: CUDA half-precision
+self-attention over at most MAX_TOKENS tokens runs here once a probe has seen the kernel agree with SDPA, the rest
+(and everything under the math backend, kept for checking) runs `base`. ``XPORTRAIT_FRAME_KERNEL=0`` or
+`set_frame_kernel(False)` turns it off.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from ..model import attention as attention_dispatch
+from .probe import probed_once
+from .switches import switched_on
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
     import triton
@@ -27,6 +40,11 @@ except ImportError:  # pragma: no cover - depends on the install
 # Longest sequence this kernel takes: the motion modules' positional encoding allows up to 24 frames.
 MAX_TOKENS = 32
 _LOG2E = 1.4426950408889634
+
+log = logging.getLogger("xportrait")
+
+_enabled: bool = switched_on("XPORTRAIT_FRAME_KERNEL")
+_works: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def available() -> bool:
@@ -75,10 +93,9 @@ def _multiprocessors(device: torch.device) -> int:
     return _sm_counts[index]
 
 
-# Rows per program and warps by padded head dim, the fastest measured on the H100 at the motion modules' shapes
-# (benchmarks/bench_attention.py --temporal, bf16, 16 frames): head dim 40 (64 padded) 0.12 ms for 4096 pixels
-# x 8 heads against 0.51 ms for SDPA; 80 (128) 0.043 ms against 0.18; 160 (256) 0.025 ms against 0.079.
-# Small tiles win where the diagonal blocks are most of the work; 128-wide heads prefer four sequences a program.
+# Rows per program and warps by padded head dim: the fastest at the motion modules' shapes in
+# benchmarks/bench_attention.py --temporal (its figures are in benchmarks/NOTES.md). Small tiles win where the
+# diagonal blocks are most of the work; 128-wide heads prefer four sequences a program.
 _TILES = {16: (16, 2), 32: (16, 2), 64: (16, 2), 128: (64, 8), 256: (16, 2)}
 
 
@@ -144,3 +161,48 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """softmax(q k^T / sqrt(d)) v for q, k, v (B, H, N, D), N <= MAX_TOKENS; returns (B, H, N, D) as a view of a
     (B, N, H, D) tensor, the layout `Attention`'s output projection reads without a copy."""
     return _frame_attention_op(q, k, v).transpose(1, 2)
+
+
+def set_frame_kernel(enabled: bool) -> None:
+    """Use (default) or bypass the kernel for short CUDA half-precision sequences (the motion modules' attention)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs, and agrees with SDPA, for this device type and dtype (probed once). Triton can be
+    installed yet unable to build its launcher (no C compiler, say): then those sequences keep to the backend,
+    with one warning."""
+    if (device.type, dtype) in _works:
+        return _works[(device.type, dtype)]
+    # Fixed values, not random ones: a probe must not move anyone's random stream.
+    q = torch.arange(3 * 2 * 16 * 32, device=device, dtype=torch.float32).sin().reshape(3, 2, 16, 32).to(dtype)
+    if not supports(q, q, q, causal=False):
+        _works[(device.type, dtype)] = False
+        return False
+
+    def agrees() -> bool:
+        out = frame_attention(q, q, q).float()
+        expected = F.scaled_dot_product_attention(q.float(), q.float(), q.float())
+        return torch.allclose(out, expected, atol=2e-2, rtol=2e-2)
+
+    works = probed_once(_works, "frame-attention", "SDPA", device, dtype, agrees)
+    if works:
+        log.info("X-Portrait frame-attention kernel in use for the motion modules (%s, %s)", device.type,
+                 str(dtype).replace("torch.", ""))
+    return works
+
+
+@functools.lru_cache(maxsize=None)
+def with_kernel(base: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An attention function (q, k, v, *, causal=False) that runs the kernel on the inputs it `supports` and
+    `base` on the rest."""
+
+    def attention_with_frame_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                    causal: bool = False) -> torch.Tensor:
+        if (_enabled and supports(q, k, v, causal) and attention_dispatch.get_attention_backend_setting() != "math"
+                and kernel_usable(q.device, q.dtype)):
+            return frame_attention(q, k, v)
+        return base(q, k, v, causal=causal)
+
+    return attention_with_frame_kernel

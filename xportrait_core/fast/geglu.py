@@ -3,20 +3,22 @@
 GEGLU projects each token to [value | gate] (2 x inner wide) and keeps value * gelu(gate). Eagerly that is two
 PyTorch kernels over halves of the projection, each a strided view (every row skips the other half), so both run
 PyTorch's generic, unvectorised elementwise path: gelu reads the gate and writes it back, the multiply reads both
-and writes the product. On the H200 (bf16, 2026-12-01, profile of one uncompiled guided window call) the pair took
-24 ms of its 171 ms GPU time, over some 105 feed-forward slices. Here one Triton pass reads both halves once and
-writes the product once, computed in float32 with one rounding (PyTorch's pair rounds gelu's output first): 6.9 ms
-for the same slices, and the uncompiled 16-frame job 5.72 s against 6.09 s (same H200, same day).
+and writes the product. Here one Triton pass reads both halves once and writes the product once, computed in
+float32 with one rounding (PyTorch's pair rounds gelu's output first). benchmarks/bench_geglu.py times it;
+benchmarks/NOTES.md keeps the figures.
 
-Used by `blocks.GEGLU` for CUDA half-precision input outside autograd and outside `torch.compile` (Inductor fuses
-the pair itself there), once a probe has seen it agree with PyTorch's; ``XPORTRAIT_GEGLU_KERNEL=0`` or
-`set_geglu_kernel(False)` turns it off.
+`with_kernel(base)` (below; `fast_operations` uses it) runs it for CUDA half-precision input outside autograd
+and outside `torch.compile` (Inductor fuses the pair itself there), once a probe has seen it agree with PyTorch's;
+``XPORTRAIT_GEGLU_KERNEL=0`` or `set_geglu_kernel(False)` turns it off.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import functools
+from typing import Callable
 
+import torch
+
+from ..model.operations import gated_gelu as pytorch_gated_gelu
 from .probe import probed_once
 from .switches import switched_on
 
@@ -71,12 +73,6 @@ def gated_gelu(projection: torch.Tensor, block_rows: int = BLOCK_ROWS,
     return out
 
 
-def reference_gated_gelu(projection: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, as PyTorch computes it (gelu into its own output, multiplied in place)."""
-    value, gate = projection.chunk(2, dim=-1)
-    return F.gelu(gate).mul_(value)
-
-
 def _kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel runs, and agrees with PyTorch, for this device type and dtype (probed once): Triton can be
     installed yet unable to build its launcher (no C compiler, say)."""
@@ -84,13 +80,13 @@ def _kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
         # Fixed values, not random ones: a probe must not move anyone's random stream.
         probe = (torch.arange(3 * 5 * 2 * 40, device=device, dtype=torch.float32).sin() * 3).reshape(3, 5, 80)
         half = probe.to(dtype)
-        return torch.allclose(gated_gelu(half).float(), reference_gated_gelu(half.float()), atol=3e-2, rtol=2e-2)
+        return torch.allclose(gated_gelu(half).float(), pytorch_gated_gelu(half.float()), atol=3e-2, rtol=2e-2)
 
     return probed_once(_works, "GEGLU", "PyTorch's gelu and multiply", device, dtype, agrees)
 
 
 def supports(projection: torch.Tensor) -> bool:
-    """Whether `blocks.GEGLU` runs the kernel on this projection output: CUDA half precision, contiguous, no autograd,
+    """Whether `with_kernel`'s function runs the kernel on this projection output: CUDA half precision, contiguous, no autograd,
     outside torch.compile, with the kernel on and working."""
     return (
         _enabled
@@ -102,3 +98,15 @@ def supports(projection: torch.Tensor) -> bool:
         and projection.is_contiguous()
         and _kernel_usable(projection.device, projection.dtype)
     )
+
+
+@functools.lru_cache(maxsize=None)
+def with_kernel(base: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gated-gelu function that runs the kernel on the projections it `supports` and `base` on the rest."""
+
+    def gated_gelu_with_kernel(projection: torch.Tensor) -> torch.Tensor:
+        if supports(projection):
+            return gated_gelu(projection)
+        return base(projection)
+
+    return gated_gelu_with_kernel

@@ -6,18 +6,16 @@ the first pass sums each channel's values and squares over blocks of rows (float
 into each group's totals, and the second pass derives each channel's scale and shift from them and writes
 scale * x + shift, channels-last. Two reads and one write of the activation, against five reads and four writes.
 
-Measured on the H200 (bf16, 2026-12-01, `benchmarks/bench_group_norm.py`, beside other processes' compiles) at
-68eae08, whose statistics took a dozen small PyTorch ops between the passes where one reduction now does (the
-same arithmetic, fewer launches): 0.31 ms against 0.77 for PyTorch's at the UNet's 32 x 320 x 64 x 64, 0.38
-against 1.57 at 640 channels, 0.35 against 2.32 for a spatial transformer's norm, 0.45 against 3.09 for the VAE's
-4 x 128 x 512 x 512; at 32 x 1280 x 16 x 16 it was slower (0.31 against 0.25). In this form the uncompiled
-16-frame job took 5.95 s against 7.09 s with PyTorch's GroupNorm (H200, same machine, later that day).
+PyTorch's own kernel wins only where the maps are small and the channels many (the deepest UNet levels);
+benchmarks/bench_group_norm.py times both at the model's shapes, and benchmarks/NOTES.md keeps the figures.
 
-Used by `GroupNorm` (below) for CUDA half-precision channels-last input outside `torch.compile` (Inductor writes
-its own, fused GroupNorm there), once a probe has seen it agree with PyTorch's; ``XPORTRAIT_GROUP_NORM_KERNEL=0``
-or `set_group_norm_kernel(False)` turns it off.
+`with_kernel(base)` (below; `fast_operations` uses it) runs it for CUDA half-precision channels-last input
+outside `torch.compile` (Inductor writes its own, fused GroupNorm there), once a probe has seen it agree with
+PyTorch's; ``XPORTRAIT_GROUP_NORM_KERNEL=0`` or `set_group_norm_kernel(False)` turns it off.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -66,9 +64,9 @@ if triton is not None:
 
     @triton.jit
     def _normalize_kernel(X, Y, TOTALS, W, B, rows_total, channels, num_groups, per_group, plane, inv_count, eps,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Each channel's group statistics from the group totals (sums of x and x*x, `plane` elements apart), then
-        # y = (x - mean) * rstd * weight + bias as one multiply-add, SiLU if asked, rounded once to Y's dtype.
+        # y = (x - mean) * rstd * weight + bias as one multiply-add, rounded once to Y's dtype.
         n = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -82,15 +80,13 @@ if triton is not None:
         offsets = n.to(tl.int64) * rows_total * channels + rows.to(tl.int64)[:, None] * channels + cols[None, :]
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         y = x * scale[None, :] + shift[None, :]
-        if SILU:
-            y = y * tl.sigmoid(y)
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                             eps: float, silu: bool = False, block_rows: int = BLOCK_ROWS,
+                             eps: float, block_rows: int = BLOCK_ROWS,
                              block_channels: int = BLOCK_CHANNELS) -> torch.Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps) (then SiLU if `silu`) for x (N, C, H, W) in channels-last
+    """F.group_norm(x, num_groups, weight, bias, eps) for x (N, C, H, W) in channels-last
     memory, returned channels-last in x's dtype. Statistics in float32, the variance as E[x^2] - E[x]^2 over
     each group (tested on activations off centre). Five launches: the two passes, their buffers and one
     reduction of the per-block sums to group totals (the host's cost matters where no CUDA graph records them)."""
@@ -109,7 +105,7 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
     totals = partial.view(2, n, row_blocks, num_groups, per_group).sum(dim=(2, 4))  # (2, N, groups)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     _normalize_kernel[grid](x, out, totals, weight, bias, rows, channels, num_groups, per_group, n * num_groups,
-                            1.0 / (rows * per_group), eps, BLOCK_R=block_rows, BLOCK_C=block_channels, SILU=silu)
+                            1.0 / (rows * per_group), eps, BLOCK_R=block_rows, BLOCK_C=block_channels)
     return out
 
 
@@ -143,13 +139,16 @@ def supports(x: torch.Tensor) -> bool:
     )
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm; on CUDA half-precision channels-last input it runs the kernel above (same parameters, same
-    checkpoint keys)."""
+@functools.lru_cache(maxsize=None)
+def with_kernel(base: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of the GroupNorm class `base` (torch's constructor, `weight`/`bias` parameters: the same
+    checkpoint keys) that runs the kernel above on the input it `supports` and `base`'s forward on the rest."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.affine:
+    class GroupNormWithKernel(base):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.affine and supports(x):
+                return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
             return super().forward(x)
-        if supports(x):
-            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+    GroupNormWithKernel.__name__ = GroupNormWithKernel.__qualname__ = f"{base.__name__}WithKernel"
+    return GroupNormWithKernel

@@ -1,7 +1,8 @@
-"""The one place where attention is computed.
+"""The attention dispatch of the plain-PyTorch operations.
 
 Every attention in the pack (spatial self/cross attention with the reference bank, temporal attention, the VAE's
-mid-block attention, CLIP's causal attention) calls `attention(q, k, v)`. The backend is chosen here:
+mid-block attention, CLIP's causal attention) calls its `Operations.attention(q, k, v)`; in
+`operations.torch_operations()` that is `attention` below, which picks a backend:
 
 - ``xformers``: `xformers.ops.memory_efficient_attention`, used when it imports *and* a probe call succeeds for
   the device type and dtype at hand. Published xformers wheels target one torch version; a wheel built for another
@@ -11,10 +12,7 @@ mid-block attention, CLIP's causal attention) calls `attention(q, k, v)`. The ba
   PyTorch). Always available; the fallback.
 - ``math``: explicit ``softmax(q k^T / sqrt(d)) v`` in float32, for checking the other two only.
 
-Whatever the backend (but math), CUDA half-precision self-attention over at most 32 tokens, the motion modules'
-attention along frames, runs `frame_attention`'s Triton kernel where Triton is installed: flash kernels fill their
-tiles a quarter full at 16 tokens and need the heads transposed in and out (see frame_attention.py for how much
-faster it measured). ``XPORTRAIT_FRAME_KERNEL=0`` or `set_frame_kernel(False)` turns it off.
+`fast/operations.py` wraps it with a kernel for the motion modules' short sequences.
 
 ``XPORTRAIT_ATTENTION=auto|xformers|sdpa|math`` or `set_attention_backend()` forces a choice; forcing xformers
 where it cannot run raises instead of silently falling back. The backend actually used is logged once per
@@ -24,31 +22,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..fast import frame_attention
-from ..fast.probe import probed_once
-from ..fast.switches import switched_on
+from ..switches import setting, switch
 
 log = logging.getLogger("xportrait")
 
-BACKENDS = ("auto", "xformers", "sdpa", "math")
+BACKENDS = switch("XPORTRAIT_ATTENTION").choices
 
-_setting: str = os.environ.get("XPORTRAIT_ATTENTION", "auto").strip().lower() or "auto"
-if _setting not in BACKENDS:
-    raise ValueError(f"XPORTRAIT_ATTENTION={_setting!r}: expected one of {', '.join(BACKENDS)}")
+_setting: str = setting("XPORTRAIT_ATTENTION")
 
 _xformers_ops = None
 _xformers_import_error: Optional[str] = None
 _xformers_works: dict[tuple[str, torch.dtype], bool] = {}
 _logged: set[tuple[str, str, torch.dtype]] = set()
 _resolved: dict[tuple[str, torch.dtype], str] = {}
-_frame_kernel: bool = switched_on("XPORTRAIT_FRAME_KERNEL")
-_frame_kernel_works: dict[tuple[str, torch.dtype], bool] = {}
 
 # CUDA attention kernels launch one block row per (batch x head); grids past 65535 fail on some kernels, so very
 # large batches (temporal attention over every pixel of a 64x64 latent) are split.
@@ -63,12 +54,6 @@ def set_attention_backend(name: str) -> None:
         raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(BACKENDS)}")
     _setting = name
     _resolved.clear()
-
-
-def set_frame_kernel(enabled: bool) -> None:
-    """Use (default) or bypass the Triton kernel for short CUDA half-precision sequences (temporal attention)."""
-    global _frame_kernel
-    _frame_kernel = bool(enabled)
 
 
 def get_attention_backend_setting() -> str:
@@ -107,26 +92,6 @@ def xformers_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _xformers_works[key]
 
 
-def frame_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton frame-attention kernel runs, and agrees with SDPA, for this device type and dtype
-    (probed once). Triton can be installed yet unable to build its launcher (no C compiler, say): then the
-    dispatch keeps to the backend for those sequences too, with one warning."""
-    if (device.type, dtype) in _frame_kernel_works:
-        return _frame_kernel_works[(device.type, dtype)]
-    # Fixed values, not random ones: a probe must not move anyone's random stream.
-    q = torch.arange(3 * 2 * 16 * 32, device=device, dtype=torch.float32).sin().reshape(3, 2, 16, 32).to(dtype)
-    if not frame_attention.supports(q, q, q, causal=False):
-        _frame_kernel_works[(device.type, dtype)] = False
-        return False
-
-    def agrees() -> bool:
-        out = frame_attention.frame_attention(q, q, q).float()
-        expected = F.scaled_dot_product_attention(q.float(), q.float(), q.float())
-        return torch.allclose(out, expected, atol=2e-2, rtol=2e-2)
-
-    return probed_once(_frame_kernel_works, "frame-attention", "SDPA", device, dtype, agrees)
-
-
 def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend `attention()` will use for tensors of this device and dtype."""
     if _setting == "auto":
@@ -140,16 +105,14 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     return _setting
 
 
-def _resolve_and_log(device: torch.device, dtype: torch.dtype) -> str:
+def resolve_once(device: torch.device, dtype: torch.dtype) -> str:
     """Resolve once per (device type, dtype), log the choice, and remember it: later calls (compiled graphs
     included) only look it up."""
     backend = resolve_backend(device, dtype)
-    frames = frame_kernel_usable(device, dtype)
     key = (backend, device.type, dtype)
     if key not in _logged:
         _logged.add(key)
-        log.info("X-Portrait attention backend: %s (%s, %s)%s", backend, device.type, str(dtype).replace("torch.", ""),
-                 ", frame-attention kernel for the motion modules" if frames and _frame_kernel else "")
+        log.info("X-Portrait attention backend: %s (%s, %s)", backend, device.type, str(dtype).replace("torch.", ""))
     _resolved[(device.type, dtype)] = backend
     return backend
 
@@ -189,10 +152,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     backend = _resolved.get((q.device.type, q.dtype))
     if backend is None:
-        backend = _resolve_and_log(q.device, q.dtype)
-    if (_frame_kernel and backend != "math" and _frame_kernel_works.get((q.device.type, q.dtype))
-            and frame_attention.supports(q, k, v, causal)):
-        return frame_attention.frame_attention(q, k, v)
+        backend = resolve_once(q.device, q.dtype)
     if backend == "xformers":
         k, v = k.contiguous(), v.contiguous()
     batch, heads = q.shape[0], q.shape[1]

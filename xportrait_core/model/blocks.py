@@ -1,5 +1,6 @@
 """The block library every network of the model is built from: the main UNet, the reference net and both
-ControlNets use these same classes (the VAE and the motion modules have their own, small ones).
+ControlNets use these same classes (the VAE and the motion modules have their own, small ones). Every layer comes
+from the `Operations` passed in (None: plain PyTorch), so a block never names a layer class or kernel itself.
 
 Submodule names follow the SD1.5 / ldm layout (`in_layers.0`, `emb_layers.1`, `attn1.to_q`, ...), so the official
 checkpoint maps onto them by prefix alone; see checkpoint.py.
@@ -13,28 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fast import geglu
-from .attention import attention
-from ..fast.group_norm import GroupNorm
+from .operations import Operations, operations_or_default
 from .reference_bank import ReferenceBank
 
 
-class GroupNorm32(GroupNorm):
-    """GroupNorm with float32 statistics whatever the activations' dtype, as the official UNet computes it.
-
-    CUDA's half-precision group_norm kernels (PyTorch's and the pack's channels-last one) already accumulate in
-    float32, so there the half tensor goes in as it is (an explicit upcast would only add two full passes over the
-    activations); elsewhere it is upcast.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or x.is_cuda:
-            return super().forward(x)
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
-
-
-def normalization(channels: int) -> nn.GroupNorm:
-    return GroupNorm32(32, channels)
+def normalization(channels: int, operations: Operations) -> nn.Module:
+    return operations.GroupNorm(32, channels)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -51,8 +36,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 class TimestepEmbedding(nn.Sequential):
     """time_embed: Linear -> SiLU -> Linear on the sinusoidal embedding."""
 
-    def __init__(self, model_channels: int, embed_dim: int):
-        super().__init__(nn.Linear(model_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+    def __init__(self, model_channels: int, embed_dim: int, operations: Optional[Operations] = None):
+        ops = operations_or_default(operations)
+        super().__init__(ops.Linear(model_channels, embed_dim), nn.SiLU(), ops.Linear(embed_dim, embed_dim))
         self.model_channels = model_channels
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -63,14 +49,17 @@ class TimestepEmbedding(nn.Sequential):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added in between, and a skip connection."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None):
+    def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None,
+                 operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(0.0),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.in_layers = nn.Sequential(normalization(channels, ops), nn.SiLU(),
+                                       ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels, ops), nn.SiLU(), nn.Dropout(0.0),
+                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -79,18 +68,18 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations: Optional[Operations] = None):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = operations_or_default(operations).Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations: Optional[Operations] = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = operations_or_default(operations).Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -99,18 +88,19 @@ class Upsample(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU feed-forward (x * gelu(gate), 4x inner width), as SD1.5's transformers and AnimateDiff use.
 
-    Its inner activations are the largest tensors of the UNet (a motion module at 64x64 with 640 channels and a
-    batched guidance pass: 1.3 GB for the projection alone), and every token is computed on its own, so without
-    autograd it runs over slices of the leading axis that keep the projection under `chunk_bytes`: the same
-    values, a lower memory peak, matrix products still tens of thousands of rows tall.
+    Its inner activations are the largest tensors of the UNet (a motion module at full latent resolution in a
+    batched guidance pass), and every token is computed on its own, so without autograd it runs over slices of the
+    leading axis that keep the projection under `chunk_bytes`: the same values, a lower memory peak, matrix
+    products still tall enough to keep the GPU busy.
     """
 
     chunk_bytes = 256 * 2**20
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner, ops), nn.Dropout(0.0), ops.Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projection_bytes = x.numel() // x.shape[-1] * self.net[0].proj.out_features * x.element_size()
@@ -124,48 +114,47 @@ class FeedForward(nn.Module):
 
 
 class GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
+    """Projection to [value | gate], then value * gelu(gate) by the operations' `gated_gelu`."""
+
+    def __init__(self, dim_in: int, dim_out: int, operations: Optional[Operations] = None):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        ops = operations_or_default(operations)
+        self.proj = ops.Linear(dim_in, dim_out * 2)
+        self.gated_gelu = ops.gated_gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projection = self.proj(x)
-        if geglu.supports(projection):  # uncompiled CUDA inference: one pass instead of two strided ones
-            return geglu.gated_gelu(projection)
-        value, gate = projection.chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return value * F.gelu(gate)
-        # Inference: multiply into gelu's fresh output, one activation-sized buffer fewer at the memory peak
-        # (the feed-forward's inner activations are the largest of the UNet).
-        return F.gelu(gate).mul_(value)
+        return self.gated_gelu(self.proj(x))
 
 
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v projections.
 
-    `appended` holds extra key/value tokens (the reference bank) appended after the context's own: the official
-    model attends over cat([x, bank]) along tokens. The bank usually has batch 1 while `x` holds every frame, so
-    its keys and values are projected once and broadcast over the frames instead of projecting 16 copies.
-    `appended_rows` limits the bank to the first rows of the batch: in a batched guidance pass the rows after
-    them are the unconditional branch, which attends over its own tokens only.
+    `bank` holds extra key/value tokens (this block's reference-bank entry) appended after the context's own: the
+    official model attends over cat([x, bank]) along tokens. The bank usually has batch 1 while `x` holds every
+    frame, so its keys and values are projected once and broadcast over the frames instead of projecting a copy
+    per frame. `conditional_rows` limits the bank to the first rows of the batch: in a batched guidance pass the
+    rows after them are the unconditional branch, which attends over its own tokens only.
     """
 
-    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: Optional[int] = None):
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: Optional[int] = None,
+                 operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.attention = ops.attention
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
         return t.view(b, n, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                appended: Optional[torch.Tensor] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
+                bank: Optional[torch.Tensor] = None, conditional_rows: Optional[int] = None) -> torch.Tensor:
         context = x if context is None else context
         batch = x.shape[0]
         q = self._heads(self.to_q(x))
@@ -175,18 +164,19 @@ class Attention(nn.Module):
             k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
         # Outputs (B, H, N, D) are taken as (B, N, H, D): the layout SDPA's and the frame kernel's outputs lie in,
         # which the output projection reads as (B, N, H*D) without a copy.
-        if appended is None:
-            out = attention(q, self._heads(k), self._heads(v)).transpose(1, 2)
+        if bank is None:
+            out = self.attention(q, self._heads(k), self._heads(v)).transpose(1, 2)
         else:
-            rows = batch if appended_rows is None else appended_rows
-            k_bank, v_bank = self.to_k(appended), self.to_v(appended)
+            rows = batch if conditional_rows is None else conditional_rows
+            k_bank, v_bank = self.to_k(bank), self.to_v(bank)
             if k_bank.shape[0] != rows:
                 k_bank, v_bank = k_bank.expand(rows, -1, -1), v_bank.expand(rows, -1, -1)
-            out = attention(q[:rows], self._heads(torch.cat([k[:rows], k_bank], dim=1)),
-                            self._heads(torch.cat([v[:rows], v_bank], dim=1))).transpose(1, 2)
+            out = self.attention(q[:rows], self._heads(torch.cat([k[:rows], k_bank], dim=1)),
+                                 self._heads(torch.cat([v[:rows], v_bank], dim=1))).transpose(1, 2)
             if rows < batch:
                 # Joined in that layout too: joined as (B, H, N, D), the result would need a transposing copy.
-                out = torch.cat([out, attention(q[rows:], self._heads(k[rows:]), self._heads(v[rows:])).transpose(1, 2)])
+                unconditional = self.attention(q[rows:], self._heads(k[rows:]), self._heads(v[rows:]))
+                out = torch.cat([out, unconditional.transpose(1, 2)])
         return self.to_out(out.reshape(batch, -1, q.shape[1] * q.shape[3]))
 
 
@@ -197,25 +187,27 @@ class BasicTransformerBlock(nn.Module):
     order); the reference net writes entry `bank_slot` and the main UNet's block of the same slot reads it.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, bank_slot: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, bank_slot: int,
+                 operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         self.bank_slot = bank_slot
-        self.attn1 = Attention(dim, heads, dim_head)
-        self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, operations=ops)
+        self.ff = FeedForward(dim, operations=ops)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim, operations=ops)
+        self.norm1 = ops.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, appended: Optional[torch.Tensor] = None,
-                recorded: Optional[list] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
-        """appended: reference tokens added to the self-attention's keys and values (main UNet reading the bank),
-        for the first `appended_rows` rows only if given. recorded: a list that receives the self-attention's
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bank: Optional[torch.Tensor] = None,
+                recorded: Optional[list] = None, conditional_rows: Optional[int] = None) -> torch.Tensor:
+        """bank: this block's reference-bank entry, added to the self-attention's keys and values (main UNet),
+        for the first `conditional_rows` rows only if given. recorded: a list that receives the self-attention's
         input (the reference net filling the bank)."""
         h = self.norm1(x)
         if recorded is not None:
             recorded.append(h)
-        x = self.attn1(h, appended=appended, appended_rows=appended_rows) + x
+        x = self.attn1(h, bank=bank, conditional_rows=conditional_rows) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -223,42 +215,46 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, 1x1 conv in, transformer blocks over the H*W tokens, 1x1 conv out, residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, first_bank_slot: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, first_bank_slot: int,
+                 operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         inner = heads * dim_head
-        self.norm = GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = ops.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, bank_slot=first_bank_slot + d) for d in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, bank_slot=first_bank_slot + d, operations=ops)
+            for d in range(depth)
         )
-        self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.proj_out = ops.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, appended: Optional[Sequence[torch.Tensor]] = None,
-                recorded: Optional[list] = None, appended_rows: Optional[int] = None) -> torch.Tensor:
-        """appended: one entry per transformer block, or None; recorded, appended_rows: as BasicTransformerBlock's."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bank: Optional[Sequence[torch.Tensor]] = None,
+                recorded: Optional[list] = None, conditional_rows: Optional[int] = None) -> torch.Tensor:
+        """bank: one reference-bank entry per transformer block, or None; recorded, conditional_rows: as
+        BasicTransformerBlock's."""
         b, c, height, width = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, context, None if appended is None else appended[i], recorded, appended_rows)
+            h = block(h, context, None if bank is None else bank[i], recorded, conditional_rows)
         h = h.transpose(1, 2).reshape(b, -1, height, width)
         return self.proj_out(h) + x
 
-    def forward_with_bank(self, x: torch.Tensor, context: torch.Tensor,
-                          reference: Optional[ReferenceBank] = None, bank_rows: Optional[int] = None) -> torch.Tensor:
+    def forward_with_bank(self, x: torch.Tensor, context: torch.Tensor, bank: Optional[ReferenceBank] = None,
+                          conditional_rows: Optional[int] = None) -> torch.Tensor:
         """`forward`, writing to or reading from the reference bank by the blocks' slots (reading it for the first
-        `bank_rows` rows of the batch only, if given).
+        `conditional_rows` rows of the batch only, if given).
 
         The bank is handled here, outside `forward`, so a compiled forward sees only tensors and lists: no guard
         on the bank's state, hence no recompilation for every slot.
         """
-        if reference is None:
+        if bank is None:
             return self(x, context)
-        if reference.recording:
+        if bank.recording:
             recorded: list[torch.Tensor] = []
             x = self(x, context, recorded=recorded)
             for block, tokens in zip(self.transformer_blocks, recorded):
-                reference.write(block.bank_slot, tokens)
+                bank.write(block.bank_slot, tokens)
             return x
-        return self(x, context, appended=[reference.read(block.bank_slot) for block in self.transformer_blocks],
-                    appended_rows=bank_rows)
+        return self(x, context, bank=[bank.read(block.bank_slot) for block in self.transformer_blocks],
+                    conditional_rows=conditional_rows)

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from .config import XPortraitConfig
+from .operations import Operations
 from .schedule import make_alphas_cumprod
 
 log = logging.getLogger("xportrait")
@@ -226,8 +227,10 @@ def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[X
 
 
 def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPortraitConfig] = None,
-                   dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
-    """Build `XPortrait` and load a checkpoint (path or state dict) into it, refusing one that does not fit.
+                   dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                   operations: Optional[Operations] = None):
+    """Build `XPortrait` from `operations` (None: plain PyTorch) and load a checkpoint (path or state dict) into
+    it, refusing one that does not fit.
 
     The config is inferred from the checkpoint's shapes when not given. Weights are cast to `dtype`; the text
     encoder exists only when the checkpoint holds CLIP weights.
@@ -241,7 +244,7 @@ def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPort
     _check_schedule(raw, config)
     with_text = _has_text_encoder(state)
     with torch.device("meta"):
-        model = XPortrait(config, with_text_encoder=with_text)
+        model = XPortrait(config, with_text_encoder=with_text, operations=operations)
     report = compare_keys(state, {k: v.shape for k, v in model.state_dict().items()})
     report.ignored = ignored
     if not report.fits:

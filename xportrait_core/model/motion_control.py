@@ -11,39 +11,41 @@ import torch.nn as nn
 
 from .blocks import TimestepEmbedding
 from .config import ControlNetConfig, UNetConfig
+from .operations import Operations, operations_or_default
 from .unet import _SlotCounter, build_input_blocks, build_middle_block
 
 
-def _zero_conv(channels: int) -> nn.Sequential:
+def _zero_conv(channels: int, operations: Operations) -> nn.Sequential:
     # A 1x1 conv initialised to zero in training, so control starts as a no-op. Wrapped in a Sequential to keep the
     # official key layout (`zero_convs.N.0.weight`).
-    return nn.Sequential(nn.Conv2d(channels, channels, 1))
+    return nn.Sequential(operations.Conv2d(channels, channels, 1))
 
 
-def _hint_encoder(control: ControlNetConfig, out_channels: int) -> nn.Sequential:
+def _hint_encoder(control: ControlNetConfig, out_channels: int, operations: Operations) -> nn.Sequential:
     """Image-space hint (3, H, W) -> features at latent resolution (H/8): convs with SiLU, three of them stride 2."""
     widths = (control.hint_channels,) + tuple(control.hint_block_channels)
     layers: list[nn.Module] = []
     for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
         # Stages: 16,16 | 32,32 | 96,96 | 256 ; the first conv of each new width after the first halves the size.
         stride = 2 if i in (2, 4, 6) else 1
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
-    layers.append(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
+        layers += [operations.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
+    layers.append(operations.Conv2d(widths[-1], out_channels, 3, padding=1))
     return nn.Sequential(*layers)
 
 
 class ControlNet(nn.Module):
     """The UNet's input half and middle, with the hint added after the first conv and a zero conv per output."""
 
-    def __init__(self, cfg: UNetConfig, control: ControlNetConfig):
+    def __init__(self, cfg: UNetConfig, control: ControlNetConfig, operations: Optional[Operations] = None):
         super().__init__()
-        slots = _SlotCounter()
-        self.time_embed = TimestepEmbedding(cfg.model_channels, cfg.time_embed_dim)
+        ops = operations_or_default(operations)
+        slots = _SlotCounter(ops)
+        self.time_embed = TimestepEmbedding(cfg.model_channels, cfg.time_embed_dim, ops)
         self.input_blocks, channels, _ = build_input_blocks(cfg, slots)
-        self.input_hint_block = _hint_encoder(control, cfg.model_channels)
-        self.zero_convs = nn.ModuleList(_zero_conv(ch) for ch in channels)
+        self.input_hint_block = _hint_encoder(control, cfg.model_channels, ops)
+        self.zero_convs = nn.ModuleList(_zero_conv(ch, ops) for ch in channels)
         self.middle_block = build_middle_block(cfg, slots)
-        self.middle_block_out = _zero_conv(channels[-1])
+        self.middle_block_out = _zero_conv(channels[-1], ops)
 
     def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
         """Hint images (N, 3, H, W) in [-1, 1] -> hint features (N, model_channels, H/8, W/8). They depend on the

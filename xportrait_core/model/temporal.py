@@ -12,13 +12,14 @@ way out: the same function with half the memory traffic.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .blocks import Attention, FeedForward
 from .config import MotionModuleConfig
-from ..fast.group_norm import GroupNorm
+from .operations import Operations, operations_or_default
 
 
 class PositionalEncoding(nn.Module):
@@ -42,8 +43,8 @@ class PositionalEncoding(nn.Module):
 
 
 class TemporalSelfAttention(Attention):
-    def __init__(self, dim: int, heads: int, max_frames: int):
-        super().__init__(dim, heads, dim // heads)
+    def __init__(self, dim: int, heads: int, max_frames: int, operations: Optional[Operations] = None):
+        super().__init__(dim, heads, dim // heads, operations=operations)
         self.pos_encoder = PositionalEncoding(dim, max_frames)
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
@@ -52,12 +53,14 @@ class TemporalSelfAttention(Attention):
 
 
 class TemporalTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, attentions: int, max_frames: int):
+    def __init__(self, dim: int, heads: int, attentions: int, max_frames: int, operations: Optional[Operations] = None):
         super().__init__()
-        self.attention_blocks = nn.ModuleList(TemporalSelfAttention(dim, heads, max_frames) for _ in range(attentions))
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(attentions))
-        self.ff = FeedForward(dim)
-        self.ff_norm = nn.LayerNorm(dim)
+        ops = operations_or_default(operations)
+        self.attention_blocks = nn.ModuleList(TemporalSelfAttention(dim, heads, max_frames, ops)
+                                              for _ in range(attentions))
+        self.norms = nn.ModuleList(ops.LayerNorm(dim) for _ in range(attentions))
+        self.ff = FeedForward(dim, operations=ops)
+        self.ff_norm = ops.LayerNorm(dim)
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
@@ -68,16 +71,17 @@ class TemporalTransformerBlock(nn.Module):
 class MotionModule(nn.Module):
     """GroupNorm, linear in, temporal transformer blocks, linear out, residual (zero-initialised out in training)."""
 
-    def __init__(self, channels: int, config: MotionModuleConfig):
+    def __init__(self, channels: int, config: MotionModuleConfig, operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         self.max_frames = config.max_frames
-        self.norm = GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels)
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = ops.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            TemporalTransformerBlock(channels, config.num_heads, config.attentions_per_block, config.max_frames)
+            TemporalTransformerBlock(channels, config.num_heads, config.attentions_per_block, config.max_frames, ops)
             for _ in range(config.num_blocks)
         )
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = ops.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames_total, channels, height, width = x.shape

@@ -8,11 +8,13 @@ buffer some checkpoints carry is deliberately not registered (positions are alwa
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from .attention import attention
 from .config import TextEncoderConfig
+from .operations import Operations, operations_or_default
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -32,40 +34,41 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, operations: Operations):
         super().__init__()
         self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.attention = operations.attention
+        self.q_proj = operations.Linear(cfg.width, cfg.width)
+        self.k_proj = operations.Linear(cfg.width, cfg.width)
+        self.v_proj = operations.Linear(cfg.width, cfg.width)
+        self.out_proj = operations.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         # (B, N, C) -> (B, heads, N, C / heads)
         q, k, v = (p(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = attention(q, k, v, causal=True)
+        out = self.attention(q, k, v, causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, operations: Operations):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
-        self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
+        self.fc1 = operations.Linear(cfg.width, cfg.intermediate)
+        self.fc2 = operations.Linear(cfg.intermediate, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(quick_gelu(self.fc1(x)))
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, operations: Operations):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.width)
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.width)
-        self.mlp = CLIPMLP(cfg)
+        self.layer_norm1 = operations.LayerNorm(cfg.width)
+        self.self_attn = CLIPAttention(cfg, operations)
+        self.layer_norm2 = operations.LayerNorm(cfg.width)
+        self.mlp = CLIPMLP(cfg, operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -73,20 +76,21 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPEncoderStack(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, operations: Operations):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPLayer(cfg, operations) for _ in range(cfg.layers))
 
 
 class CLIPTextEncoder(nn.Module):
-    def __init__(self, config: TextEncoderConfig = TextEncoderConfig()):
+    def __init__(self, config: TextEncoderConfig = TextEncoderConfig(), operations: Optional[Operations] = None):
         super().__init__()
         if config.width % config.heads:
             raise ValueError(f"width {config.width} is not divisible by heads {config.heads}")
+        ops = operations_or_default(operations)
         self.config = config
         self.embeddings = CLIPEmbeddings(config)
-        self.encoder = CLIPEncoderStack(config)
-        self.final_layer_norm = nn.LayerNorm(config.width)
+        self.encoder = CLIPEncoderStack(config, ops)
+        self.final_layer_norm = ops.LayerNorm(config.width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Last hidden state (B, N, width) of token ids (B, N), N <= max_length."""

@@ -9,28 +9,30 @@ Scaling by `VAEConfig.scale_factor` is the caller's business: `encode` returns t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
 from .config import VAEConfig
-from ..fast.group_norm import GroupNorm
+from .operations import Operations, operations_or_default
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return GroupNorm(32, channels, eps=1e-6)
+def _norm(channels: int, operations: Operations) -> nn.Module:
+    return operations.GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, operations: Optional[Operations] = None):
         super().__init__()
-        self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        ops = operations_or_default(operations)
+        self.norm1 = _norm(in_channels, ops)
+        self.conv1 = ops.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, ops)
+        self.conv2 = ops.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = ops.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -43,27 +45,29 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1 convolutions as projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations: Optional[Operations] = None):
         super().__init__()
-        self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        ops = operations_or_default(operations)
+        self.attention = ops.attention
+        self.norm = _norm(channels, ops)
+        self.q = ops.Conv2d(channels, channels, 1)
+        self.k = ops.Conv2d(channels, channels, 1)
+        self.v = ops.Conv2d(channels, channels, 1)
+        self.proj_out = ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         normed = self.norm(x)
         # (B, C, H, W) -> (B, 1 head, HW, C)
         q, k, v = (proj(normed).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        out = self.attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations: Operations):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = operations.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The original VAE pads only right and bottom (asymmetric), which a Conv2d padding cannot express.
@@ -71,9 +75,9 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations: Operations):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = operations.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Nearest-neighbour 2x by expand + reshape rather than F.interpolate, whose nearest kernels refuse outputs
@@ -84,11 +88,11 @@ class Upsample(nn.Module):
 
 
 class _MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations: Operations):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, operations)
+        self.attn_1 = AttnBlock(channels, operations)
+        self.block_2 = ResnetBlock(channels, channels, operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -97,10 +101,10 @@ class _MidBlock(nn.Module):
 class _Level(nn.Module):
     """One resolution of the encoder or decoder: res blocks, then an optional resampler (`downsample`/`upsample`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, operations: Operations):
         super().__init__()
         self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, operations) for i in range(num_blocks)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,22 +117,23 @@ class _Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         in_ch = cfg.ch
         for i, out_ch in enumerate(widths):
-            level = _Level(in_ch, out_ch, cfg.num_res_blocks)
+            level = _Level(in_ch, out_ch, cfg.num_res_blocks, ops)
             if i != len(widths) - 1:
-                level.downsample = Downsample(out_ch)
+                level.downsample = Downsample(out_ch, ops)
             self.down.append(level)
             in_ch = out_ch
-        self.mid = _MidBlock(in_ch)
-        self.norm_out = _norm(in_ch)
+        self.mid = _MidBlock(in_ch, ops)
+        self.norm_out = _norm(in_ch, ops)
         # Mean and log-variance, hence twice the latent channels.
-        self.conv_out = nn.Conv2d(in_ch, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(in_ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -139,24 +144,25 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         widths = [cfg.ch * m for m in cfg.ch_mult]
         in_ch = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
-        self.mid = _MidBlock(in_ch)
+        self.conv_in = ops.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
+        self.mid = _MidBlock(in_ch, ops)
         # Built from the lowest resolution up, but stored so that up[i] is the level at the encoder's down[i]
         # resolution, as in the checkpoint.
         levels = []
         for i in reversed(range(len(widths))):
-            level = _Level(in_ch, widths[i], cfg.num_res_blocks + 1)
+            level = _Level(in_ch, widths[i], cfg.num_res_blocks + 1, ops)
             if i != 0:
-                level.upsample = Upsample(widths[i])
+                level.upsample = Upsample(widths[i], ops)
             levels.insert(0, level)
             in_ch = widths[i]
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(in_ch)
-        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
+        self.norm_out = _norm(in_ch, ops)
+        self.conv_out = ops.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -166,13 +172,14 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, config: VAEConfig = VAEConfig()):
+    def __init__(self, config: VAEConfig = VAEConfig(), operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.encoder = Encoder(config, ops)
+        self.decoder = Decoder(config, ops)
+        self.quant_conv = ops.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.post_quant_conv = ops.Conv2d(config.embed_dim, config.z_channels, 1)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, logvar), each (N, embed_dim, H/8, W/8), of images (N, 3, H, W) in [-1, 1]; unscaled."""

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .config import XPortraitConfig
 from .motion_control import ControlNet, combine_motion_residuals
+from .operations import Operations, operations_or_default
 from .reference_bank import ReferenceBank
 from .schedule import make_alphas_cumprod
 from .text_encoder import CLIPTextEncoder, encode_empty_prompt
@@ -29,15 +30,20 @@ class MissingTextEncoderError(ValueError):
 
 
 class XPortrait(nn.Module):
-    def __init__(self, config: XPortraitConfig = XPortraitConfig.official(), with_text_encoder: bool = True):
+    """All networks, built from one `Operations` (None: plain PyTorch; see operations.py)."""
+
+    def __init__(self, config: XPortraitConfig = XPortraitConfig.official(), with_text_encoder: bool = True,
+                 operations: Optional[Operations] = None):
         super().__init__()
+        ops = operations_or_default(operations)
         self.config = config
-        self.unet = UNet(config.unet, motion=config.motion)
-        self.reference_net = UNet(config.unet, with_out=False)
-        self.global_control = ControlNet(config.unet, config.control)
-        self.local_control = ControlNet(config.unet, config.control)
-        self.vae = AutoencoderKL(config.vae)
-        self.text_encoder = CLIPTextEncoder(config.text_encoder) if with_text_encoder else None
+        self.operations = ops
+        self.unet = UNet(config.unet, motion=config.motion, operations=ops)
+        self.reference_net = UNet(config.unet, with_out=False, operations=ops)
+        self.global_control = ControlNet(config.unet, config.control, ops)
+        self.local_control = ControlNet(config.unet, config.control, ops)
+        self.vae = AutoencoderKL(config.vae, ops)
+        self.text_encoder = CLIPTextEncoder(config.text_encoder, ops) if with_text_encoder else None
         # A plain float32 tensor, not a buffer: `model.half()` must not round the noise schedule.
         self.alphas_cumprod = make_alphas_cumprod(config.schedule)
         self._empty_prompt: Optional[torch.Tensor] = None
@@ -82,7 +88,7 @@ class XPortrait(nn.Module):
             latents = latents.repeat_interleave(num_contexts, dim=0)
             context = context.repeat(num_refs, 1, 1)
         bank = ReferenceBank(num_references=num_refs)
-        self.reference_net(latents, self._timesteps(t, latents.shape[0]), context, reference=bank)
+        self.reference_net(latents, self._timesteps(t, latents.shape[0]), context, bank=bank)
         return bank.finish()
 
     # ---- predictions ----------------------------------------------------------------------------------------
@@ -113,7 +119,7 @@ class XPortrait(nn.Module):
             local_residuals = self.local_control(x, local_hint, ts, context, hint_encoded=hints_encoded)
         return combine_motion_residuals(global_residuals, global_strength, local_residuals, local_strength)
 
-    def eps_cond(self, x: torch.Tensor, t, context: torch.Tensor, reference: ReferenceBank,
+    def eps_cond(self, x: torch.Tensor, t, context: torch.Tensor, bank: ReferenceBank,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0,
                  num_frames: Optional[int] = None, hints_encoded: bool = False) -> torch.Tensor:
@@ -124,18 +130,18 @@ class XPortrait(nn.Module):
         ts = self._timesteps(t, x.shape[0])
         control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength,
                                        hints_encoded)
-        eps = self.unet(x, ts, context, reference=reference, control=control, num_frames=num_frames)
+        eps = self.unet(x, ts, context, bank=bank, control=control, num_frames=num_frames)
         return eps.float()
 
     def eps_guided(self, x: torch.Tensor, t, context: torch.Tensor, uncond_context: torch.Tensor,
-                   reference: ReferenceBank, global_hint: Optional[torch.Tensor] = None,
+                   bank: ReferenceBank, global_hint: Optional[torch.Tensor] = None,
                    local_hint: Optional[torch.Tensor] = None, global_strength: float = 1.0,
                    local_strength: float = 1.0, num_frames: Optional[int] = None,
                    hints_encoded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(`eps_cond`, `eps_uncond`) of one window from one UNet pass over the window twice, conditional rows
         first: the reference bank and the control residuals reach only those rows, so each half computes what
-        its own call would. A batch of twice the frames keeps the GPU busier than two passes (measured: 1.6x the
-        time of one pass for both, on the H100 at 16 frames), for the memory of the larger batch."""
+        its own call would. A batch of twice the frames keeps the GPU busier than two passes (the README's speed
+        table has the figures), for the memory of the larger batch."""
         # One tensor for both branches is passed once. Compared by identity, before any dtype conversion makes two
         # objects of it: a comparison of values would synchronise with the GPU (and cannot be graph-recorded).
         shared_context = context is uncond_context
@@ -151,7 +157,7 @@ class XPortrait(nn.Module):
             both_contexts = torch.cat([c.expand(frames, -1, -1) if c.shape[0] == 1 else c
                                        for c in (context, uncond_context)])
         both = torch.cat([x, x]).contiguous(memory_format=self.memory_format)
-        eps = self.unet(both, torch.cat([ts, ts]), both_contexts, reference=reference, control=control,
+        eps = self.unet(both, torch.cat([ts, ts]), both_contexts, bank=bank, control=control,
                         num_frames=num_frames or frames, conditional_rows=frames).float()
         return eps[:frames], eps[frames:]
 
