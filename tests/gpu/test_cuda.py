@@ -8,11 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xportrait_core.model import attention
-
 from xportrait_core.fast import frame_attention
-
 from xportrait_core.fast import offload
+from xportrait_core.fast.operations import fast_operations
 from xportrait_core.model.config import MotionModuleConfig
 from xportrait_core.model.temporal import MotionModule
 
@@ -42,20 +40,20 @@ def test_frame_kernel_matches_float32_attention(shape, dtype):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_motion_module_with_frame_kernel_matches_sdpa(compiled):
-    # The dispatch's one-time probe must accept the kernel, or both runs below would be SDPA.
-    assert attention.frame_kernel_usable(torch.device("cuda"), torch.bfloat16)
+    # The kernel's one-time probe must accept it, or both runs below would be SDPA.
+    assert frame_attention.kernel_usable(torch.device("cuda"), torch.bfloat16)
     torch.manual_seed(0)
-    module = MotionModule(320, MotionModuleConfig()).cuda().to(torch.bfloat16).eval()
+    module = MotionModule(320, MotionModuleConfig(), fast_operations()).cuda().to(torch.bfloat16).eval()
     for p in module.parameters():  # zero-initialised output projections would hide the attention entirely
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(32, 320, 16, 16, device="cuda", dtype=torch.bfloat16)  # two 16-frame windows
     run = torch.compile(module, dynamic=False) if compiled else module
     with torch.no_grad():
-        attention.set_frame_kernel(False)
+        frame_attention.set_frame_kernel(False)
         try:
             reference = module(x, 16).float()
         finally:
-            attention.set_frame_kernel(True)
+            frame_attention.set_frame_kernel(True)
         out = run(x, 16).float()
     rel = ((out - reference).norm() / reference.norm()).item()
     assert rel < 1e-2, rel
@@ -65,7 +63,7 @@ def test_motion_module_with_frame_kernel_matches_sdpa(compiled):
 def cuda_model(golden_state_dict_path):
     from xportrait_core.model.checkpoint import load_xportrait
 
-    return load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda")
+    return load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda", operations=fast_operations())
 
 
 def test_low_vram_keeps_idle_networks_on_the_cpu_and_gives_the_same_frames(cuda_model, golden_cases):
@@ -117,12 +115,10 @@ def test_group_norm_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
 
     x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(shape[1], device="cuda").to(dtype), torch.randn(shape[1], device="cuda").to(dtype)
-    for silu in (False, True):
-        out = group_norm_channels_last(x, 32, weight, bias, 1e-6, silu=silu)
-        ref = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
-        ref = F.silu(ref) if silu else ref
-        assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
-        assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+    out = group_norm_channels_last(x, 32, weight, bias, 1e-6)
+    ref = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -139,15 +135,17 @@ def test_geglu_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
 
 
 def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
-    """The uncompiled bf16 channels-last path with the pack's GroupNorm and GEGLU kernels (the Load node's default)
-    against the same weights through PyTorch's ops: both within bf16 noise of each other."""
+    """The uncompiled bf16 channels-last path with the pack's GroupNorm and GEGLU kernels (the Load node's default:
+    a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within bf16 noise
+    of each other."""
     from xportrait_core.fast import geglu
     from xportrait_core.fast import group_norm
-    from xportrait_core.fast.compilation import use_channels_last
+    from xportrait_core.fast.prepare import prepare_model
     from xportrait_core.model.checkpoint import load_xportrait
 
     cases = {k: v.cuda() for k, v in golden_cases.items()}
-    model = use_channels_last(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda"))
+    model = prepare_model(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda",
+                                         operations=fast_operations()), channels_last=True)
     calls = {"group_norm": 0, "geglu": 0}
 
     def counted(name, fn):
@@ -181,12 +179,12 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
 def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_state_dict_path, golden_cases, caplog):
     """Every block shape gets its own graph: none falls back to eager for want of recompiles, and the result is
     the eager one (float32, TF32 off), for the diffusion networks and the VAE."""
-    from xportrait_core.fast.compilation import compile_networks, use_channels_last
+    from xportrait_core.fast.prepare import prepare_model
     from xportrait_core.model.checkpoint import load_xportrait
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     cases = {k: v.cuda() for k, v in golden_cases.items()}
-    model = load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda")
+    model = load_xportrait(golden_state_dict_path, dtype=torch.float32, device="cuda", operations=fast_operations())
 
     def predict():
         with torch.no_grad():
@@ -199,7 +197,7 @@ def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_
             return cond, uncond, images, model.encode_images(images, sample=False)
 
     eager = predict()
-    compile_networks(use_channels_last(model))
+    prepare_model(model, channels_last=True, compile=True)
     with caplog.at_level("WARNING"):
         compiled = predict()
         compiled = predict()
@@ -249,6 +247,7 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
 ASYNC_ALLOCATOR_RUN = """
 import sys, torch
 from safetensors.torch import load_file
+from xportrait_core.fast.operations import fast_operations
 from xportrait_core.model.checkpoint import load_xportrait
 from xportrait_core.model.config import XPortraitConfig
 from xportrait_core.sampling.guidance import GuidedDenoiser
@@ -257,7 +256,8 @@ from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
 assert torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync"
 cases = load_file(sys.argv[2])
-model = load_xportrait(sys.argv[1], XPortraitConfig.tiny(), dtype=torch.bfloat16, device="cuda")
+model = load_xportrait(sys.argv[1], XPortraitConfig.tiny(), dtype=torch.bfloat16, device="cuda",
+                       operations=fast_operations())
 name = "sample20_overlap4"
 denoiser = GuidedDenoiser(model, cases[name + "_reference_latent"], global_hint=cases[name + "_global_hint"],
                           local_hint=cases[name + "_local_hint"], guidance_scale=5.0, context=cases[name + "_context"],

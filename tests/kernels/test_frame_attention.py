@@ -6,6 +6,7 @@ x86-64 (CUDA builds of torch bring it): under CI its absence fails these tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from xportrait_core.model import attention
-
 from xportrait_core.fast import frame_attention
+from xportrait_core.fast.operations import fast_operations
+from xportrait_core.model import attention
+from xportrait_core.model.operations import torch_operations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,19 +90,19 @@ def test_launch_config_fills_the_gpu_and_keeps_whole_sequences():
 
 
 def test_a_kernel_that_cannot_run_falls_back_to_the_backend_with_one_warning(monkeypatch, caplog):
-    """Triton installed but unable to build its launcher (no C compiler, say): the probe fails once, the dispatch
-    serves those sequences with the backend, and the job goes on."""
+    """Triton installed but unable to build its launcher (no C compiler, say): the probe fails once, the fast
+    operations' attention serves those sequences with the base's dispatch, and the job goes on."""
     def broken(q, k, v):
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(frame_attention, "supports", lambda q, k, v, causal: not causal)
     monkeypatch.setattr(frame_attention, "frame_attention", broken)
-    monkeypatch.setattr(attention, "_frame_kernel_works", {})
-    monkeypatch.setattr(attention, "_resolved", {})
+    monkeypatch.setattr(frame_attention, "_works", {})
+    fast_attention = fast_operations().attention
     q, k, v = (torch.randn(5, 2, 16, 8) for _ in range(3))
     with caplog.at_level("WARNING", logger="xportrait"):
-        out = attention.attention(q, k, v)
-        again = attention.attention(q, k, v)
+        out = fast_attention(q, k, v)
+        again = fast_attention(q, k, v)
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
     assert torch.equal(out, again)
     warnings = [r for r in caplog.records if "frame-attention kernel cannot run" in r.getMessage()]
@@ -117,17 +119,43 @@ def test_a_working_kernel_is_used_for_short_sequences_only(monkeypatch):
     monkeypatch.setattr(frame_attention, "supports",
                         lambda q, k, v, causal: not causal and q.shape[2] <= frame_attention.MAX_TOKENS)
     monkeypatch.setattr(frame_attention, "frame_attention", fake)
-    monkeypatch.setattr(attention, "_frame_kernel_works", {})
-    monkeypatch.setattr(attention, "_resolved", {})
+    monkeypatch.setattr(frame_attention, "_works", {})
+    fast_attention = fast_operations().attention
     short = torch.randn(4, 2, 16, 8)
     long = torch.randn(1, 2, 64, 8)
-    attention.attention(short, short, short)
-    attention.attention(long, long, long)
+    fast_attention(short, short, short)
+    fast_attention(long, long, long)
     assert calls[0] == (3, 2, 16, 32)  # the probe
-    assert calls[1:] == [short.shape]  # the long sequence went to SDPA
-    attention.set_frame_kernel(False)
+    assert calls[1:] == [short.shape]  # the long sequence went to the base's dispatch (SDPA)
+    # Off by its switch, or under the math backend (kept for checking values), the kernel is not used.
+    frame_attention.set_frame_kernel(False)
     try:
-        attention.attention(short, short, short)
+        fast_attention(short, short, short)
     finally:
-        attention.set_frame_kernel(True)
+        frame_attention.set_frame_kernel(True)
+    before = attention.get_attention_backend_setting()
+    attention.set_attention_backend("math")
+    try:
+        math_out = fast_attention(short, short, short)
+    finally:
+        attention.set_attention_backend(before)
     assert len(calls) == 2
+    assert torch.allclose(math_out, torch.nn.functional.scaled_dot_product_attention(short, short, short), atol=1e-5)
+
+
+def test_the_base_attention_gets_every_call_the_kernel_does_not_take(monkeypatch):
+    """fast_operations(base) keeps the base's attention for what the kernel leaves: causal masks (CLIP),
+    cross-attention, long sequences, CPU tensors."""
+    seen = []
+
+    def base(q, k, v, *, causal=False):
+        seen.append((tuple(q.shape), tuple(k.shape), causal))
+        return torch.zeros_like(q)
+
+    fast_attention = fast_operations(dataclasses.replace(torch_operations(), attention=base)).attention
+    q, k = torch.randn(2, 1, 16, 8), torch.randn(2, 1, 7, 8)
+    fast_attention(q, q, q)
+    fast_attention(q, k, k)
+    fast_attention(q, q, q, causal=True)
+    assert seen == [((2, 1, 16, 8), (2, 1, 16, 8), False), ((2, 1, 16, 8), (2, 1, 7, 8), False),
+                    ((2, 1, 16, 8), (2, 1, 16, 8), True)]

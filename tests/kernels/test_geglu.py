@@ -1,5 +1,5 @@
-"""The GEGLU activation kernel (geglu.py) computes value * gelu(gate) as PyTorch does, and blocks.GEGLU uses it only
-where it applies. The kernel runs here in Triton's CPU interpreter."""
+"""The GEGLU activation kernel (geglu.py) computes value * gelu(gate) as PyTorch does, and a model built from
+`fast_operations()` uses it only where it applies. The kernel runs here in Triton's CPU interpreter."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +8,12 @@ from cuda_stand_in import CudaTensorStandIn
 from triton_interpreter import run_interpreted
 
 from xportrait_core.fast import geglu
+from xportrait_core.fast.operations import fast_operations
 from xportrait_core.model.blocks import GEGLU
 
 KERNEL_CASES = r"""
-from xportrait_core.fast.geglu import gated_gelu, reference_gated_gelu
+from xportrait_core.fast.geglu import gated_gelu
+from xportrait_core.model.operations import gated_gelu as reference_gated_gelu
 results = []
 # (shape, tile rows x columns, dtype): rows and columns the tiles do not fill, a leading batch axis, gates far out
 # in both tails (gelu ~ identity above, ~ 0 below) and around 0.
@@ -34,6 +36,7 @@ def test_kernel_computes_value_times_exact_gelu_of_the_gate():
 
 MODULES = r"""
 from xportrait_core.fast import geglu
+from xportrait_core.fast.operations import fast_operations
 from xportrait_core.model.blocks import FeedForward
 usable = geglu._kernel_usable(torch.device("cpu"), torch.float32)
 # With `supports` widened to CPU tensors, a feed-forward (sliced into chunks, as at full size) routes every slice
@@ -41,7 +44,7 @@ usable = geglu._kernel_usable(torch.device("cpu"), torch.float32)
 calls = []
 kernel = geglu.gated_gelu
 geglu.gated_gelu = lambda p: calls.append(tuple(p.shape)) or kernel(p)
-ff = FeedForward(16).eval()
+ff = FeedForward(16, operations=fast_operations()).eval()
 ff.chunk_bytes = 3 * 5 * 128 * 4  # slices of 3 rows
 x = torch.randn(7, 5, 16)
 with torch.no_grad():
@@ -76,7 +79,7 @@ def test_kernel_applies_to_cuda_half_inference_only_and_can_be_turned_off(monkey
 
 
 def test_off_the_kernel_geglu_is_value_times_gelu_of_the_gate():
-    layer = GEGLU(8, 12)
+    layer = GEGLU(8, 12, fast_operations())
     x = torch.randn(3, 8)
     value, gate = layer.proj(x).chunk(2, dim=-1)
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""The channels-last GroupNorm kernel (group_norm.py) computes PyTorch's GroupNorm, and the pack's GroupNorm modules
-use it only where it applies. The kernel runs here in Triton's CPU interpreter."""
+"""The channels-last GroupNorm kernel (group_norm.py) computes PyTorch's GroupNorm, and the GroupNorm class of
+`fast_operations()` uses it only where it applies. The kernel runs here in Triton's CPU interpreter."""
 from __future__ import annotations
 
 import torch
@@ -8,22 +8,22 @@ from cuda_stand_in import CudaTensorStandIn
 from triton_interpreter import run_interpreted
 
 from xportrait_core.fast import group_norm
-from xportrait_core.model.blocks import GroupNorm32
+from xportrait_core.fast.operations import fast_operations
+from xportrait_core.model.operations import GroupNorm
 
 KERNEL_CASES = r"""
 from xportrait_core.fast.group_norm import group_norm_channels_last
 results = []
-# (shape, groups, SiLU, tile rows x channels, dtype): tiles the rows and channels do not fill, channel blocks that
-# split a group, groups of one channel block; activations off centre (mean 3, deviation 2), as the variance's
+# (shape, groups, tile rows x channels, dtype): tiles the rows and channels do not fill, channel blocks that split
+# a group, groups of one channel block; activations off centre (mean 3, deviation 2), as the variance's
 # E[x^2] - E[x]^2 must cope with.
-for shape, groups, silu, blocks, dtype in (((2, 64, 5, 7), 32, True, (16, 32), torch.float16),
-                                          ((1, 40, 9, 4), 4, False, (16, 16), torch.float32),
-                                          ((3, 96, 4, 4), 32, True, (8, 64), torch.bfloat16)):
+for shape, groups, blocks, dtype in (((2, 64, 5, 7), 32, (16, 32), torch.float16),
+                                     ((1, 40, 9, 4), 4, (16, 16), torch.float32),
+                                     ((3, 96, 4, 4), 32, (8, 64), torch.bfloat16)):
     x = (torch.randn(*shape) * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
-    out = group_norm_channels_last(x, groups, weight.to(dtype), bias.to(dtype), 1e-5, silu, *blocks)
+    out = group_norm_channels_last(x, groups, weight.to(dtype), bias.to(dtype), 1e-5, *blocks)
     ref = torch.nn.functional.group_norm(x.float(), groups, weight.to(dtype).float(), bias.to(dtype).float(), 1e-5)
-    ref = torch.nn.functional.silu(ref) if silu else ref
     results.append([out.is_contiguous(memory_format=torch.channels_last), out.dtype == dtype,
                     (out.float() - ref).abs().max().item(), ref.abs().max().item(), torch.finfo(dtype).eps])
 print(json.dumps(results))
@@ -38,15 +38,17 @@ def test_kernel_computes_pytorchs_group_norm_channels_last_in_and_out():
 
 MODULES = r"""
 from xportrait_core.fast import group_norm
-from xportrait_core.model.blocks import GroupNorm32, ResBlock
+from xportrait_core.fast.operations import fast_operations
+from xportrait_core.model.blocks import ResBlock
 # The kernel's own probe passes (here on the CPU, in the interpreter)...
 usable = group_norm._kernel_usable(torch.device("cpu"), torch.float32)
-# ...and with `supports` widened to CPU tensors, the modules route channels-last input through the kernel:
-# a ResBlock (GroupNorm32 twice) gives what it gives with PyTorch's GroupNorm, in the same memory format.
+# ...and with `supports` widened to CPU tensors, a block built from the fast operations routes channels-last input
+# through the kernel: a ResBlock (two GroupNorms) gives what it gives with PyTorch's GroupNorm, in the same
+# memory format.
 calls = []
 kernel = group_norm.group_norm_channels_last
 group_norm.group_norm_channels_last = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-block = ResBlock(64, 32, 96).eval()
+block = ResBlock(64, 32, 96, operations=fast_operations()).eval()
 x = torch.randn(2, 64, 6, 5).contiguous(memory_format=torch.channels_last)
 emb = torch.randn(2, 32)
 with torch.no_grad():
@@ -79,13 +81,13 @@ def test_kernel_applies_to_cuda_half_channels_last_input_only_and_can_be_turned_
     assert group_norm.supports(CudaTensorStandIn(layout="channels_last"))
 
 
-def test_off_the_kernel_the_modules_are_pytorchs_group_norm():
+def test_off_the_kernel_the_fast_group_norm_is_its_bases():
+    fast = fast_operations().GroupNorm
+    assert issubclass(fast, GroupNorm)  # same constructor, same parameters, same checkpoint keys
     x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
-    norm = GroupNorm32(32, 64)
-    torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
-    # GroupNorm32 upcasts half input on the CPU, as before.
+    norm = fast(32, 64, eps=1e-6)
+    torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, 1e-6))
+    # The base's float32 statistics for half input on the CPU.
     half = x.to(torch.bfloat16)
     torch.testing.assert_close(norm(half), F.group_norm(half.float(), 32, norm.weight, norm.bias,
-                                                        norm.eps).to(torch.bfloat16))
-    plain = group_norm.GroupNorm(32, 64, eps=1e-6)
-    torch.testing.assert_close(plain(x), F.group_norm(x, 32, plain.weight, plain.bias, 1e-6))
+                                                        1e-6).to(torch.bfloat16))

@@ -1,9 +1,12 @@
 """Inference-only memory savings in the blocks compute the same values as the plain forms."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from xportrait_core.model.blocks import Attention, FeedForward
+from xportrait_core.model.operations import torch_operations
 
 
 def test_feed_forward_in_slices_equals_one_pass(monkeypatch):
@@ -27,23 +30,21 @@ def test_bank_reaches_only_the_conditional_rows():
     x = torch.randn(6, 5, 16)
     bank = torch.randn(1, 4, 16)
     with torch.no_grad():
-        batched = attn(x, appended=bank, appended_rows=4)
-        torch.testing.assert_close(batched[:4], attn(x[:4], appended=bank), atol=1e-6, rtol=1e-6)
+        batched = attn(x, bank=bank, conditional_rows=4)
+        torch.testing.assert_close(batched[:4], attn(x[:4], bank=bank), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(batched[4:], attn(x[4:]), atol=1e-6, rtol=1e-6)
 
 
-def test_attention_output_reaches_the_projection_without_a_transposing_copy(monkeypatch):
+def test_attention_output_reaches_the_projection_without_a_transposing_copy():
     """SDPA's CUDA kernels return (B, H, N, D) lying as (B, N, H, D); the output projection reads that as (B, N, H*D)
     with no copy, also when the bank reaches only the first rows and the two parts are joined."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from xportrait_core.model import blocks
-
-    def cuda_like_attention(q, k, v):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    def cuda_like_attention(q, k, v, *, causal=False):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return out.transpose(1, 2).contiguous().transpose(1, 2)  # the values, in the CUDA kernels' layout
 
-    monkeypatch.setattr(blocks, "attention", cuda_like_attention)
+    operations = dataclasses.replace(torch_operations(), attention=cuda_like_attention)
     copies = []
 
     class Copies(TorchDispatchMode):
@@ -52,12 +53,12 @@ def test_attention_output_reaches_the_projection_without_a_transposing_copy(monk
                 copies.append(func)
             return func(*args, **(kwargs or {}))
 
-    layer = Attention(32, heads=4, dim_head=8).eval()
+    layer = Attention(32, heads=4, dim_head=8, operations=operations).eval()
     x, bank = torch.randn(6, 10, 32), torch.randn(1, 7, 32)
     with torch.no_grad():
-        expected = torch.cat([layer(x[:4], appended=bank), layer(x[4:])])
+        expected = torch.cat([layer(x[:4], bank=bank), layer(x[4:])])
         with Copies():
-            out = layer(x, appended=bank, appended_rows=4)
+            out = layer(x, bank=bank, conditional_rows=4)
             plain = layer(x)
     assert copies == []
     torch.testing.assert_close(out, expected)
