@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,3 @@ class XPortraitConfig:
         # output width matches the tiny UNet's context.
         text = TextEncoderConfig(width=32, layers=2, heads=4, intermediate=64)
         return cls(unet=unet, vae=vae, text_encoder=text, image_size=64)
-
-    def with_changes(self, **changes) -> "XPortraitConfig":
-        return replace(self, **changes)

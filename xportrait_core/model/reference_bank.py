@@ -56,6 +56,3 @@ class ReferenceBank:
     def finish(self) -> "ReferenceBank":
         self.recording = False
         return self
-
-    def __len__(self) -> int:
-        return len(self.entries)

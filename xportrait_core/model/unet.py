@@ -124,7 +124,6 @@ class UNet(nn.Module):
         self.input_blocks, channels, res_level = build_input_blocks(cfg, slots)
         self.middle_block = build_middle_block(cfg, slots)
         self.output_blocks = build_output_blocks(cfg, slots, channels)
-        self.num_bank_slots = slots.next
         self.motion_after_input = res_level if motion is not None else ()
         if motion is not None:
             self.input_motion_modules = nn.ModuleList(MotionModule(channels[i], motion, ops) for i in res_level)

@@ -108,7 +108,7 @@ class XPortrait(nn.Module):
                                           for i in range(0, len(hint), chunk)]))
         return encoded[0], encoded[1]
 
-    def _motion_control(self, x, ts, context, global_hint, local_hint, global_strength: float,
+    def _control_residuals(self, x, ts, context, global_hint, local_hint, global_strength: float,
                         local_strength: float, hints_encoded: bool = False) -> Optional[list[torch.Tensor]]:
         """Both ControlNets' residuals, scaled and summed (a strength of 0 or no hint skips that ControlNet). Only
         the sum outlives this call, so one set of skip-sized residuals is alive while the UNet runs."""
@@ -128,7 +128,7 @@ class XPortrait(nn.Module):
         with hints_encoded=True. A strength of 0 skips that ControlNet."""
         x, context, global_hint, local_hint = self._inputs(x, context, global_hint, local_hint)
         ts = self._timesteps(t, x.shape[0])
-        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength,
+        control = self._control_residuals(x, ts, context, global_hint, local_hint, global_strength, local_strength,
                                        hints_encoded)
         eps = self.unet(x, ts, context, bank=bank, control=control, num_frames=num_frames)
         return eps.float()
@@ -149,7 +149,7 @@ class XPortrait(nn.Module):
                                                                            local_hint)
         frames = x.shape[0]
         ts = self._timesteps(t, frames)
-        control = self._motion_control(x, ts, context, global_hint, local_hint, global_strength, local_strength,
+        control = self._control_residuals(x, ts, context, global_hint, local_hint, global_strength, local_strength,
                                        hints_encoded)
         if shared_context and context.shape[0] == 1:
             both_contexts = context  # broadcast over all rows by the attention, no copy per row
