@@ -35,6 +35,7 @@ from xportrait_core.sampling.pipeline import animate_latents, decode_frames  # n
 from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim  # noqa: E402
 from xportrait_core.model.schedule import q_sample  # noqa: E402
 from xportrait_core.model.dtypes import PRECISIONS, dtype_named  # noqa: E402
+from xportrait_core.fast import frame_attention  # noqa: E402
 from xportrait_core.fast.operations import fast_operations  # noqa: E402
 from xportrait_core.fast.prepare import prepare_model  # noqa: E402
 ALLOCATORS = {"expandable": DEFAULT_CUDA_ALLOC_CONF, "native": "", "async": "backend:cudaMallocAsync"}
@@ -122,7 +123,7 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             "reference_net (batch 1)": lambda: model.reference_bank(ref, 500, ctx),
             "global_control": lambda: model.global_control(x, hint, t, ctx),
             "local_control": lambda: model.local_control(x, hint, t, ctx),
-            "unet cond (bank + control)": lambda: model.unet(x, t, ctx, reference=bank, control=residuals),
+            "unet cond (bank + control)": lambda: model.unet(x, t, ctx, bank=bank, control=residuals),
             "unet uncond": lambda: model.unet(x, t, ctx),
             "eps_guided (controls + both branches in one UNet batch)":
                 lambda: model.eps_guided(x, 500, ctx, ctx, bank, hint, hint),
@@ -688,7 +689,7 @@ def main(argv=None):
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
     attention.set_attention_backend(args.attention)
-    attention.set_frame_kernel(bool(args.frame_kernel))
+    frame_attention.set_frame_kernel(bool(args.frame_kernel))
     os.environ["XPORTRAIT_CUDA_GRAPHS"] = str(args.cuda_graphs)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

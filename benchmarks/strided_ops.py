@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xportrait_core.fast import frame_attention, geglu, group_norm  # noqa: E402
 from xportrait_core.model import attention  # noqa: E402
-from xportrait_core.fast.compilation import use_channels_last  # noqa: E402
+from xportrait_core.fast.operations import fast_operations  # noqa: E402
+from xportrait_core.fast.prepare import prepare_model  # noqa: E402
 from xportrait_core.model.config import XPortraitConfig  # noqa: E402
 from xportrait_core.sampling.guidance import GuidedDenoiser  # noqa: E402
 from xportrait_core.model.xportrait import XPortrait  # noqa: E402
@@ -53,7 +54,7 @@ def stand_in_cuda_kernels(device: torch.device, dtype: torch.dtype) -> None:
 
     frame_attention.frame_attention = bnhd
     attention._run = lambda backend, q, k, v, causal: bnhd(q, k, v)
-    attention._frame_kernel_works[(device.type, dtype)] = True
+    frame_attention._works[(device.type, dtype)] = True
     attention._resolved[(device.type, dtype)] = "sdpa"
 
 
@@ -94,8 +95,9 @@ def census(config: XPortraitConfig, resolution: int, frames: int = 16) -> list[d
     device, dtype = torch.device("cpu"), torch.float32
     stand_in_cuda_kernels(device, dtype)
     with torch.device("meta"):
-        model = XPortrait(config, with_text_encoder=False)
-    model = use_channels_last(model.to_empty(device=device).eval())  # weights as allocated: layouts only
+        model = XPortrait(config, with_text_encoder=False, operations=fast_operations())
+    # Weights as allocated: layouts only.
+    model = prepare_model(model.to_empty(device=device).eval(), channels_last=True)
     context = torch.zeros(1, 77, config.unet.context_dim, dtype=dtype)
     hint = torch.zeros(frames, 3, resolution, resolution)
     latents = torch.zeros(frames, config.unet.in_channels, resolution // 8, resolution // 8)
