@@ -14,10 +14,9 @@ README = ROOT / "README.md"
 NAME = re.compile(r"XPORTRAIT_[A-Z_]+")
 
 
-def readme_switches_section() -> str:
+def readme_switches_section(text: str) -> str:
     """The README's "Environment switches" section: from its heading to the next heading of the same or a higher
     level."""
-    text = README.read_text(encoding="utf-8")
     heading = re.search(r"^(#+)\s*Environment switches\s*$", text, flags=re.MULTILINE)
     if heading is None:
         pytest.fail("README.md has no 'Environment switches' section listing the switch table's names "
@@ -26,6 +25,19 @@ def readme_switches_section() -> str:
     rest = text[heading.end():]
     following = re.search(rf"^#{{1,{level}}}\s", rest, flags=re.MULTILINE)
     return rest[: following.start()] if following else rest
+
+
+def listed_switches(section: str) -> dict[str, list[str]]:
+    """The switches a section's table lists: name (first cell) -> the backticked values of the second cell, in
+    order (the README gives the default first). Prose around the table (path variables, say) is not a listing."""
+    listed = {}
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for name in NAME.findall(cells[0]):
+            listed[name] = re.findall(r"`([^`]+)`", cells[1]) if len(cells) > 1 else []
+    return listed
 
 
 def test_the_table_has_one_entry_per_name_each_with_a_default_among_its_choices_and_an_effect():
@@ -46,9 +58,19 @@ def test_every_name_in_the_table_appears_in_the_readme():
     assert missing == []
 
 
-def test_the_readmes_environment_switches_section_lists_exactly_the_tables_names():
-    listed = set(NAME.findall(readme_switches_section()))
-    assert listed == {switch.name for switch in switches.SWITCHES}
+def test_the_readmes_environment_switches_section_lists_exactly_the_tables_names_values_and_defaults():
+    listed = listed_switches(readme_switches_section(README.read_text(encoding="utf-8")))
+    assert set(listed) == {switch.name for switch in switches.SWITCHES}
+    for switch in switches.SWITCHES:
+        values = listed[switch.name]
+        assert values[:1] == [switch.default] and sorted(values) == sorted(switch.choices), (switch.name, values)
+
+
+def test_the_section_reader_takes_the_table_rows_only():
+    text = ("# Title\n\n## Environment switches\n\n| variable | values | effect |\n|---|---|---|\n"
+            "| `XPORTRAIT_A` | `1`, `0` | a |\n| `XPORTRAIT_B` | `x`, `y` | b |\n\n"
+            "Paths, not switches: `XPORTRAIT_PATH`.\n\n## Next\n\n| `XPORTRAIT_C` | `1` | c |\n")
+    assert listed_switches(readme_switches_section(text)) == {"XPORTRAIT_A": ["1", "0"], "XPORTRAIT_B": ["x", "y"]}
 
 
 def test_no_code_reads_a_switch_past_the_table():
