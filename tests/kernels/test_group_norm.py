@@ -91,3 +91,17 @@ def test_off_the_kernel_the_fast_group_norm_is_its_bases():
     half = x.to(torch.bfloat16)
     torch.testing.assert_close(norm(half), F.group_norm(half.float(), 32, norm.weight, norm.bias,
                                                         1e-6).to(torch.bfloat16))
+
+
+def test_a_layer_whose_weights_are_not_in_the_inputs_dtype_or_device_keeps_its_bases_forward(monkeypatch):
+    """A host's layers may keep weights in a storage dtype (or elsewhere) and cast them as they run: the kernel,
+    which reads the parameters as they are, leaves those to the base's forward."""
+    calls = []
+    monkeypatch.setattr(group_norm, "supports", lambda x: True)
+    monkeypatch.setattr(group_norm, "group_norm_channels_last", lambda x, *a: calls.append(1) or torch.zeros_like(x))
+    layer = fast_operations().GroupNorm(4, 8)
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(layer(x), torch.zeros_like(x)) and calls == [1]  # weights as the input: the kernel
+    stored = layer.to(torch.bfloat16)  # weights stored in another dtype than the float32 input
+    torch.testing.assert_close(stored(x), F.group_norm(x, 4, stored.weight.float(), stored.bias.float()))
+    assert calls == [1]
