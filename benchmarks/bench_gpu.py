@@ -125,8 +125,8 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             "local_control": lambda: model.local_control(x, hint, t, ctx),
             "unet cond (bank + control)": lambda: model.unet(x, t, ctx, bank=bank, control=residuals),
             "unet uncond": lambda: model.unet(x, t, ctx),
-            "eps_guided (controls + both branches in one UNet batch)":
-                lambda: model.eps_guided(x, 500, ctx, ctx, bank, hint, hint),
+            "eps_branches (controls + both branches in one UNet batch)":
+                lambda: model.eps_branches(x, 500, ctx, ctx, bank, hint, hint),
             "eps_cond (all of the above)": lambda: model.eps_cond(x, 500, ctx, model.reference_bank(ref, 500, ctx), hint, hint),
             "vae decode 16 frames": lambda: model.decode_latents(x.float()),
         }
@@ -342,7 +342,7 @@ def window_flops_by_kind(model: XPortrait, resolution: int, frames: int = 16) ->
         global_features, local_features = model.encode_motion_hints(hint, hint)
         with FlopCounterMode(display=False) as counter:
             bank = model.reference_bank(ref, 500, ctx)
-            model.eps_guided(x, 500, ctx, ctx, bank, global_features, local_features, hints_encoded=True)
+            model.eps_branches(x, 500, ctx, ctx, bank, global_features, local_features, hints_encoded=True)
     return flops_by_kind(counter)
 
 

@@ -97,7 +97,7 @@ def test_batched_guidance_pass_matches_both_official_branches(tiny_model, golden
     so each half is the official branch's output (per-frame contexts that differ between the branches)."""
     c = golden_cases
     bank = tiny_model.reference_bank(c["reference_latent"][:1], c["timesteps"][0], c["context"])
-    cond, uncond = tiny_model.eps_guided(c["x_noisy"], c["timesteps"], c["context"], c["uncond_context"], bank,
+    cond, uncond = tiny_model.eps_branches(c["x_noisy"], c["timesteps"], c["context"], c["uncond_context"], bank,
                                          c["global_hint"], c["local_hint"])
     assert _max_err(cond, c["eps_cond"]) < TOL
     assert _max_err(uncond, c["eps_uncond"]) < TOL
@@ -113,7 +113,7 @@ def test_batched_guidance_pass_with_one_shared_context(tiny_model, golden_cases)
     expected_cond = tiny_model.eps_cond(c["x_noisy"], 500, context, bank, c["global_hint"], None)
     expected_uncond = tiny_model.eps_uncond(c["x_noisy"], 500, context)
     for uncond_context in (context, context.clone()):
-        cond, uncond = tiny_model.eps_guided(c["x_noisy"], 500, context, uncond_context, bank, c["global_hint"],
+        cond, uncond = tiny_model.eps_branches(c["x_noisy"], 500, context, uncond_context, bank, c["global_hint"],
                                              None, local_strength=0.0)
         assert _max_err(cond, expected_cond) < 1e-5
         assert _max_err(uncond, expected_uncond) < 1e-5
@@ -127,7 +127,7 @@ def test_batched_guidance_pass_with_one_shared_per_frame_context(tiny_model, gol
     c = golden_cases
     context = c["context"]
     bank = tiny_model.reference_bank(c["reference_latent"][:1], 500, context)
-    cond, uncond = tiny_model.eps_guided(c["x_noisy"], 500, context, context, bank, c["global_hint"], None,
+    cond, uncond = tiny_model.eps_branches(c["x_noisy"], 500, context, context, bank, c["global_hint"], None,
                                          local_strength=0.0)
     assert _max_err(cond, tiny_model.eps_cond(c["x_noisy"], 500, context, bank, c["global_hint"], None)) < 1e-5
     assert _max_err(uncond, tiny_model.eps_uncond(c["x_noisy"], 500, context)) < 1e-5

@@ -68,7 +68,7 @@ def test_smoke_run_on_the_cpu(tmp_path):
     assert video["frames"] == 4 and video["timesteps"] == 31 and video["seconds"] > 0
     assert video["dtype"] == "torch.float32" and video["attention"] == "sdpa"
     networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
-    assert "eps_guided (controls + both branches in one UNet batch)" in networks
+    assert "eps_branches (controls + both branches in one UNet batch)" in networks
     assert all(seconds > 0 for seconds in networks.values())
     # --profile: one window call and one decode chunk, their time by kernel kind (CPU ops stand in here).
     profiles = {r["what"]: r for r in records if r["kind"] == "profile"}

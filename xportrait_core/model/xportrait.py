@@ -96,7 +96,7 @@ class XPortrait(nn.Module):
     def encode_motion_hints(self, global_hint: Optional[torch.Tensor], local_hint: Optional[torch.Tensor],
                             chunk: int = 16) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Hint images (F, 3, H, W) in [-1, 1] -> each ControlNet's hint features (F, C, H/8, W/8), in the
-        model's dtype on its device, `chunk` frames at a time. Pass them to `eps_cond` / `eps_guided` with
+        model's dtype on its device, `chunk` frames at a time. Pass them to `eps_cond` / `eps_branches` with
         `hints_encoded=True`: the same residuals, without re-encoding the hints at every step."""
         encoded = []
         for control, hint in ((self.global_control, global_hint), (self.local_control, local_hint)):
@@ -133,11 +133,11 @@ class XPortrait(nn.Module):
         eps = self.unet(x, ts, context, bank=bank, control=control, num_frames=num_frames)
         return eps.float()
 
-    def eps_guided(self, x: torch.Tensor, t, context: torch.Tensor, uncond_context: torch.Tensor,
-                   bank: ReferenceBank, global_hint: Optional[torch.Tensor] = None,
-                   local_hint: Optional[torch.Tensor] = None, global_strength: float = 1.0,
-                   local_strength: float = 1.0, num_frames: Optional[int] = None,
-                   hints_encoded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def eps_branches(self, x: torch.Tensor, t, context: torch.Tensor, uncond_context: torch.Tensor,
+                     bank: ReferenceBank, global_hint: Optional[torch.Tensor] = None,
+                     local_hint: Optional[torch.Tensor] = None, global_strength: float = 1.0,
+                     local_strength: float = 1.0, num_frames: Optional[int] = None,
+                     hints_encoded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(`eps_cond`, `eps_uncond`) of one window from one UNet pass over the window twice, conditional rows
         first: the reference bank and the control residuals reach only those rows, so each half computes what
         its own call would. A batch of twice the frames keeps the GPU busier than two passes (the README's speed

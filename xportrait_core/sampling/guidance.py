@@ -47,7 +47,7 @@ class GuidedDenoiser:
         window's hint frames are moved to the model's device and encoded when it is denoised.
     context / uncond_context: (1, 77, C) text conditioning of the conditional / unconditional branch; None takes
         the model's empty-prompt context (which needs CLIP weights in the checkpoint).
-    batch_branches: run both branches' UNet passes as one batch (`XPortrait.eps_guided`): faster, for the
+    batch_branches: run both branches' UNet passes as one batch (`XPortrait.eps_branches`): faster, for the
         activation memory of a double batch; False runs them one after the other (low-VRAM mode does).
     cuda_graphs: on a CUDA device, record the reference net's and each window's work as CUDA graphs on first
         use and replay them (cuda_graphs.py); with banks precomputed (low-VRAM mode) each step's bank is copied
@@ -200,7 +200,7 @@ class GuidedDenoiser:
         common = dict(global_hint=global_hint, local_hint=local_hint, global_strength=self.global_strength,
                       local_strength=self.local_strength, hints_encoded=self.hints_encoded)
         if self._needs_cond and self.uncond_context is not None and self.batch_branches:
-            cond, uncond = self.model.eps_guided(x, t, self.context, self.uncond_context, bank, **common)
+            cond, uncond = self.model.eps_branches(x, t, self.context, self.uncond_context, bank, **common)
             return uncond + self.guidance_scale * (cond - uncond)
         uncond = None
         if self.uncond_context is not None:
