@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xportrait_core.model import attention  # noqa: E402
 from xportrait_core.cli import DEFAULT_CUDA_ALLOC_CONF  # noqa: E402
 from xportrait_core.model.config import XPortraitConfig  # noqa: E402
+from xportrait_core.fast.cuda_graphs import with_cuda_graphs  # noqa: E402
 from xportrait_core.sampling.guidance import GuidedDenoiser  # noqa: E402
 from xportrait_core.model.xportrait import XPortrait  # noqa: E402
 from xportrait_core.sampling.pipeline import animate_latents, decode_frames  # noqa: E402
@@ -164,9 +165,9 @@ def window_probe(model: XPortrait, resolution: int, frames: int = 16):
 
     @torch.no_grad()
     def call():
-        denoise = GuidedDenoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint,
-                                 guidance_scale=5.0, context=job.context.to(device),
-                                 uncond_context=job.context.to(device))
+        denoise = with_cuda_graphs(GuidedDenoiser.for_model(
+            model, ref, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
+            context=job.context.to(device), uncond_context=job.context.to(device)))
         return denoise(x, 500, torch.arange(frames)).float()
 
     return call
@@ -289,8 +290,9 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16, sources:
     job = VideoJob(model, frames, resolution)
     device = model.device
     ref = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
-    denoise = GuidedDenoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
-                             context=job.context.to(device), uncond_context=job.context.to(device))
+    denoise = with_cuda_graphs(GuidedDenoiser.for_model(
+        model, ref, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
+        context=job.context.to(device), uncond_context=job.context.to(device)))
     x = torch.randn(frames, 4, resolution // 8, resolution // 8, device=device)
     idx = torch.arange(frames)
     with torch.no_grad():
@@ -420,7 +422,8 @@ def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
     A step's figure is the time since the previous step ended, so the first step holds its eager run and the
     second the recording of CUDA graphs (the GPU idles while the host records)."""
     from xportrait_core.fast import offload
-    from xportrait_core.sampling.initial_latents import encode_reference, model_alphas_cumprod, reference_initial_latents
+    from xportrait_core.fast.cuda_graphs import graphs_apply
+    from xportrait_core.sampling.initial_latents import encode_reference, reference_initial_latents
     from xportrait_core.sampling.pipeline import decode_frames, images_to_tensor
 
     model, device = job.model, job.model.device
@@ -443,16 +446,20 @@ def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
             x_T = reference_initial_latents(model, reference[:1], job.frames, generator)
         mark("vae encode and x_T")
         low_vram = offload.is_low_vram(model)
-        denoiser = GuidedDenoiser(model, reference_latents, global_hint=job.global_hint, local_hint=job.local_hint,
-                                  guidance_scale=5.0, context=job.context.to(device),
-                                  uncond_context=job.context.to(device), batch_branches=not low_vram)
+        denoiser = GuidedDenoiser.for_model(model, reference_latents, global_hint=job.global_hint,
+                                            local_hint=job.local_hint, guidance_scale=5.0,
+                                            context=job.context.to(device), uncond_context=job.context.to(device),
+                                            batch_branches=not low_vram)
         mark("denoiser set-up (hint features)")
         timesteps = ddim_timesteps(steps)
         if low_vram:
+            branches = denoiser.branches
             with offload.resident(model, "reference_net"):
-                denoiser.precompute_reference_banks(timesteps)
+                branches.banks = offload.precompute_reference_banks(branches.banks, timesteps,
+                                                                    cuda_graphs=graphs_apply(model.device))
             mark("reference banks of every timestep (low-VRAM)")
-        latents = sample_ddim(denoiser, x_T, model_alphas_cumprod(model), timesteps, window=16,
+        denoiser = with_cuda_graphs(denoiser)
+        latents = sample_ddim(denoiser, x_T, model.alphas_cumprod, timesteps, window=16,
                               overlap=overlap, generator=generator,
                               callback=lambda done, total: mark(f"window call {done}"))
         denoiser.release()
@@ -493,8 +500,9 @@ def job_run_timesteps(job: VideoJob, timesteps):
     """Sampling over exactly these timesteps (no VAE), for counting."""
     model, device = job.model, job.model.device
     ref_latent = torch.zeros(1, 4, job.reference.shape[-1] // 8, job.reference.shape[-1] // 8, device=device)
-    denoise = GuidedDenoiser(model, ref_latent, global_hint=job.global_hint, local_hint=job.local_hint,
-                             guidance_scale=5.0, context=job.context.to(device), uncond_context=job.context.to(device))
+    denoise = with_cuda_graphs(GuidedDenoiser.for_model(
+        model, ref_latent, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
+        context=job.context.to(device), uncond_context=job.context.to(device)))
     x_T = torch.randn(job.frames, *ref_latent.shape[1:], device=device)
     with torch.no_grad():
         sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, window=16, overlap=4,
@@ -594,9 +602,10 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
         decoded = model.decode_latents(cases["vae_latent"])
         sampled = {}
         for case in ("sample16", "sample20_overlap4"):
-            denoise = GuidedDenoiser(model, cases[f"{case}_reference_latent"], global_hint=cases[f"{case}_global_hint"],
-                                     local_hint=cases[f"{case}_local_hint"], guidance_scale=5.0,
-                                     context=cases[f"{case}_context"], uncond_context=cases[f"{case}_uncond_context"])
+            denoise = with_cuda_graphs(GuidedDenoiser.for_model(
+                model, cases[f"{case}_reference_latent"], global_hint=cases[f"{case}_global_hint"],
+                local_hint=cases[f"{case}_local_hint"], guidance_scale=5.0, context=cases[f"{case}_context"],
+                uncond_context=cases[f"{case}_uncond_context"]))
             sampled[case] = sample_ddim(denoise, cases[f"{case}_x_T"], model.alphas_cumprod, ddim_timesteps(4),
                                         window=16, overlap=4 if "overlap" in case else 0,
                                         window_offsets=cases[f"{case}_window_offsets"])

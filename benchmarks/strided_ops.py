@@ -103,8 +103,8 @@ def census(config: XPortraitConfig, resolution: int, frames: int = 16) -> list[d
     latents = torch.zeros(frames, config.unet.in_channels, resolution // 8, resolution // 8)
     mode = StridedOps()
     with torch.no_grad():
-        denoise = GuidedDenoiser(model, latents[:1], global_hint=hint, local_hint=hint, guidance_scale=5.0,
-                                 context=context, uncond_context=context, cuda_graphs=False)
+        denoise = GuidedDenoiser.for_model(model, latents[:1], global_hint=hint, local_hint=hint, guidance_scale=5.0,
+                                           context=context, uncond_context=context)
         with mode:
             denoise(latents, 500, torch.arange(frames))
     return [{"op": op, "site": site, "calls": n, "elements": mode.elements[(op, site)]}

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xportrait_core.fast import offload
+from xportrait_core.fast.cuda_graphs import GraphedDenoiser
 from xportrait_core.sampling.guidance import GuidedDenoiser
-from xportrait_core.sampling.initial_latents import model_alphas_cumprod
 from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
 CASES = {"sample16": 0, "sample20_overlap4": 4}
@@ -17,12 +18,12 @@ CASES = {"sample16": 0, "sample20_overlap4": 4}
 
 def _sample(model, cases, name, denoiser_model=None):
     overlap = CASES[name]
-    denoiser = GuidedDenoiser(
+    denoiser = GuidedDenoiser.for_model(
         denoiser_model or model, cases[f"{name}_reference_latent"],
         global_hint=cases[f"{name}_global_hint"], local_hint=cases[f"{name}_local_hint"], guidance_scale=5.0,
         context=cases[f"{name}_context"], uncond_context=cases[f"{name}_uncond_context"],
     )
-    return sample_ddim(denoiser, cases[f"{name}_x_T"], model_alphas_cumprod(model), ddim_timesteps(4), eta=0.0,
+    return sample_ddim(denoiser, cases[f"{name}_x_T"], model.alphas_cumprod, ddim_timesteps(4), eta=0.0,
                        window=16, overlap=overlap, window_offsets=cases[f"{name}_window_offsets"])
 
 
@@ -60,7 +61,7 @@ def sample20_run(tiny_model, golden_cases):
 
 
 def test_schedule_is_the_official_one(tiny_model, golden_cases):
-    assert torch.equal(model_alphas_cumprod(tiny_model), golden_cases["alphas_cumprod"])
+    assert torch.equal(tiny_model.alphas_cumprod, golden_cases["alphas_cumprod"])
     assert torch.equal(ddim_timesteps(4), golden_cases["ddim4_timesteps"])
 
 
@@ -99,16 +100,16 @@ def test_guidance_combines_the_two_branches(tiny_model, golden_cases):
     ref = golden_cases[f"{name}_reference_latent"]
     x = golden_cases[f"{name}_x_T"][:16]
     idx = torch.arange(2, 18)
-    cond = GuidedDenoiser(tiny_model, ref, guidance_scale=1.0, **args)(x, 501, idx)
-    uncond = GuidedDenoiser(tiny_model, ref, guidance_scale=0.0, **args)(x, 501, idx)
-    guided = GuidedDenoiser(tiny_model, ref, guidance_scale=5.0, **args)(x, 501, idx)
+    cond = GuidedDenoiser.for_model(tiny_model, ref, guidance_scale=1.0, **args)(x, 501, idx)
+    uncond = GuidedDenoiser.for_model(tiny_model, ref, guidance_scale=0.0, **args)(x, 501, idx)
+    guided = GuidedDenoiser.for_model(tiny_model, ref, guidance_scale=5.0, **args)(x, 501, idx)
     torch.testing.assert_close(guided, uncond + 5.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
     assert (cond - uncond).abs().max() > 1e-3
     # The hints of the window's own frames reach the model: other frames give another prediction.
-    shifted = GuidedDenoiser(tiny_model, ref, guidance_scale=1.0, **args)(x, 501, torch.arange(0, 16))
+    shifted = GuidedDenoiser.for_model(tiny_model, ref, guidance_scale=1.0, **args)(x, 501, torch.arange(0, 16))
     assert (shifted - cond).abs().max() > 1e-4
     # Strength 0 on both controls is the reference-only prediction, and differs from full control.
-    no_control = GuidedDenoiser(tiny_model, ref, guidance_scale=1.0, global_strength=0.0, local_strength=0.0,
+    no_control = GuidedDenoiser.for_model(tiny_model, ref, guidance_scale=1.0, global_strength=0.0, local_strength=0.0,
                                 **args)(x, 501, idx)
     torch.testing.assert_close(
         no_control, tiny_model.eps_cond(x, 501, args["context"], tiny_model.reference_bank(ref, 501, args["context"])))
@@ -121,7 +122,7 @@ def test_guidance_shortcuts_skip_the_unused_branch(tiny_model, golden_cases, mon
     used = []
     monkeypatch.setattr(tiny_model, "eps_uncond", lambda *a, **k: used.append("uncond") or torch.zeros(16, 4, 8, 8))
     monkeypatch.setattr(tiny_model, "eps_cond", lambda *a, **k: used.append("cond") or torch.zeros(16, 4, 8, 8))
-    denoiser = GuidedDenoiser(tiny_model, golden_cases[f"{name}_reference_latent"], guidance_scale=scale,
+    denoiser = GuidedDenoiser.for_model(tiny_model, golden_cases[f"{name}_reference_latent"], guidance_scale=scale,
                               global_hint=golden_cases[f"{name}_global_hint"],
                               context=golden_cases[f"{name}_context"],
                               uncond_context=golden_cases[f"{name}_uncond_context"])
@@ -133,12 +134,12 @@ def test_batched_and_sequential_branches_sample_the_same(tiny_model, golden_case
     """The golden runs above go through the batched guidance pass; the one-branch-at-a-time path (low-VRAM mode)
     samples the same video."""
     name = "sample16"
-    sequential = GuidedDenoiser(
+    sequential = GuidedDenoiser.for_model(
         tiny_model, golden_cases[f"{name}_reference_latent"], global_hint=golden_cases[f"{name}_global_hint"],
         local_hint=golden_cases[f"{name}_local_hint"], guidance_scale=5.0, context=golden_cases[f"{name}_context"],
         uncond_context=golden_cases[f"{name}_uncond_context"], batch_branches=False,
     )
-    out = sample_ddim(sequential, golden_cases[f"{name}_x_T"], model_alphas_cumprod(tiny_model), ddim_timesteps(4),
+    out = sample_ddim(sequential, golden_cases[f"{name}_x_T"], tiny_model.alphas_cumprod, ddim_timesteps(4),
                       eta=0.0, window=16, overlap=0, window_offsets=golden_cases[f"{name}_window_offsets"])
     torch.testing.assert_close(out, _sample(tiny_model, golden_cases, name), atol=2e-5, rtol=1e-4)
 
@@ -151,7 +152,7 @@ def test_cuda_graph_recording_failure_falls_back_to_eager_once(tiny_model, golde
     attempts, released = [], []
 
     class FailingGraphs:
-        def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None):
+        def __init__(self, device, window_eps, compute_bank=None, stored_banks=None):
             pass
 
         def eps(self, *args):
@@ -167,14 +168,13 @@ def test_cuda_graph_recording_failure_falls_back_to_eager_once(tiny_model, golde
                 guidance_scale=5.0, context=golden_cases[f"{name}_context"],
                 uncond_context=golden_cases[f"{name}_uncond_context"])
     ref, x, idx = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"], torch.arange(16)
-    denoiser = GuidedDenoiser(tiny_model, ref, **args)
-    denoiser.cuda_graphs = True  # as on a CUDA device
+    denoiser = GraphedDenoiser(GuidedDenoiser.for_model(tiny_model, ref, **args))  # as on a CUDA device
     with caplog.at_level("WARNING", logger="xportrait"):
         first = denoiser(x, 501, idx)
         second = denoiser(x, 251, idx)
-    assert attempts == [501] and released == [True] and not denoiser.cuda_graphs
+    assert attempts == [501] and released == [True] and not denoiser.enabled
     assert [r for r in caplog.records if "CUDA graph recording failed" in r.getMessage()]
-    eager = GuidedDenoiser(tiny_model, ref, **args)
+    eager = GuidedDenoiser.for_model(tiny_model, ref, **args)
     torch.testing.assert_close(first, eager(x, 501, idx), atol=0, rtol=0)
     torch.testing.assert_close(second, eager(x, 251, idx), atol=0, rtol=0)
 
@@ -185,15 +185,15 @@ class _RecordingGraphs:
 
     calls: list = []
 
-    def __init__(self, device, guided_eps, compute_bank=None, stored_banks=None):
-        self.compute_bank, self.stored_banks, self.guided_eps = compute_bank, stored_banks, guided_eps
+    def __init__(self, device, window_eps, compute_bank=None, stored_banks=None):
+        self.compute_bank, self.stored_banks, self.window_eps = compute_bank, stored_banks, window_eps
         self.calls.append("stored banks" if stored_banks is not None else "live banks")
 
     def eps(self, x, t, global_hint, local_hint):
         self.calls.append((t, tuple(global_hint.shape)))
         timestep = torch.full((1,), t)
         bank = self.stored_banks[t] if self.stored_banks is not None else self.compute_bank(timestep)
-        return self.guided_eps(x, timestep, global_hint, local_hint, bank)
+        return self.window_eps(x, timestep, global_hint, local_hint, bank)
 
     def reference_bank(self, t):
         self.calls.append(("bank", t))
@@ -219,18 +219,19 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
     name = "sample20_overlap4"
     args = _graphed_case(monkeypatch, golden_cases, name)
     ref, x = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"][:16]
-    denoiser = GuidedDenoiser(tiny_model, ref, **args)
-    denoiser.cuda_graphs = True
+    denoiser = GraphedDenoiser(GuidedDenoiser.for_model(tiny_model, ref, **args))
     # The graphs get the window's own frames of the hint features (a wrapped window here): the whole video's hints
     # were encoded once, when the denoiser was made, and the same computation runs.
-    assert denoiser.hints_encoded
+    hints = denoiser.denoiser.branches.hints
+    assert hints.encoded
     features = (20, tiny_model.config.unet.model_channels, *x.shape[-2:])
-    assert denoiser.global_hint.shape == denoiser.local_hint.shape == features
+    assert hints.global_hint.shape == hints.local_hint.shape == features
     idx = (torch.arange(16) + 10) % 20
     out = denoiser(x, 501, idx)
     denoiser.release()
     assert _RecordingGraphs.calls == ["live banks", (501, (16, *features[1:])), "released"]
-    torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-6, rtol=1e-6)
+    eager = GuidedDenoiser.for_model(tiny_model, ref, **args)
+    torch.testing.assert_close(out, eager(x, 501, idx), atol=1e-6, rtol=1e-6)
 
 
 def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, golden_cases, monkeypatch):
@@ -239,18 +240,20 @@ def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, go
     name = "sample16"
     args = _graphed_case(monkeypatch, golden_cases, name)
     ref, x, idx = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"], torch.arange(16)
-    denoiser = GuidedDenoiser(tiny_model, ref, batch_branches=False, **args)
-    denoiser.cuda_graphs = True
-    denoiser.precompute_reference_banks([251, 501])
+    guided = GuidedDenoiser.for_model(tiny_model, ref, batch_branches=False, **args)
+    branches = guided.branches
+    branches.banks = offload.precompute_reference_banks(branches.banks, [251, 501], cuda_graphs=True)
+    denoiser = GraphedDenoiser(guided)
     # The banks themselves came from graphs of the reference net, released before sampling.
     assert _RecordingGraphs.calls == ["live banks", ("bank", 251), ("bank", 501), "released"]
-    reference = tiny_model.reference_bank(ref, 501, denoiser.context)
-    for stored, computed in zip(denoiser._stored_banks[501].entries, reference.entries):
+    reference = tiny_model.reference_bank(ref, 501, branches.context)
+    for stored, computed in zip(branches.banks.stored[501].entries, reference.entries):
         torch.testing.assert_close(stored, computed, atol=0, rtol=0)
     out = denoiser(x, 501, idx)
     denoiser.release()
     assert _RecordingGraphs.calls[4] == "stored banks" and _RecordingGraphs.calls[-1] == "released"
-    torch.testing.assert_close(out, GuidedDenoiser(tiny_model, ref, **args)(x, 501, idx), atol=1e-5, rtol=1e-5)
+    eager = GuidedDenoiser.for_model(tiny_model, ref, **args)
+    torch.testing.assert_close(out, eager(x, 501, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_cuda_graphs_are_not_attempted_under_the_cuda_malloc_async_allocator(monkeypatch, caplog):
@@ -274,7 +277,7 @@ def test_cuda_graphs_are_not_attempted_under_the_cuda_malloc_async_allocator(mon
 def test_hint_features_encoded_once_give_the_eps_of_hints_encoded_per_window(tiny_model, golden_cases, monkeypatch):
     """A video whose hint features fit on the device is encoded once; a longer one (here: the budget set to 0)
     keeps its hint images and encodes each window's frames. Same eps either way, and the official one."""
-    from xportrait_core.sampling import guidance
+    from xportrait_core.sampling import branches
 
     name = "sample20_overlap4"
     args = dict(global_hint=golden_cases[f"{name}_global_hint"], local_hint=golden_cases[f"{name}_local_hint"],
@@ -282,16 +285,17 @@ def test_hint_features_encoded_once_give_the_eps_of_hints_encoded_per_window(tin
                 uncond_context=golden_cases[f"{name}_uncond_context"])
     ref, x = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"][:16]
     idx = (torch.arange(16) + 10) % 20
-    once = GuidedDenoiser(tiny_model, ref, **args)
-    monkeypatch.setattr(guidance, "RESIDENT_HINT_FEATURE_BYTES", 0)
-    per_window = GuidedDenoiser(tiny_model, ref, **args)
-    assert once.hints_encoded and not per_window.hints_encoded
-    assert per_window.global_hint.shape == args["global_hint"].shape
+    once = GuidedDenoiser.for_model(tiny_model, ref, **args)
+    monkeypatch.setattr(branches, "RESIDENT_HINT_FEATURE_BYTES", 0)
+    per_window = GuidedDenoiser.for_model(tiny_model, ref, **args)
+    assert once.branches.hints.encoded and not per_window.branches.hints.encoded
+    assert per_window.branches.hints.global_hint.shape == args["global_hint"].shape
     for batch_branches in (True, False):
         once.batch_branches = per_window.batch_branches = batch_branches
         torch.testing.assert_close(once(x, 501, idx), per_window(x, 501, idx), atol=1e-5, rtol=1e-5)
     # A ControlNet switched off (strength 0) has nothing encoded; the other still is.
     monkeypatch.undo()
-    local_only = GuidedDenoiser(tiny_model, ref, **args, global_strength=0.0)
-    assert local_only.hints_encoded and local_only.global_hint is None
-    assert local_only.local_hint.shape[1] == tiny_model.config.unet.model_channels
+    local_only = GuidedDenoiser.for_model(tiny_model, ref, **args, global_strength=0.0)
+    hints = local_only.branches.hints
+    assert hints.encoded and hints.global_hint is None
+    assert hints.local_hint.shape[1] == tiny_model.config.unet.model_channels

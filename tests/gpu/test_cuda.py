@@ -211,8 +211,9 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
     """The recorded graphs replay the eager computation exactly (two windows a step; the first step runs eagerly
     as the warm-up): with both branches in one batch and the reference graph serving both windows, and as
     low-VRAM mode samples (branches one after the other, banks precomputed and copied into fixed buffers)."""
+    from xportrait_core.fast import offload
+    from xportrait_core.fast.cuda_graphs import GraphedDenoiser
     from xportrait_core.sampling.guidance import GuidedDenoiser
-    from xportrait_core.sampling.initial_latents import model_alphas_cumprod
     from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -220,17 +221,20 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
     timesteps = ddim_timesteps(4)
 
     def run(graphs: bool):
-        denoiser = GuidedDenoiser(
+        denoiser = GuidedDenoiser.for_model(
             cuda_model, golden_cases[f"{name}_reference_latent"], global_hint=golden_cases[f"{name}_global_hint"],
             local_hint=golden_cases[f"{name}_local_hint"], guidance_scale=5.0,
             context=golden_cases[f"{name}_context"], uncond_context=golden_cases[f"{name}_uncond_context"],
-            cuda_graphs=graphs, batch_branches=not low_vram)
+            batch_branches=not low_vram)
         if low_vram:
-            denoiser.precompute_reference_banks(timesteps)
-        out = sample_ddim(denoiser, golden_cases[f"{name}_x_T"].cuda(), model_alphas_cumprod(cuda_model),
+            branches = denoiser.branches
+            branches.banks = offload.precompute_reference_banks(branches.banks, timesteps, cuda_graphs=graphs)
+        if graphs:
+            denoiser = GraphedDenoiser(denoiser)
+        out = sample_ddim(denoiser, golden_cases[f"{name}_x_T"].cuda(), cuda_model.alphas_cumprod,
                           timesteps, eta=0.0, window=16, overlap=4,
                           window_offsets=golden_cases[f"{name}_window_offsets"])
-        replays = denoiser._graphs.replays if denoiser._graphs is not None else 0
+        replays = denoiser.replays if graphs else 0
         denoiser.release()
         return out, replays
 
@@ -250,8 +254,8 @@ from safetensors.torch import load_file
 from xportrait_core.fast.operations import fast_operations
 from xportrait_core.model.checkpoint import load_xportrait
 from xportrait_core.model.config import XPortraitConfig
+from xportrait_core.fast.cuda_graphs import with_cuda_graphs
 from xportrait_core.sampling.guidance import GuidedDenoiser
-from xportrait_core.sampling.initial_latents import model_alphas_cumprod
 from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
 assert torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync"
@@ -259,13 +263,14 @@ cases = load_file(sys.argv[2])
 model = load_xportrait(sys.argv[1], XPortraitConfig.tiny(), dtype=torch.bfloat16, device="cuda",
                        operations=fast_operations())
 name = "sample20_overlap4"
-denoiser = GuidedDenoiser(model, cases[name + "_reference_latent"], global_hint=cases[name + "_global_hint"],
-                          local_hint=cases[name + "_local_hint"], guidance_scale=5.0, context=cases[name + "_context"],
-                          uncond_context=cases[name + "_uncond_context"])
-out = sample_ddim(denoiser, cases[name + "_x_T"].cuda(), model_alphas_cumprod(model), ddim_timesteps(4), eta=0.0,
+denoiser = with_cuda_graphs(GuidedDenoiser.for_model(
+    model, cases[name + "_reference_latent"], global_hint=cases[name + "_global_hint"],
+    local_hint=cases[name + "_local_hint"], guidance_scale=5.0, context=cases[name + "_context"],
+    uncond_context=cases[name + "_uncond_context"]))
+out = sample_ddim(denoiser, cases[name + "_x_T"].cuda(), model.alphas_cumprod, ddim_timesteps(4), eta=0.0,
                   window=16, overlap=4, window_offsets=cases[name + "_window_offsets"])
 denoiser.release()
-print("graphs", denoiser.cuda_graphs, "finite", bool(torch.isfinite(out).all()),
+print("graphs", type(denoiser).__name__ == "GraphedDenoiser", "finite", bool(torch.isfinite(out).all()),
       "error", float((out.cpu() - cases[name + "_out"]).abs().max()))
 """
 

@@ -10,7 +10,6 @@ import torch
 
 from xportrait_core.sampling.initial_latents import (
     encode_reference,
-    model_alphas_cumprod,
     reference_initial_latents,
     video_initial_latents,
 )
@@ -95,7 +94,7 @@ def test_reference_initial_latents_are_noised_posterior_samples(tiny_model, inpu
     mean = encode_reference(tiny_model, reference, sample=False)[0]
     assert (near_clean.mean(0) - mean).abs().mean() < 0.25 * (near_clean - mean).abs().mean()
     # Video frames noised to 999 keep sqrt(alphas_cumprod[999]) of their content.
-    assert model_alphas_cumprod(tiny_model)[999] < 0.01
+    assert tiny_model.alphas_cumprod[999] < 0.01
     v = video_initial_latents(tiny_model, reference.expand(3, -1, -1, -1), torch.Generator().manual_seed(1), chunk=2)
     assert v.shape == (3, 4, 8, 8)
 
@@ -177,7 +176,7 @@ def test_low_vram_precomputes_every_bank_and_samples_the_same(tiny_model, inputs
 def test_working_memory_estimate_scales_from_the_measured_case():
     import torch
 
-    from xportrait_core.sampling.guidance import RESIDENT_HINT_FEATURE_BYTES
+    from xportrait_core.sampling.branches import RESIDENT_HINT_FEATURE_BYTES
     from xportrait_core.fast.offload import MEASURED_WORKING_BYTES, sampling_working_memory
 
     base = sampling_working_memory(512, 16, torch.bfloat16)

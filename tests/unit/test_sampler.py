@@ -12,11 +12,9 @@ from xportrait_core.sampling.sampler import (
     SamplingCancelled,
     ddim_parameters,
     ddim_timesteps,
-    effective_window,
     sample_ddim,
-    window_indices,
-    windows_per_step,
 )
+from xportrait_core.sampling.windows import effective_window, window_indices, windows_per_step
 from xportrait_core.model.schedule import make_alphas_cumprod
 
 ALPHAS = make_alphas_cumprod()

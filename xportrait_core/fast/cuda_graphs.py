@@ -1,5 +1,9 @@
 """CUDA graphs of the guided denoiser's GPU work: record the kernels once, replay them at every window.
 
+`with_cuda_graphs(denoiser)` wraps a `sampling.guidance.GuidedDenoiser` in a `GraphedDenoiser` where graphs can
+run (a CUDA device, the native allocator, XPORTRAIT_CUDA_GRAPHS not 0): the same `denoise(x, t, frame_indices)`,
+whose window work replays from graphs of the denoiser's own `window_eps` and its banks' `compute`.
+
 A guided window step launches thousands of kernels (four networks); eagerly, and even more so through the guards
 of `torch.compile`'s regions, the host takes about as long to launch them as the GPU takes to run them, and the
 GPU waits. A CUDA graph replays the whole recorded sequence with one launch. Two graphs are recorded, sharing one
@@ -17,8 +21,8 @@ recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the 
 thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
 ordered after and before the caller's stream. Every input is copied into a static buffer before a replay; everything else the graphs read
 (weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
-(`GuidedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
-step, say) `GraphCaptureError` says so and the denoiser goes on eagerly.
+(`GraphedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
+step, say) `GraphCaptureError` says so and `GraphedDenoiser` goes on with the eager denoiser.
 
 Graphs need PyTorch's native caching allocator. Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the
 memory a recording allocates is not mapped yet while it records, Triton's and Inductor's kernel launchers reject
@@ -96,22 +100,22 @@ class _Recorded:
 class GuidanceGraphs:
     """The reference and window graphs of one sampling run.
 
-    guided_eps(x, t, global_hint, local_hint, bank) -> eps is the eager computation of one window, with t a device
-    tensor of shape (1,). The reference bank it reads comes from one of:
+    window_eps(x, t, global_hint, local_hint, bank) -> eps is the eager computation of one window, with t a device
+    tensor of shape (1,) (None where only `reference_bank` is used). The reference bank it reads comes from one of:
       compute_bank(t) -> ReferenceBank   the reference net, recorded as the reference graph; or
       stored_banks {timestep: bank}      banks computed before sampling (low-VRAM mode), copied at each step into a
                                          bank of fixed addresses on the device.
     Windows of another shape or other hints get their own window graph.
     """
 
-    def __init__(self, device: torch.device, guided_eps: Callable, compute_bank: Optional[Callable] = None,
+    def __init__(self, device: torch.device, window_eps: Optional[Callable], compute_bank: Optional[Callable] = None,
                  stored_banks: Optional[dict] = None):
         if (compute_bank is None) == (stored_banks is None):
             raise ValueError("give exactly one of compute_bank and stored_banks")
         self.device = device
         self._compute_bank = compute_bank
         self._stored_banks = stored_banks
-        self._guided_eps = guided_eps
+        self._window_eps = window_eps
         self._stream = torch.cuda.Stream(device=device)
         self._timestep = torch.zeros(1, dtype=torch.long, device=device)
         self._bank = None                       # the bank of timestep _bank_t (eager, or of fixed addresses)
@@ -193,7 +197,7 @@ class GuidanceGraphs:
 
     def eps(self, x: torch.Tensor, t: int, global_hint: Optional[torch.Tensor] = None,
             local_hint: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Guided eps of one window, as a fresh tensor on the caller's stream."""
+        """The eps of one window, as a fresh tensor on the caller's stream."""
         caller = torch.cuda.current_stream(self.device)
         bank = self._bank_of(t, caller)
         hints = {name: h for name, h in (("global_hint", global_hint), ("local_hint", local_hint)) if h is not None}
@@ -203,12 +207,12 @@ class GuidanceGraphs:
         if recorded is None and (key not in self._warm or not self._bank_fixed):
             # Eager until this shape has run once and the bank it reads keeps its addresses.
             self._warm.add(key)
-            return self._guided_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+            return self._window_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
         self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
         with torch.cuda.stream(self._stream):
             if recorded is None:
                 static = {name: v.to(self.device).clone() for name, v in inputs.items()}
-                graph, output = self._record(lambda: self._guided_eps(
+                graph, output = self._record(lambda: self._window_eps(
                     static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
                 recorded = self._window_graphs[key] = _Recorded(graph, static, output)
             eps = recorded.replay(inputs)
@@ -226,3 +230,77 @@ class GuidanceGraphs:
         self._warm.clear()
         self._pool = None
         torch.cuda.empty_cache()
+
+
+def graphs_apply(device: torch.device) -> bool:
+    """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, the native allocator."""
+    return torch.device(device).type == "cuda" and cuda_graphs_enabled() and allocator_supports_graphs()
+
+
+def with_cuda_graphs(denoiser):
+    """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run, else `denoiser` itself. A scale of 0
+    (the unconditional branch alone, no bank) stays eager."""
+    if denoiser.needs_cond and graphs_apply(denoiser.branches.model.device):
+        return GraphedDenoiser(denoiser)
+    return denoiser
+
+
+class GraphedDenoiser:
+    """A `GuidedDenoiser` whose window work replays from CUDA graphs: `denoise(x_window, t, frame_indices)` as the
+    denoiser's, t an int.
+
+    The graphs record the denoiser's `window_eps` on the window's hint frames, reading the bank of its branches'
+    `banks`: live banks are recorded as the reference graph, banks precomputed for every timestep (they have a
+    `stored` dict) are copied into fixed buffers at each step. Where recording fails it warns once, drops its
+    graphs and calls the denoiser from then on (`enabled` False).
+    """
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.enabled = True
+        self._graphs: Optional[GuidanceGraphs] = None
+        self._graphs_banks = None  # the bank source the graphs were made for
+
+    @property
+    def replays(self) -> int:
+        return self._graphs.replays if self._graphs is not None else 0
+
+    def _graphs_of(self, banks) -> "GuidanceGraphs":
+        if self._graphs is not None and self._graphs_banks is not banks:
+            # The banks were replaced (precomputed, say): graphs recorded so far read the old ones.
+            self._graphs.release()
+            self._graphs = None
+        if self._graphs is None:
+            stored = getattr(banks, "stored", None)
+            source = {"stored_banks": stored} if stored is not None else {"compute_bank": banks.compute}
+            self._graphs = GuidanceGraphs(self.denoiser.branches.model.device, self.denoiser.window_eps, **source)
+            self._graphs_banks = banks
+        return self._graphs
+
+    def _graphed_eps(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """The window's eps through the graphs, or None where they could not be recorded."""
+        branches = self.denoiser.branches
+        graphs = self._graphs_of(branches.banks)
+        try:
+            return graphs.eps(x, t, *branches.hints.frames(frame_indices))
+        except GraphCaptureError as error:
+            log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
+            self.enabled = False
+            self._release_graphs()
+            return None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: int, frame_indices: torch.Tensor) -> torch.Tensor:
+        eps = self._graphed_eps(x, t, frame_indices) if self.enabled else None
+        return eps if eps is not None else self.denoiser(x, t, frame_indices)
+
+    def _release_graphs(self) -> None:
+        if self._graphs is not None:
+            self._graphs.release()
+        self._graphs = self._graphs_banks = None
+
+    def release(self) -> None:
+        """Drop the graphs and their memory pool, and the denoiser's cached banks (when sampling ends or is
+        cancelled)."""
+        self._release_graphs()
+        self.denoiser.release()

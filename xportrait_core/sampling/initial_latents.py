@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..model.xportrait import XPortrait
-from ..model.schedule import make_alphas_cumprod, q_sample
+from ..model.schedule import q_sample
 
 # The official demo noises its starting latents to the last timestep of the chain.
 INITIAL_TIMESTEP = 999
@@ -26,26 +26,13 @@ VIDEO = "video"
 INITS = (REFERENCE, NOISE, VIDEO)
 
 
-def model_alphas_cumprod(model: XPortrait) -> torch.Tensor:
-    """The model's DDPM schedule (float32, CPU).
-
-    The schedule is fixed by the config (the loader checks the checkpoint's against it), so a model without a
-    usable `alphas_cumprod` (e.g. one still on the meta device) gets it rebuilt from there.
-    """
-    alphas = getattr(model, "alphas_cumprod", None)
-    if alphas is None or alphas.is_meta:
-        return make_alphas_cumprod(model.config.schedule)
-    return alphas.detach().to("cpu", torch.float32)
-
-
 def _randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
 def _noised(model: XPortrait, latents: torch.Tensor, generator, timestep: int) -> torch.Tensor:
     noise = _randn(latents.shape, generator, latents.device)
-    alphas = model_alphas_cumprod(model).to(latents.device)
-    return q_sample(latents, timestep, noise, alphas)
+    return q_sample(latents, timestep, noise, model.alphas_cumprod)
 
 
 def _check_images(images: torch.Tensor, what: str) -> None:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..fast import offload
+from ..fast import cuda_graphs, offload
 from .guidance import GuidedDenoiser
 from ..media.image_formats import as_rgb_float, check_resolution, resize_image
 from .initial_latents import (
@@ -30,7 +30,6 @@ from .initial_latents import (
     REFERENCE,
     VIDEO,
     encode_reference,
-    model_alphas_cumprod,
     noise_initial_latents,
     reference_initial_latents,
     video_initial_latents,
@@ -45,8 +44,7 @@ DEFAULT_OVERLAP = 4
 DEFAULT_SEED = 999
 DEFAULT_WINDOW = 16
 # The official decodes 16 latents at a time. Frames decode independently, so the chunk changes memory, not
-# pixels: at 512 in bf16 on an H100, 16 frames a chunk peaked at 15.1 GiB for a 16-frame job, 4 at 8.0 GiB,
-# for the same speed (benchmarks/bench_gpu.py, 2026-11-24).
+# pixels: 4 frames a chunk peaked far lower than 16, at the same speed (benchmarks/NOTES.md).
 DECODE_CHUNK = 4
 
 ProgressFn = Callable[[int, int], None]
@@ -196,23 +194,28 @@ def animate_latents(
             x_T = video_initial_latents(model, frames, generator, init_timestep, encode_chunk)
 
     low_vram = offload.is_low_vram(model)
-    denoiser = GuidedDenoiser(model, reference_latents, global_hint=g_hint, local_hint=l_hint,
-                              guidance_scale=guidance_scale, context=context, uncond_context=uncond_context,
-                              global_strength=global_strength, local_strength=local_strength,
-                              # Low-VRAM mode keeps the activations of one branch at a time.
-                              batch_branches=not low_vram)
+    denoiser = GuidedDenoiser.for_model(model, reference_latents, global_hint=g_hint, local_hint=l_hint,
+                                        guidance_scale=guidance_scale, context=context,
+                                        uncond_context=uncond_context, global_strength=global_strength,
+                                        local_strength=local_strength,
+                                        # Low-VRAM mode keeps the activations of one branch at a time.
+                                        batch_branches=not low_vram)
+    denoise = denoiser
     try:
-        if low_vram:
+        if low_vram and denoiser.needs_cond:
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
+            branches = denoiser.branches
             with offload.resident(model, "reference_net"):
-                denoiser.precompute_reference_banks(timesteps)
-        return sample_ddim(denoiser, x_T, model_alphas_cumprod(model), timesteps, eta=eta, window=window,
+                branches.banks = offload.precompute_reference_banks(
+                    branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device))
+        denoise = cuda_graphs.with_cuda_graphs(denoiser)
+        return sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, eta=eta, window=window,
                            overlap=overlap, window_offsets=window_offsets, generator=generator, callback=callback,
                            should_cancel=should_cancel, on_step=on_step)
     except SamplingCancelled as error:
         message = str(error)
     finally:
-        denoiser.release()
+        denoise.release()
         del x_T
     # Raised afresh outside the handler: the sampler's exception (whose traceback holds its frames and their
     # arguments, x_T among them) is gone, so a host holding this one keeps no latents alive.

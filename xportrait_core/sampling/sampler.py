@@ -6,18 +6,8 @@ Plain functions in the k-diffusion style: the sampler sees the network only thro
 
 with `x_window` (W, C, h, w) float32 latents of the frames `frame_indices` (a CPU int64 tensor of length W) at
 timestep `t` (a python int, the same for every frame). Guidance, references and motion hints live in the callable
-(see `guidance.py`).
-
-Windows (per DDIM step, W = window, O = overlap, F = number of frames):
-  * F > W: a start offset is drawn in [0, F) (or taken from `window_offsets`), windows start at
-    `range(offset, offset + F - O, W - O)`, each takes frames `arange(start, start + W) % F` (the last one wraps
-    round to the first frames), and eps is averaged over the windows covering each frame. O = 0 tiles the video
-    with non-overlapping windows from the drawn offset (the official code would run all F frames as one window,
-    which the motion modules cannot do beyond 24 frames); the wrapped last window then covers a few frames twice.
-  * F <= W: one window of all F frames (the window shrinks to F: the motion modules take any length up to their
-    positional table). With O > 0 its start is still drawn, so the frames are rotated as the official code rotates
-    a 16-frame video with overlap; with O = 0 no offset is drawn and the frames run in order (official).
-  Then one DDIM update moves all frames together.
+(see `guidance.py`). Each step draws the windows' start offset, runs `windows.windowed_eps` over that step's
+windows (windows.py says how they are laid out) and moves all frames together with one DDIM update.
 
 Randomness (window offsets, eta noise) comes from `generator`, a CPU `torch.Generator` seeded by the caller;
 noise is drawn on the CPU and moved, so a seed gives the same draws on every device. The official code draws
@@ -26,10 +16,11 @@ offsets with the unseeded python `random.randint(0, F - 1)`; recorded offsets ca
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
+
+from .windows import effective_window, window_indices, windowed_eps, windows_per_step
 
 # Length of the DDPM chain the model was trained on.
 NUM_TRAIN_TIMESTEPS = 1000
@@ -93,44 +84,6 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: floa
     if noise is not None:
         x_prev = x_prev + sigma * noise
     return x_prev, pred_x0
-
-
-def effective_window(num_frames: int, window: int, overlap: int) -> tuple[int, bool]:
-    """(window length actually used, whether a start offset is drawn each step) for `num_frames` frames."""
-    if num_frames < 1:
-        raise ValueError(f"need at least one frame, got {num_frames}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if overlap < 0:
-        raise ValueError(f"overlap must be >= 0, got {overlap}")
-    if num_frames <= window:
-        return num_frames, overlap > 0
-    if overlap >= window:
-        raise ValueError(f"overlap ({overlap}) must be smaller than the window ({window})")
-    return window, True
-
-
-def window_indices(num_frames: int, window: int, overlap: int, offset: int = 0) -> list[torch.Tensor]:
-    """The frame indices (CPU int64) of each window of one step, in the order they are denoised."""
-    window, uses_offset = effective_window(num_frames, window, overlap)
-    if not uses_offset:
-        return [torch.arange(num_frames)]
-    if not 0 <= offset < num_frames:
-        raise ValueError(f"window offset must be in [0, {num_frames}), got {offset}")
-    if window == num_frames:
-        # One rotated window; the official stride formula gives the same single start.
-        starts = [offset]
-    else:
-        starts = range(offset, offset + num_frames - overlap, window - overlap)
-    return [torch.arange(start, start + window) % num_frames for start in starts]
-
-
-def windows_per_step(num_frames: int, window: int, overlap: int) -> int:
-    """How many denoise calls one step makes (the same for every offset)."""
-    window, uses_offset = effective_window(num_frames, window, overlap)
-    if not uses_offset or window == num_frames:
-        return 1
-    return math.ceil((num_frames - overlap) / (window - overlap))
 
 
 def _check_offsets(window_offsets, num_steps: int, num_frames: int) -> list[int]:
@@ -201,7 +154,13 @@ def sample_ddim(
 
     x = x_T.to(torch.float32, copy=True)
     done = 0
-    cancelled = False
+
+    def after_window() -> None:
+        nonlocal done
+        done += 1
+        if callback is not None:
+            callback(done, total_calls)
+
     for step in range(num_steps):
         index = num_steps - 1 - step
         t = int(timesteps[index])
@@ -209,37 +168,17 @@ def sample_ddim(
             offset = offsets[step] if offsets is not None else _draw_offset(num_frames, generator)
         else:
             offset = 0
-        eps_sum = torch.zeros_like(x)
-        counts = torch.zeros(num_frames, dtype=torch.float32, device=x.device)
-        for indices in window_indices(num_frames, window, overlap, offset):
-            if should_cancel is not None and should_cancel():
-                cancelled = True
-                break
-            # Pinned and asynchronous: a pageable host-to-device copy would stall the host on every window.
-            idx = indices.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else indices
-            eps = denoise(x.index_select(0, idx), t, indices)
-            if eps.shape != (len(indices), *x.shape[1:]):
-                raise ValueError(f"denoise returned eps of shape {tuple(eps.shape)} for a window of "
-                                 f"{len(indices)} frames of {tuple(x.shape[1:])}")
-            # index_add counts a frame once per occurrence, so any repeated index is averaged correctly.
-            eps_sum.index_add_(0, idx, eps.to(torch.float32))
-            counts.index_add_(0, idx, torch.ones(len(indices), device=x.device))
-            del eps
-            done += 1
-            if callback is not None:
-                callback(done, total_calls)
-        if cancelled:
-            break
-        eps = eps_sum / counts.reshape(-1, 1, 1, 1)
+        eps = windowed_eps(denoise, x, t, window_indices(num_frames, window, overlap, offset),
+                           should_cancel=should_cancel, after_window=after_window)
+        if eps is None:
+            # The traceback of the exception holds this frame: drop the partial latents before raising.
+            del x
+            raise SamplingCancelled(f"sampling cancelled after {done} of {total_calls} model calls")
         sigma = float(sigmas[index])
         noise = _draw_noise(x.shape, generator, x) if sigma > 0 else None
         x, denoised = ddim_step(x, eps, float(alphas[index]), float(alphas_prev[index]), sigma, noise)
-        del eps, eps_sum, noise
+        del eps, noise
         if on_step is not None:
             on_step(step + 1, num_steps, denoised)
         del denoised
-    if cancelled:
-        # The traceback of the exception holds this frame: drop the partial latents before raising.
-        del x, eps_sum, counts
-        raise SamplingCancelled(f"sampling cancelled after {done} of {total_calls} model calls")
     return x

@@ -1,0 +1,96 @@
+"""Overlapping frame windows: which frames each model call sees, and the per-frame average of their predictions.
+
+The motion modules see a fixed number of frames at a time, so a longer video is denoised window by window, as the
+official `DDIMSampler_ReferenceOnly` does (W = window, O = overlap, F = number of frames):
+
+  * F > W: a start offset is drawn in [0, F) per step, windows start at `range(offset, offset + F - O, W - O)`,
+    each takes frames `arange(start, start + W) % F` (the last one wraps round to the first frames), and eps is
+    averaged over the windows covering each frame. O = 0 tiles the video with non-overlapping windows from the
+    drawn offset (the official code would run all F frames as one window, which the motion modules cannot do
+    beyond their positional table); the wrapped last window then covers a few frames twice.
+  * F <= W: one window of all F frames (the window shrinks to F: the motion modules take any length up to their
+    positional table). With O > 0 its start is still drawn, so the frames are rotated as the official code rotates
+    a 16-frame video with overlap; with O = 0 no offset is drawn and the frames run in order (official).
+
+`windowed_eps` runs a window denoiser over one step's windows and averages per frame. It knows nothing of the
+model or the schedule: the DDIM sampler (sampler.py) calls it once per step, and a host sampler that asks for the
+whole video's eps at some timestep (ComfyUI's KSampler) can call it the same way.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# denoise_window(x_window (W, C, h, w), t, frame_indices (W,) CPU int64) -> eps_window (W, C, h, w)
+WindowDenoiser = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+
+
+def effective_window(num_frames: int, window: int, overlap: int) -> tuple[int, bool]:
+    """(window length actually used, whether a start offset is drawn each step) for `num_frames` frames."""
+    if num_frames < 1:
+        raise ValueError(f"need at least one frame, got {num_frames}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, got {overlap}")
+    if num_frames <= window:
+        return num_frames, overlap > 0
+    if overlap >= window:
+        raise ValueError(f"overlap ({overlap}) must be smaller than the window ({window})")
+    return window, True
+
+
+def window_indices(num_frames: int, window: int, overlap: int, offset: int = 0) -> list[torch.Tensor]:
+    """The frame indices (CPU int64) of each window of one step, in the order they are denoised."""
+    window, uses_offset = effective_window(num_frames, window, overlap)
+    if not uses_offset:
+        return [torch.arange(num_frames)]
+    if not 0 <= offset < num_frames:
+        raise ValueError(f"window offset must be in [0, {num_frames}), got {offset}")
+    if window == num_frames:
+        # One rotated window; the official stride formula gives the same single start.
+        starts = [offset]
+    else:
+        starts = range(offset, offset + num_frames - overlap, window - overlap)
+    return [torch.arange(start, start + window) % num_frames for start in starts]
+
+
+def windows_per_step(num_frames: int, window: int, overlap: int) -> int:
+    """How many window calls one step makes (the same for every offset)."""
+    window, uses_offset = effective_window(num_frames, window, overlap)
+    if not uses_offset or window == num_frames:
+        return 1
+    return math.ceil((num_frames - overlap) / (window - overlap))
+
+
+def windowed_eps(denoise_window: WindowDenoiser, x: torch.Tensor, t, windows: Sequence[torch.Tensor], *,
+                 should_cancel: Optional[Callable[[], bool]] = None,
+                 after_window: Optional[Callable[[], None]] = None) -> Optional[torch.Tensor]:
+    """eps of every frame of `x` (F, C, h, w) at timestep `t`: `denoise_window` on each window's frames, averaged
+    over the windows covering each frame (float32, on x's device).
+
+    t goes to `denoise_window` as given (an int in the DDIM sampler; any timestep the denoiser accepts).
+    should_cancel(): checked before every window; when it returns True nothing partial is kept and None is
+        returned (the caller raises, with no latents held by this frame).
+    after_window(): called after every window (progress).
+    """
+    eps_sum = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    for indices in windows:
+        if should_cancel is not None and should_cancel():
+            return None
+        # Pinned and asynchronous: a pageable host-to-device copy would stall the host on every window.
+        idx = indices.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else indices
+        eps = denoise_window(x.index_select(0, idx), t, indices)
+        if eps.shape != (len(indices), *x.shape[1:]):
+            raise ValueError(f"denoise returned eps of shape {tuple(eps.shape)} for a window of "
+                             f"{len(indices)} frames of {tuple(x.shape[1:])}")
+        # index_add counts a frame once per occurrence, so any repeated index is averaged correctly.
+        eps_sum.index_add_(0, idx, eps.to(torch.float32))
+        counts.index_add_(0, idx, torch.ones(len(indices), device=x.device))
+        del eps
+        if after_window is not None:
+            after_window()
+    return eps_sum.div_(counts.reshape(-1, 1, 1, 1))
