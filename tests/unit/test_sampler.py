@@ -14,7 +14,7 @@ from xportrait_core.sampling.sampler import (
     ddim_timesteps,
     sample_ddim,
 )
-from xportrait_core.sampling.windows import effective_window, window_indices, windows_per_step
+from xportrait_core.sampling.windows import effective_window, window_indices, windowed_eps, windows_per_step
 from xportrait_core.model.schedule import make_alphas_cumprod
 
 ALPHAS = make_alphas_cumprod()
@@ -288,3 +288,33 @@ def test_cancellation_stops_within_one_model_call_and_keeps_nothing():
     gc.collect()
     leftovers = [o for o in _tensors_of_shape(shape) if o is not x_T]
     assert leftovers == []
+
+
+# ---------------------------------------------------------------- windowed eps (what a host sampler calls)
+
+
+def test_windowed_eps_averages_every_window_at_the_timestep_given():
+    """A host sampler (ComfyUI's KSampler) asks for the whole video's eps at a timestep of its own, maybe
+    fractional: each window's prediction is averaged over the windows covering each frame, t passed through."""
+    seen = []
+
+    def by_position(x, t, idx):
+        # Each frame's eps is its position inside the window, plus the timestep.
+        seen.append((t, idx.tolist()))
+        return torch.arange(len(idx), dtype=x.dtype).reshape(-1, 1, 1, 1).expand_as(x) + t
+
+    windows = window_indices(20, 16, 4, offset=12)
+    eps = windowed_eps(by_position, torch.zeros(20, 4, 2, 2), 250.5, windows)
+    assert [t for t, _ in seen] == [250.5, 250.5]
+    positions = [[w.tolist().index(f) for w in windows if f in w.tolist()] for f in range(20)]
+    expected = torch.tensor([sum(p) / len(p) for p in positions]) + 250.5
+    torch.testing.assert_close(eps[:, 0, 0, 0], expected)
+    assert eps[4, 0, 0, 0].item() == pytest.approx((12 + 0) / 2 + 250.5)  # in both windows
+    assert eps[0, 0, 0, 0].item() == pytest.approx(8 + 250.5)  # in the first only
+
+
+def test_windowed_eps_stops_before_the_next_window_when_cancelled():
+    calls = []
+    out = windowed_eps(lambda x, t, i: calls.append(t) or torch.zeros_like(x), torch.zeros(20, 4, 2, 2), 1,
+                       window_indices(20, 16, 4, offset=0), should_cancel=lambda: len(calls) == 1)
+    assert out is None and calls == [1]
