@@ -415,13 +415,15 @@ def breakdown_window(model: XPortrait, resolution: int, frames: int = 16):
          **{k: round(v, 2) for k, v in sorted(totals.items())})
 
 
-def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
+def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4, batched_banks: bool = False) -> dict:
     """Milliseconds of GPU timeline per phase of one video job, from CUDA events between the pipeline's stages
     (the same calls as `VideoJob.run`, spelled out as `pipeline.animate_latents` makes them, low-VRAM mode
     included): where a job's time goes besides its steady window steps.
     A step's figure is the time since the previous step ended, so the first step holds its eager run and the
-    second the recording of CUDA graphs (the GPU idles while the host records)."""
+    second the recording of CUDA graphs (the GPU idles while the host records). batched_banks: every timestep's
+    bank from one batched reference-net call before sampling (sampling/batched_banks.py), to time that source."""
     from xportrait_core.fast import offload
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
     from xportrait_core.fast.cuda_graphs import graphs_apply
     from xportrait_core.sampling.initial_latents import encode_reference, reference_initial_latents
     from xportrait_core.sampling.pipeline import decode_frames, images_to_tensor
@@ -458,6 +460,9 @@ def job_phases(job: VideoJob, steps: int = 30, overlap: int = 4) -> dict:
                 branches.banks = offload.precompute_reference_banks(branches.banks, timesteps,
                                                                     cuda_graphs=graphs_apply(model.device))
             mark("reference banks of every timestep (low-VRAM)")
+        elif batched_banks:
+            denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps)
+            mark("reference banks of every timestep (one batched call)")
         denoiser = with_cuda_graphs(denoiser)
         latents = sample_ddim(denoiser, x_T, model.alphas_cumprod, timesteps, window=16,
                               overlap=overlap, generator=generator,
@@ -533,7 +538,7 @@ def count_syncs(job: "VideoJob") -> tuple[int, dict[str, int]]:
 
 
 def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overlap: int, label: str,
-                decode_chunk: int = 16, phases: bool = False):
+                decode_chunk: int = 16, phases: bool = False, batched_banks: bool = False):
     job = VideoJob(model, frames, resolution, decode_chunk=decode_chunk)
     job.run(steps=2)  # warm-up: kernels, allocator, compiled graphs
     sync()
@@ -557,7 +562,8 @@ def bench_video(model: XPortrait, frames: int, resolution: int, runs: int, overl
     reserved = torch.cuda.max_memory_reserved() / 2**30 if on_cuda else float("nan")
     median = statistics.median(times)
     if phases:
-        emit(kind="phases", variant=label, frames=frames, milliseconds=job_phases(job, overlap=overlap))
+        emit(kind="phases", variant=label, frames=frames,
+             milliseconds=job_phases(job, overlap=overlap, batched_banks=batched_banks))
     # Counted with compiled regions run eagerly: a dispatch mode inside compiled code makes Dynamo recompile every
     # region, and past the recompile limit the later, timed runs (64 frames after 16) would silently run eagerly.
     stance = getattr(torch.compiler, "set_stance", None)
@@ -676,6 +682,8 @@ def main(argv=None):
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one window call by block kind")
     parser.add_argument("--phases", action="store_true",
                         help="after the timed runs, one more job timed phase by phase (set-up, window calls, decode)")
+    parser.add_argument("--batched-banks", action="store_true",
+                        help="with --phases: every timestep's reference bank from one batched call (not low-VRAM)")
     parser.add_argument("--frame-kernel", type=int, default=1, help="0: temporal attention through SDPA too")
     parser.add_argument("--cuda-graphs", type=int, default=1, help="0: every window eagerly (no CUDA graphs)")
     parser.add_argument("--allocator", choices=ALLOCATORS, default="expandable",
@@ -727,7 +735,7 @@ def main(argv=None):
             frame_counts = list(args.frames) + (list(args.final_frames) if step == args.variants[-1] else [])
             for frames in frame_counts:
                 bench_video(model, frames, args.resolution, args.runs, args.overlap, label=label,
-                            decode_chunk=args.decode_chunk, phases=args.phases)
+                            decode_chunk=args.decode_chunk, phases=args.phases, batched_banks=args.batched_banks)
         del model
         torch.cuda.empty_cache()
 
