@@ -261,7 +261,7 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
     denoiser = GraphedDenoiser(GuidedDenoiser.for_model(tiny_model, ref, **args))
     # The graphs get the window's own frames of the hint features (a wrapped window here): the whole video's hints
     # were encoded once, when the denoiser was made, and the same computation runs.
-    hints = denoiser.denoiser.branches.hints
+    hints = denoiser.denoiser.branches.motion_hints
     assert hints.encoded
     features = (20, tiny_model.config.unet.model_channels, *x.shape[-2:])
     assert hints.global_hint.shape == hints.local_hint.shape == features
@@ -327,15 +327,15 @@ def test_hint_features_encoded_once_give_the_eps_of_hints_encoded_per_window(tin
     once = GuidedDenoiser.for_model(tiny_model, ref, **args)
     monkeypatch.setattr(branches, "RESIDENT_HINT_FEATURE_BYTES", 0)
     per_window = GuidedDenoiser.for_model(tiny_model, ref, **args)
-    assert once.branches.hints.encoded and not per_window.branches.hints.encoded
-    assert per_window.branches.hints.global_hint.shape == args["global_hint"].shape
+    assert once.branches.motion_hints.encoded and not per_window.branches.motion_hints.encoded
+    assert per_window.branches.motion_hints.global_hint.shape == args["global_hint"].shape
     for batch_branches in (True, False):
         once.batch_branches = per_window.batch_branches = batch_branches
         torch.testing.assert_close(once(x, 501, idx), per_window(x, 501, idx), atol=1e-5, rtol=1e-5)
     # A ControlNet switched off (strength 0) has nothing encoded; the other still is.
     monkeypatch.undo()
     local_only = GuidedDenoiser.for_model(tiny_model, ref, **args, global_strength=0.0)
-    hints = local_only.branches.hints
+    hints = local_only.branches.motion_hints
     assert hints.encoded and hints.global_hint is None
     assert hints.local_hint.shape[1] == tiny_model.config.unet.model_channels
 

@@ -282,7 +282,7 @@ class GraphedDenoiser:
         branches = self.denoiser.branches
         graphs = self._graphs_of(branches.banks)
         try:
-            return graphs.eps(x, t, *branches.hints.frames(frame_indices))
+            return graphs.eps(x, t, *branches.motion_hints.frames(frame_indices))
         except GraphCaptureError as error:
             log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
             self.enabled = False

@@ -5,16 +5,20 @@
 
 `XPortraitBranches` offers each branch at two levels:
   * window callables `cond(x, t, frame_indices)`, `uncond(...)` and `both(...)` (one UNet batch for the two),
-    which slice the window's hint frames and take the bank of timestep t from `banks`: what a host that applies
-    guidance itself asks for (ComfyUI asks for one branch or both), and what `GuidedDenoiser` combines;
+    which take the window's frames of the motion hints (`MotionHintFrames`) and the bank of timestep t from
+    `banks`: what a host that applies guidance itself asks for (ComfyUI asks for one branch or both, with
+    `windows.windowed_eps` over the video), and what `GuidedDenoiser` combines;
   * the same computations on explicit inputs, `eps_cond(x, t, global_hint, local_hint, bank)`, `eps_uncond(x, t)`
     and `eps_branches(...)`: what CUDA graphs record (fast/cuda_graphs.py), with t a device tensor.
 
 The reference net depends only on the timestep and the text (the reference latents are not noised: official
 `wonoise`), so `ReferenceBanks` computes a bank once per timestep, on the R references themselves (batch R), and
 every window of that step reads it; the official code ran it on one copy of the reference per frame of every
-window. Banks computed before sampling for every timestep (low-VRAM mode, fast/offload.py) replace it as
-`banks`.
+window. Banks computed before sampling for every timestep replace it as `banks`: in low-VRAM mode
+(fast/offload.py), or from one batched call (batched_banks.py).
+
+Timesteps: an int in the X-Portrait Sampler; a float (fractional, as a host's sigma schedule gives) or a tensor
+of one value, or one per frame, works too. Every frame of a call shares the timestep; banks are keyed by its value.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def resident_hint_bytes(num_frames: int, resolution: int, dtype: torch.dtype, mo
     return features if features <= RESIDENT_HINT_FEATURE_BYTES else 0
 
 
-def timestep_key(t) -> float:
+def timestep_key(t) -> int | float:
     """A call's timestep as a python number, to key banks by (an int stays an int). A tensor gives its first value:
     every frame of a call shares the timestep. Reading a CUDA tensor's value waits for the GPU."""
     if isinstance(t, torch.Tensor):
@@ -49,8 +53,8 @@ def timestep_key(t) -> float:
     return t
 
 
-class ControlHints:
-    """Both ControlNets' hints for a whole video, and a window's frames of them.
+class MotionHintFrames:
+    """A video's motion hints, ready for sampling, served a window's frames at a time (`frames`).
 
     global_hint / local_hint: (F, 3, H, W) in [-1, 1] (None, or a strength of 0, leaves that ControlNet out).
     Where they fit (`resident_hint_bytes`), the ControlNets' hint features are computed here, once, on the model's
@@ -146,7 +150,7 @@ class ReferenceBanks:
 class XPortraitBranches:
     """The conditional and unconditional predictions of X-Portrait for a window.
 
-    reference_latents, global_hint / local_hint and the strengths: as `ReferenceBanks` and `ControlHints`.
+    reference_latents, global_hint / local_hint and the strengths: as `ReferenceBanks` and `MotionHintFrames`.
     context: (1, 77, C) text conditioning of the conditional branch and the reference net; None takes the model's
         empty-prompt context (which needs CLIP weights in the checkpoint).
     uncond_context: (1, 77, C) of the unconditional branch; None leaves that branch out (asking for it raises).
@@ -167,13 +171,13 @@ class XPortraitBranches:
                 uncond_context = self.context
         self.uncond_context = uncond_context
         self.banks = ReferenceBanks(model, reference_latents, self.context)
-        self.hints = ControlHints(model, global_hint, local_hint, global_strength, local_strength)
+        self.motion_hints = MotionHintFrames(model, global_hint, local_hint, global_strength, local_strength)
 
     # ---- on explicit inputs (t an int, or a device tensor while graphs record) ----------------------------------
 
     def _control(self, global_hint, local_hint) -> dict:
-        return dict(global_hint=global_hint, local_hint=local_hint, global_strength=self.hints.global_strength,
-                    local_strength=self.hints.local_strength, hints_encoded=self.hints.encoded)
+        return dict(global_hint=global_hint, local_hint=local_hint, global_strength=self.motion_hints.global_strength,
+                    local_strength=self.motion_hints.local_strength, hints_encoded=self.motion_hints.encoded)
 
     def eps_cond(self, x: torch.Tensor, t, global_hint: Optional[torch.Tensor], local_hint: Optional[torch.Tensor],
                  bank: ReferenceBank) -> torch.Tensor:
@@ -199,7 +203,7 @@ class XPortraitBranches:
 
     def cond(self, x: torch.Tensor, t, frame_indices: torch.Tensor) -> torch.Tensor:
         """The conditional eps of the window of frames `frame_indices` at timestep t."""
-        return self.eps_cond(x, t, *self.hints.frames(frame_indices), self.banks(t))
+        return self.eps_cond(x, t, *self.motion_hints.frames(frame_indices), self.banks(t))
 
     def uncond(self, x: torch.Tensor, t, frame_indices: torch.Tensor) -> torch.Tensor:
         """The unconditional eps of a window (the frames' positions do not enter it)."""
@@ -207,7 +211,7 @@ class XPortraitBranches:
 
     def both(self, x: torch.Tensor, t, frame_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditional, unconditional) eps of a window, in one UNet batch."""
-        return self.eps_branches(x, t, *self.hints.frames(frame_indices), self.banks(t))
+        return self.eps_branches(x, t, *self.motion_hints.frames(frame_indices), self.banks(t))
 
     def release(self) -> None:
         """Drop the cached bank (call when sampling ends or is cancelled)."""

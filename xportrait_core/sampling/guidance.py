@@ -7,8 +7,9 @@ A window call of the X-Portrait Sampler flows one way, outer to inner:
         [GraphedDenoiser (fast/cuda_graphs)]  on CUDA: replays the recorded window work below; eager where it can't
           GuidedDenoiser (here)               the formula: both branches of the window, then u + s (c - u)
             XPortraitBranches (branches.py)   hints of the window's frames + bank of timestep t -> model.eps_*
-              banks(t)                        ReferenceBanks (reference net, once per timestep), or the banks
-                                              precomputed for every timestep (fast/offload.py, low-VRAM mode)
+              banks(t)                        ReferenceBanks (reference net, once per timestep), or banks
+                                              computed before sampling for every timestep (fast/offload.py in
+                                              low-VRAM mode; batched_banks.py, one batched call)
 
 Nothing below calls back up: the graphs wrap the denoiser and read its banks; the denoiser never knows it is
 recorded. A host that applies guidance itself (ComfyUI's KSampler) uses `XPortraitBranches` with `windowed_eps`
@@ -89,7 +90,7 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, t, frame_indices: torch.Tensor) -> torch.Tensor:
         # A scale of 0 reads the unconditional branch alone, which needs no bank.
         bank = self.branches.banks(t) if self.needs_cond else None
-        return self.window_eps(x, t, *self.branches.hints.frames(frame_indices), bank)
+        return self.window_eps(x, t, *self.branches.motion_hints.frames(frame_indices), bank)
 
     def release(self) -> None:
         """Drop the cached reference banks (call when sampling ends or is cancelled)."""
