@@ -67,30 +67,43 @@ def windows_per_step(num_frames: int, window: int, overlap: int) -> int:
 
 def windowed_eps(denoise_window: WindowDenoiser, x: torch.Tensor, t, windows: Sequence[torch.Tensor], *,
                  should_cancel: Optional[Callable[[], bool]] = None,
-                 after_window: Optional[Callable[[], None]] = None) -> Optional[torch.Tensor]:
+                 after_window: Optional[Callable[[], None]] = None):
     """eps of every frame of `x` (F, C, h, w) at timestep `t`: `denoise_window` on each window's frames, averaged
-    over the windows covering each frame (float32, on x's device).
+    over the windows covering each frame (float32, on x's device). `windows` must cover every frame.
 
     t goes to `denoise_window` as given (an int in the DDIM sampler; any timestep the denoiser accepts).
+    A denoiser that returns a tuple of eps per window (`XPortraitBranches.both`: conditional and unconditional)
+    gets the tuple of their averages.
     should_cancel(): checked before every window; when it returns True nothing partial is kept and None is
         returned (the caller raises, with no latents held by this frame).
     after_window(): called after every window (progress).
     """
-    eps_sum = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    sums: Optional[list[torch.Tensor]] = None
+    returns_tuple = False
     counts = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     for indices in windows:
         if should_cancel is not None and should_cancel():
             return None
         # Pinned and asynchronous: a pageable host-to-device copy would stall the host on every window.
         idx = indices.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else indices
-        eps = denoise_window(x.index_select(0, idx), t, indices)
-        if eps.shape != (len(indices), *x.shape[1:]):
-            raise ValueError(f"denoise returned eps of shape {tuple(eps.shape)} for a window of "
-                             f"{len(indices)} frames of {tuple(x.shape[1:])}")
+        out = denoise_window(x.index_select(0, idx), t, indices)
+        returns_tuple = isinstance(out, tuple)
+        parts = out if returns_tuple else (out,)
+        del out
+        for eps in parts:
+            if eps.shape != (len(indices), *x.shape[1:]):
+                raise ValueError(f"denoise returned eps of shape {tuple(eps.shape)} for a window of "
+                                 f"{len(indices)} frames of {tuple(x.shape[1:])}")
+        if sums is None:
+            sums = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in parts]
         # index_add counts a frame once per occurrence, so any repeated index is averaged correctly.
-        eps_sum.index_add_(0, idx, eps.to(torch.float32))
+        for total, eps in zip(sums, parts):
+            total.index_add_(0, idx, eps.to(torch.float32))
         counts.index_add_(0, idx, torch.ones(len(indices), device=x.device))
-        del eps
+        del parts
         if after_window is not None:
             after_window()
-    return eps_sum.div_(counts.reshape(-1, 1, 1, 1))
+    if sums is None:
+        raise ValueError("no windows to denoise")
+    averages = tuple(total.div_(counts.reshape(-1, 1, 1, 1)) for total in sums)
+    return averages if returns_tuple else averages[0]
