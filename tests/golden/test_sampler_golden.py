@@ -399,7 +399,7 @@ def test_batched_banks_equal_the_per_timestep_banks_and_sample_the_official_vide
         assert sorted(batched.stored) == timesteps.tolist()
         for t in timesteps.tolist():
             alone = tiny_model.reference_bank(two, t, context)
-            assert len(batched(t)) == len(alone) > 0
+            assert len(batched(t).entries) == len(alone.entries) > 0
             for entry, expected in zip(batched(t).entries, alone.entries):
                 assert entry.shape == expected.shape
                 torch.testing.assert_close(entry, expected, atol=1e-5, rtol=1e-5)
