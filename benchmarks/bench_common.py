@@ -76,15 +76,35 @@ def keep_text(name: str, text: str) -> None:
             f.write(text)
 
 
+# ---- the pack's API across versions -----------------------------------------------------------------------
+# bench_job.py times older checkouts beside this one, so the few calls below accept the API before and after the
+# operations namespace (issue 17: kernels handed to the networks) and the guidance restructure.
+
+
+def fast_operations():
+    """The pack's CUDA kernels as the networks' operations, or None where the tree builds them into the model."""
+    try:
+        from xportrait_core.fast.operations import fast_operations as fast
+    except ImportError:
+        return None
+    return fast()
+
+
+def with_fast_operations(**kwargs) -> dict:
+    operations = fast_operations()
+    return kwargs if operations is None else {**kwargs, "operations": operations}
+
+
 def build_random_model(config_name: str, dtype: torch.dtype, device: str):
-    """The `official()` (or `tiny()`) model with seeded random weights, no CLIP: speed does not depend on values."""
+    """The `official()` (or `tiny()`) model with seeded random weights, no CLIP, with the pack's kernels as a user's
+    job gets them: speed does not depend on the weights' values."""
     from xportrait_core.model.config import XPortraitConfig
     from xportrait_core.model.xportrait import XPortrait
 
     config = XPortraitConfig.official() if config_name == "official" else XPortraitConfig.tiny()
     torch.manual_seed(0)
     with torch.device(device):
-        model = XPortrait(config, with_text_encoder=False)
+        model = XPortrait(config, **with_fast_operations(with_text_encoder=False))
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -92,6 +112,13 @@ def speed_up(model, channels_last: bool, compile_mode: str, low_vram: bool):
     """The speed-ups a user's job gets: channels-last (what the command line and the Load node do on CUDA),
     torch.compile of the blocks ("regional", the `--compile` default) or of whole networks ("whole"), low-VRAM
     placement."""
+    try:
+        from xportrait_core.fast.prepare import prepare_model
+    except ImportError:
+        prepare_model = None
+    if prepare_model is not None:
+        return prepare_model(model, channels_last=channels_last, compile=compile_mode != "off",
+                             regional=compile_mode != "whole", low_vram=low_vram)
     from xportrait_core.fast.compilation import compile_networks, use_channels_last
     from xportrait_core.fast.offload import place_for_low_vram
 
@@ -102,6 +129,35 @@ def speed_up(model, channels_last: bool, compile_mode: str, low_vram: bool):
     if low_vram:
         place_for_low_vram(model, model.device)
     return model
+
+
+def window_denoiser(model, reference_latents, **kwargs):
+    """`denoise(x_window, t, frame_indices)` as the pipeline builds it: guidance over both branches, replayed through
+    CUDA graphs where they apply. kwargs: global_hint, local_hint, guidance_scale, context, uncond_context."""
+    from xportrait_core.sampling.guidance import GuidedDenoiser
+
+    if hasattr(GuidedDenoiser, "for_model"):  # guidance as a formula, CUDA graphs as a wrapper
+        from xportrait_core.fast.cuda_graphs import with_cuda_graphs
+
+        return with_cuda_graphs(GuidedDenoiser.for_model(model, reference_latents, **kwargs))
+    return GuidedDenoiser(model, reference_latents, **kwargs)
+
+
+def release(denoiser) -> None:
+    """Hand a denoiser's CUDA graph pools back (else they count in the next job's peak)."""
+    getattr(denoiser, "release", lambda: None)()
+
+
+def eps_both_branches(model):
+    """The model's one-batch pass of both guidance branches: (conditional eps, unconditional eps)."""
+    return getattr(model, "eps_branches", None) or model.eps_guided
+
+
+def unet_bank_keyword(model) -> str:
+    """The UNet's keyword for the reference bank it reads."""
+    import inspect
+
+    return "bank" if "bank" in inspect.signature(model.unet.forward).parameters else "reference"
 
 
 class VideoJob:

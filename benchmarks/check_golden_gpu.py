@@ -25,7 +25,6 @@ import bench_common as common  # noqa: E402
 common.use_tree()
 
 from xportrait_core.model import attention  # noqa: E402
-from xportrait_core.sampling.guidance import GuidedDenoiser  # noqa: E402
 from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim  # noqa: E402
 
 RECORDS = common.Records()
@@ -43,11 +42,10 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
     # Full float32 matrix products here: TF32 would blur the float32 comparison by ~1e-3.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     cases = {k: v.to(device) for k, v in load_file(str(golden / "tiny_cases.safetensors")).items()}
-    model = load_xportrait(golden / "tiny_official_state_dict.safetensors", dtype=dtype, device=device)
+    model = load_xportrait(golden / "tiny_official_state_dict.safetensors",
+                           **common.with_fast_operations(dtype=dtype, device=device))
     if fast:
-        from xportrait_core.fast.compilation import compile_networks, use_channels_last
-
-        compile_networks(use_channels_last(model))
+        common.speed_up(model, channels_last=True, compile_mode="regional", low_vram=False)
     with torch.no_grad():
         bank = model.reference_bank(cases["reference_latent"][:1], 500, cases["context"])
         eps_c = model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
@@ -56,9 +54,10 @@ def check_golden(golden: Path, dtype: torch.dtype, fast: bool = False):
         decoded = model.decode_latents(cases["vae_latent"])
         sampled = {}
         for case in ("sample16", "sample20_overlap4"):
-            denoise = GuidedDenoiser(model, cases[f"{case}_reference_latent"], global_hint=cases[f"{case}_global_hint"],
-                                     local_hint=cases[f"{case}_local_hint"], guidance_scale=5.0,
-                                     context=cases[f"{case}_context"], uncond_context=cases[f"{case}_uncond_context"])
+            denoise = common.window_denoiser(
+                model, cases[f"{case}_reference_latent"], global_hint=cases[f"{case}_global_hint"],
+                local_hint=cases[f"{case}_local_hint"], guidance_scale=5.0, context=cases[f"{case}_context"],
+                uncond_context=cases[f"{case}_uncond_context"])
             sampled[case] = sample_ddim(denoise, cases[f"{case}_x_T"], model.alphas_cumprod, ddim_timesteps(4),
                                         window=16, overlap=4 if "overlap" in case else 0,
                                         window_offsets=cases[f"{case}_window_offsets"])

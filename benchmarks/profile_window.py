@@ -31,7 +31,6 @@ import bench_common as common  # noqa: E402
 common.use_tree()
 
 from xportrait_core.model.xportrait import XPortrait  # noqa: E402
-from xportrait_core.sampling.guidance import GuidedDenoiser  # noqa: E402
 
 RECORDS = common.Records()
 emit = RECORDS.emit
@@ -62,10 +61,11 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             "reference_net (batch 1)": lambda: model.reference_bank(ref, 500, ctx),
             "global_control": lambda: model.global_control(x, hint, t, ctx),
             "local_control": lambda: model.local_control(x, hint, t, ctx),
-            "unet cond (bank + control)": lambda: model.unet(x, t, ctx, reference=bank, control=residuals),
+            "unet cond (bank + control)":
+                lambda: model.unet(x, t, ctx, control=residuals, **{common.unet_bank_keyword(model): bank}),
             "unet uncond": lambda: model.unet(x, t, ctx),
-            "eps_guided (controls + both branches in one UNet batch)":
-                lambda: model.eps_guided(x, 500, ctx, ctx, bank, hint, hint),
+            "both branches (controls + both branches in one UNet batch)":
+                lambda: common.eps_both_branches(model)(x, 500, ctx, ctx, bank, hint, hint),
             "eps_cond (all of the above)": lambda: model.eps_cond(x, 500, ctx, model.reference_bank(ref, 500, ctx), hint, hint),
             "vae decode 16 frames": lambda: model.decode_latents(x.float()),
         }
@@ -83,7 +83,7 @@ def window_probe(model: XPortrait, resolution: int, frames: int = 16):
 
     @torch.no_grad()
     def call():
-        denoise = GuidedDenoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint,
+        denoise = common.window_denoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint,
                                  guidance_scale=5.0, context=job.context.to(device),
                                  uncond_context=job.context.to(device))
         return denoise(x, 500, torch.arange(frames)).float()
@@ -201,7 +201,7 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16, sources:
     job = common.VideoJob(model, frames, resolution)
     device = model.device
     ref = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
-    denoise = GuidedDenoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
+    denoise = common.window_denoiser(model, ref, global_hint=job.global_hint, local_hint=job.local_hint, guidance_scale=5.0,
                              context=job.context.to(device), uncond_context=job.context.to(device))
     x = torch.randn(frames, 4, resolution // 8, resolution // 8, device=device)
     idx = torch.arange(frames)
@@ -213,7 +213,7 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16, sources:
     milliseconds = profiled_kernels(device, lambda: denoise(x, 502, idx), what)
     if sources:
         profiled_sources(device, lambda: denoise(x, 503, idx), what)
-    denoise.release()  # its graphs' pool, back to the driver: else it would count in the next video's peak
+    common.release(denoise)  # its graphs' pool, back to the driver: else it would count in the next video's peak
     emit_rates(what, window_flops_by_kind(model, resolution, frames), milliseconds)
 
 
@@ -254,7 +254,8 @@ def window_flops_by_kind(model: XPortrait, resolution: int, frames: int = 16) ->
         global_features, local_features = model.encode_motion_hints(hint, hint)
         with FlopCounterMode(display=False) as counter:
             bank = model.reference_bank(ref, 500, ctx)
-            model.eps_guided(x, 500, ctx, ctx, bank, global_features, local_features, hints_encoded=True)
+            common.eps_both_branches(model)(x, 500, ctx, ctx, bank, global_features, local_features,
+                                            hints_encoded=True)
     return flops_by_kind(counter)
 
 

@@ -83,7 +83,7 @@ def test_window_profile_on_the_cpu(tmp_path):
     assert sources and all(r["ms"] > 0 and r["calls"] > 0 for r in sources)
     assert any("convolution" in r["op"] and "blocks.py" in r["where"] for r in sources), sources[:5]
     networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
-    assert "eps_guided (controls + both branches in one UNet batch)" in networks
+    assert "both branches (controls + both branches in one UNet batch)" in networks
     assert all(seconds > 0 for seconds in networks.values())
 
 
