@@ -49,7 +49,7 @@ def window_inputs(model: XPortrait, resolution: int, frames: int):
     return x, ref, hint, ctx
 
 
-def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
+def bench_networks(model: XPortrait, resolution: int, frames: int = 16, repeats: int = 5, warmup: int = 2):
     """One call of each network on a 16-frame window: the per-step budget."""
     device = model.device
     x, ref, hint, ctx = window_inputs(model, resolution, frames)
@@ -70,7 +70,7 @@ def bench_networks(model: XPortrait, resolution: int, frames: int = 16):
             "vae decode 16 frames": lambda: model.decode_latents(x.float()),
         }
         for name, fn in calls.items():
-            emit(kind="network", name=name, seconds=round(cuda_time(fn), 4), frames=frames, dtype=str(model.dtype))
+            emit(kind="network", name=name, seconds=round(cuda_time(fn, repeats, warmup), 4), frames=frames, dtype=str(model.dtype))
 
 
 def window_probe(model: XPortrait, resolution: int, frames: int = 16):
@@ -339,6 +339,7 @@ def main(argv=None) -> int:
                         help="also the call's kernel time by op and by the pack's function that ran it")
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one call by block kind (CUDA events)")
     parser.add_argument("--networks", action="store_true", help="median time of one call of each network")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each network (after 2 warm-ups)")
     parser.add_argument("--decode", action="store_true", help="also profile one VAE decode of --decode-chunk frames")
     parser.add_argument("--decode-chunk", type=int, default=4)
     parser.add_argument("--allocator", choices=list(common.ALLOCATORS), default="expandable",
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
     if args.breakdown:
         breakdown_window(model, args.resolution, args.frames)
     if args.networks:
-        bench_networks(model, args.resolution, args.frames)
+        bench_networks(model, args.resolution, args.frames, repeats=args.repeats, warmup=min(2, args.repeats))
     RECORDS.write(args.json)
     return 0
 
