@@ -217,6 +217,34 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16, sources:
     emit_rates(what, window_flops_by_kind(model, resolution, frames), milliseconds)
 
 
+def bench_banks(model: XPortrait, resolution: int, steps: int = 30, repeats: int = 3, warmup: int = 1) -> dict:
+    """The reference banks of every timestep of a job: computed one timestep at a time (as sampling does, a
+    reference-net call at batch 1 per step) against one batched call before sampling (`sampling/batched_banks.py`,
+    where this tree has it), in median seconds for all of them, and the device memory the stored banks hold."""
+    from xportrait_core.sampling.sampler import ddim_timesteps
+
+    _, ref, _, ctx = window_inputs(model, resolution, 1)
+    timesteps = [int(t) for t in ddim_timesteps(steps)]
+    result = {"timesteps": len(timesteps)}
+    with torch.no_grad():
+        result["one at a time s"] = round(cuda_time(lambda: [model.reference_bank(ref, t, ctx) for t in timesteps],
+                                                    repeats, warmup), 4)
+        try:
+            from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+            from xportrait_core.sampling.branches import ReferenceBanks
+        except ImportError:
+            BatchedReferenceBanks = None
+        if BatchedReferenceBanks is not None:
+            source = ReferenceBanks(model, ref, ctx)
+            result["one batched call s"] = round(cuda_time(lambda: BatchedReferenceBanks(source, timesteps),
+                                                           repeats, warmup), 4)
+            stored = BatchedReferenceBanks(source, timesteps).stored
+            result["stored banks MiB"] = round(sum(e.numel() * e.element_size() for bank in stored.values()
+                                                   for e in bank.entries) / 2**20, 1)
+    emit(kind="banks", **result)
+    return result
+
+
 def profile_decode(model: XPortrait, resolution: int, chunk: int):
     """Top CUDA kernels of one VAE decode of `chunk` frames (after a warm-up decode), with rates by kind."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -340,6 +368,8 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="GPU time of one call by block kind (CUDA events)")
     parser.add_argument("--networks", action="store_true", help="median time of one call of each network")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each network (after 2 warm-ups)")
+    parser.add_argument("--banks", action="store_true",
+                        help="time every timestep's reference bank one at a time against one batched call")
     parser.add_argument("--decode", action="store_true", help="also profile one VAE decode of --decode-chunk frames")
     parser.add_argument("--decode-chunk", type=int, default=4)
     parser.add_argument("--allocator", choices=list(common.ALLOCATORS), default="expandable",
@@ -361,6 +391,8 @@ def main(argv=None) -> int:
         profile_decode(model, args.resolution, args.decode_chunk)
     if args.breakdown:
         breakdown_window(model, args.resolution, args.frames)
+    if args.banks:
+        bench_banks(model, args.resolution, repeats=args.repeats, warmup=min(1, args.repeats))
     if args.networks:
         bench_networks(model, args.resolution, args.frames, repeats=args.repeats, warmup=min(2, args.repeats))
     RECORDS.write(args.json)

@@ -95,7 +95,8 @@ def test_window_profile_on_the_cpu(tmp_path, monkeypatch):
     profile = _bench_module("profile_window")
     out = tmp_path / "records.jsonl"
     assert profile.main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--frames", "4", "--dtype",
-                         "fp32", "--decode", "--decode-chunk", "2", "--sources", "--networks", "--repeats", "1",
+                         "fp32", "--decode", "--decode-chunk", "2", "--sources", "--networks", "--banks", "--repeats",
+                         "1",
                          "--json", str(out)]) == 0
     records = _records(out)
     # One window call and one decode chunk, their time by kernel kind (CPU ops stand in here).
@@ -108,6 +109,10 @@ def test_window_profile_on_the_cpu(tmp_path, monkeypatch):
     networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
     assert "both branches (controls + both branches in one UNet batch)" in networks and len(networks) == 8
     assert all(seconds > 0 for seconds in networks.values())
+    # --banks: the 31 timesteps' banks one at a time (and in one batched call, where the tree has batched banks).
+    (banks,) = [r for r in records if r["kind"] == "banks"]
+    assert banks["timesteps"] == 31 and banks["one at a time s"] > 0
+    assert banks.get("one batched call s", 1) > 0 and banks.get("stored banks MiB", 1) > 0
 
 
 def test_window_profile_refuses_sources_where_it_could_not_see_the_stacks():
