@@ -314,7 +314,16 @@ def _cmd_demo(args) -> int:
     # The tiny weights carry no CLIP: both branches get an all-zero context of the tiny UNet's width as the
     # stand-in for CLIP("").
     zeros = lambda model: torch.zeros(1, config.text_encoder.max_length, config.unet.context_dim)  # noqa: E731
-    return _run_pipeline(args, Path(args.weights), config.image_size, "resize", config=config, context_fn=zeros)
+    status = _run_pipeline(args, Path(args.weights), config.image_size, "resize", config=config, context_fn=zeros)
+    if status == 0:
+        # The video of random tiny weights is noise: the strip shows what the run did compute from the inputs.
+        from .demo_strip import demo_strip, strip_path, write_png
+
+        strip = write_png(strip_path(args.output), demo_strip(args.reference, args.driving, args.output,
+                                                              config.image_size, args.frames, args.best_frame))
+        print(f"wrote {strip} (reference, driving frames, motion hints, output frames, identity plot)",
+              file=sys.stderr)
+    return status
 
 
 def _cmd_convert(args) -> int:

@@ -1,4 +1,4 @@
-"""The GPU benchmark script keeps working: a smoke run of the tiny model on the CPU, and its kernel summary."""
+"""The GPU benchmark scripts keep working: smoke runs of the tiny model on the CPU, and their summaries."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,22 +8,122 @@ import sys
 from pathlib import Path
 
 import pytest
-from triton_interpreter import run_interpreted
+from conftest import golden_path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
+BENCHMARKS = ROOT / "benchmarks"
 
 
-def _bench_module(name: str = "bench_gpu"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared bench_common
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_job_benchmark_alternates_two_trees_and_reports_each(tmp_path):
+    """bench_job.py's A/B: two workers (this tree, and this tree again under another environment, standing in for
+    another checkout), timed jobs alternating A B A B, the medians, peaks and phases of each."""
+    out = tmp_path / "records.jsonl"
+    run = _run("bench_job.py", "--device", "cpu", "--config", "tiny", "--resolution", "64", "--frames", "4",
+               "--steps", "3", "--runs", "2", "--dtype", "fp32", "--compile", "off", "--compare-with", str(ROOT),
+               "--compare-env", "XPORTRAIT_CUDA_GRAPHS=0", "--phases", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = _records(out)
+    workers = {r["name"]: r for r in records if r["kind"] == "worker"}
+    assert set(workers) == {"A", "B"} and all(w["tree"] == str(ROOT) for w in workers.values())
+    assert workers["B"]["env"] == {"XPORTRAIT_CUDA_GRAPHS": "0"} and workers["A"]["env"] == {}
+    runs = [r for r in records if r["kind"] == "run"]
+    assert [(r["name"], r["round"]) for r in runs] == [("A", 0), ("B", 0), ("A", 1), ("B", 1)]
+    assert all(r["seconds"] > 0 and r["window_calls"] == 4 for r in runs)  # 3 DDIM steps: 4 timesteps, one window
+    jobs = {r["name"]: r for r in records if r["kind"] == "job"}
+    for name, job in jobs.items():
+        assert sorted(job["runs"]) == sorted(r["seconds"] for r in runs if r["name"] == name)
+        assert job["seconds"] == pytest.approx(sum(job["runs"]) / 2, abs=1e-3)  # the median of two runs
+        phases = job["phases_ms"]
+        parts = [v for k, v in phases.items() if k not in ("later window call (median)", "total", "host total")
+                 and v is not None]
+        assert abs(sum(parts) - phases["total"]) < 1.0 and phases["later window calls (sum)"] > 0
+    (comparison,) = [r for r in records if r["kind"] == "comparison"]
+    a, b = jobs["A"]["runs"], jobs["B"]["runs"]
+    assert comparison["b_minus_a_each_round"] == [round(y - x, 3) for x, y in zip(a, b)]
+    assert "B - A (off, native)" in run.stdout
+
+
+def test_job_flops_are_a_fixed_part_and_a_part_per_window_call():
+    """The two-job extrapolation of bench_job.py's FLOP count agrees with counting a longer job directly."""
+    import argparse
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    job_bench = _bench_module("bench_job")
+    model = job_bench.common.build_random_model("tiny", torch.float32, "cpu")
+    job = job_bench.common.VideoJob(model, frames=2, resolution=64, decode_chunk=2)
+    args = argparse.Namespace(guidance=5.0, overlap=4)
+    fixed, per_call = job_bench._job_flops(job, args)
+    assert fixed > 0 and per_call > 0
+    calls = []
+    with FlopCounterMode(display=False) as counter:
+        job.run(steps=3, callback=lambda done, total: calls.append(total))
+    assert calls[-1] == 4
+    assert counter.get_total_flops() == pytest.approx(fixed + 4 * per_call, rel=1e-9)
+
+
+def test_job_benchmark_refuses_a_tree_without_the_package(tmp_path):
+    job_bench = _bench_module("bench_job")
+    with pytest.raises(SystemExit, match="no xportrait_core package"):
+        job_bench.main(["--compare-with", str(tmp_path), "--device", "cpu"])
+
+
+def test_window_profile_on_the_cpu(tmp_path, monkeypatch):
+    """profile_window.py (its main, in this process: the CPU needs no allocator restart) on the tiny model: the
+    window call and a decode chunk by kernel kind, the call's time by the pack's function that ran it, and one
+    call of each network."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # set here, so the script leaves the process's alone
+    monkeypatch.setenv("XPORTRAIT_CUDA_GRAPHS", "1")  # the script sets it: restored after the test
+    profile = _bench_module("profile_window")
+    out = tmp_path / "records.jsonl"
+    assert profile.main(["--device", "cpu", "--config", "tiny", "--resolution", "64", "--frames", "4", "--dtype",
+                         "fp32", "--decode", "--decode-chunk", "2", "--sources", "--networks", "--banks", "--repeats",
+                         "1",
+                         "--json", str(out)]) == 0
+    records = _records(out)
+    # One window call and one decode chunk, their time by kernel kind (CPU ops stand in here).
+    profiles = {r["what"]: r for r in records if r["kind"] == "profile"}
+    assert list(profiles) == ["guided window call (4 frames)", "vae decode (2 frames)"]
+    assert all(p["convolutions"] > 0 for p in profiles.values())
+    (sources,) = [r["rows"] for r in records if r["kind"] == "profile_sources"]
+    assert sources and all(r["ms"] > 0 and r["calls"] > 0 for r in sources)
+    assert any("convolution" in r["op"] and "blocks.py" in r["where"] for r in sources), sources[:5]
+    networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
+    assert "both branches (controls + both branches in one UNet batch)" in networks and len(networks) == 8
+    assert all(seconds > 0 for seconds in networks.values())
+    # --banks: the 31 timesteps' banks one at a time (and in one batched call, where the tree has batched banks).
+    (banks,) = [r for r in records if r["kind"] == "banks"]
+    assert banks["timesteps"] == 31 and banks["one at a time s"] > 0
+    assert banks.get("one batched call s", 1) > 0 and banks.get("stored banks MiB", 1) > 0
+
+
+def test_window_profile_refuses_sources_where_it_could_not_see_the_stacks():
+    profile = _bench_module("profile_window")
+    with pytest.raises(SystemExit, match="--cuda-graphs 0"):
+        profile.main(["--sources"])  # on a GPU, graphs on by default
+
+
 def test_kernel_kinds_sum_profiled_time_by_kind():
-    bench = _bench_module()
-    totals = bench.kernel_kind_totals([
+    profile = _bench_module("profile_window")
+    totals = profile.kernel_kind_totals([
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 3000.0),
         ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", 1000.0),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", 2500.0),
@@ -40,8 +140,8 @@ def test_kernel_kinds_sum_profiled_time_by_kind():
 
 
 def test_kernel_time_is_attributed_to_the_packs_innermost_function():
-    bench = _bench_module()
-    rows = bench.time_by_source([
+    profile = _bench_module("profile_window")
+    rows = profile.time_by_source([
         ("aten::copy_", ["xportrait_core/model/temporal.py(91): forward", "xportrait_core/model/unet.py(200): forward"], 40.0),
         ("aten::copy_", ["torch/nn/functional.py(10): f", "xportrait_core/model/temporal.py(91): forward"], 60.0),
         ("aten::add", ["xportrait_core/model/blocks.py(77): forward"], 500.0),
@@ -55,124 +155,47 @@ def test_kernel_time_is_attributed_to_the_packs_innermost_function():
     ]
 
 
-def test_smoke_run_on_the_cpu(tmp_path):
-    out = tmp_path / "records.jsonl"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", "tiny", "--resolution", "64",
-                          "--frames", "4", "--runs", "1", "--dtype", "fp32", "--networks", "--phases", "--profile",
-                          "--profile-sources",
-                          "--decode-chunk", "2", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    (video,) = [r for r in records if r["kind"] == "video"]
-    assert video["frames"] == 4 and video["timesteps"] == 31 and video["seconds"] > 0
-    assert video["dtype"] == "torch.float32" and video["attention"] == "sdpa"
-    networks = {r["name"]: r["seconds"] for r in records if r["kind"] == "network"}
-    assert "eps_branches (controls + both branches in one UNet batch)" in networks
-    assert all(seconds > 0 for seconds in networks.values())
-    # --profile: one window call and one decode chunk, their time by kernel kind (CPU ops stand in here).
-    profiles = {r["what"]: r for r in records if r["kind"] == "profile"}
-    assert list(profiles) == ["guided window call (16 frames)", "vae decode (2 frames)"]
-    assert all(p["convolutions"] > 0 for p in profiles.values())
-    # --profile-sources: the window call's time by op and the pack's function that ran it.
-    (sources,) = [r["rows"] for r in records if r["kind"] == "profile_sources"]
-    assert sources and all(r["ms"] > 0 and r["calls"] > 0 for r in sources)
-    assert any("convolution" in r["op"] and "blocks.py" in r["where"] for r in sources), sources[:5]
-    assert any("xportrait_core" in r["where"] and ".py" in r["where"] for r in sources), sources[:5]
-    (phases,) = [r["milliseconds"] for r in records if r["kind"] == "phases"]
-    # One window call per timestep for 4 frames; the first two are shown apart (eager run, graph recording).
-    assert "window call 1" in phases and "window call 2" in phases and "window call 3" not in phases
-    parts = [v for k, v in phases.items() if k not in ("later window call (median)", "total", "host total")]
-    assert abs(sum(parts) - phases["total"]) < 1.0 and phases["later window calls (sum)"] > 0
+def test_window_flops_are_split_by_kernel_kind():
+    import torch
+
+    profile = _bench_module("profile_window")
+    model = profile.common.build_random_model("tiny", torch.float32, "cpu")
+    flops = profile.window_flops_by_kind(model, resolution=64, frames=4)
+    # (PyTorch's counter has no formula for SDPA's CPU kernel, so "attention" appears on GPUs only.)
+    assert {"convolutions", "matrix products"} <= set(flops)
+    assert all(count > 0 for count in flops.values())
+    # Twice the frames: the UNet, ControlNet and attention work doubles, the reference net's (batch 1) does not.
+    doubled = profile.window_flops_by_kind(model, resolution=64, frames=8)
+    assert 1.8 < sum(doubled.values()) / sum(flops.values()) < 2.0
 
 
 def test_inductor_settings_are_applied_or_refused():
     import torch._inductor.config as inductor_config
 
-    bench = _bench_module()
+    common = _bench_module("bench_common")
     before = inductor_config.coordinate_descent_tuning
     try:
-        bench.set_inductor_options([f"coordinate_descent_tuning={not before}"])
+        common.set_inductor_options([f"coordinate_descent_tuning={not before}"])
         assert inductor_config.coordinate_descent_tuning is (not before)
     finally:
         inductor_config.coordinate_descent_tuning = before
     with pytest.raises(SystemExit, match="no setting 'no_such_setting'"):
-        bench.set_inductor_options(["no_such_setting=1"])
+        common.set_inductor_options(["no_such_setting=1"])
 
 
-def test_window_flops_are_split_by_kernel_kind():
+def test_golden_check_in_float32_on_the_cpu():
+    """check_golden_gpu.py's comparison (here on the CPU, float32) finds the pack within float32 noise of the
+    official recording."""
     import torch
 
-    from xportrait_core.model.config import XPortraitConfig
-
-    bench = _bench_module()
-    model = bench.build_random_model(XPortraitConfig.tiny(), torch.float32, "cpu")
-    flops = bench.window_flops_by_kind(model, resolution=64, frames=4)
-    # (PyTorch's counter has no formula for SDPA's CPU kernel, so "attention" appears on GPUs only.)
-    assert {"convolutions", "matrix products"} <= set(flops)
-    assert all(count > 0 for count in flops.values())
-    # Twice the frames: the UNet, ControlNet and attention work doubles, the reference net's (batch 1) does not.
-    doubled = bench.window_flops_by_kind(model, resolution=64, frames=8)
-    assert 1.8 < sum(doubled.values()) / sum(flops.values()) < 2.0
-
-
-GEGLU_INTERPRETED = r"""
-import importlib.util
-spec = importlib.util.spec_from_file_location("bench_geglu", sys.argv[1])
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
-results = []
-# (input shape, inner width, tile config): edges that fill no tile, a K that is no multiple of BLOCK_K, 3-D input.
-for shape, inner, config in (((37, 48), 40, (16, 16, 16, 4, 1)), ((2, 65, 64), 96, (32, 32, 32, 4, 1)),
-                             ((5, 20), 24, (16, 16, 16, 4, 1))):
-    x = torch.randn(*shape, dtype=torch.float16)
-    weight = torch.randn(2 * inner, shape[-1], dtype=torch.float16) / shape[-1] ** 0.5
-    bias = torch.randn(2 * inner, dtype=torch.float16)
-    out = bench.fused_geglu(x, weight, bias, config)
-    ref = bench.geglu_reference(x.float(), weight.float(), bias.float())
-    results.append([list(out.shape), list(ref.shape), (out.float() - ref).abs().max().item(), ref.abs().max().item()])
-print(json.dumps(results))
-"""
-
-
-def test_fused_geglu_candidate_matches_the_packs_geglu_in_the_interpreter():
-    """The candidate kernel bench_geglu.py times computes what blocks.GEGLU does, so its timings compare like with
-    like."""
-    import torch
-
-    from xportrait_core.model.blocks import GEGLU
-
-    bench = _bench_module("bench_geglu")
-    module = GEGLU(24, 40)
-    x = torch.randn(3, 7, 24)
-    with torch.no_grad():
-        assert torch.allclose(bench.geglu_reference(x, module.proj.weight, module.proj.bias), module(x), atol=1e-6)
-    for out_shape, ref_shape, err, scale in run_interpreted(GEGLU_INTERPRETED,
-                                                            str(ROOT / "benchmarks" / "bench_geglu.py")):
-        assert out_shape == ref_shape
-        assert err < 2e-3 * max(1.0, scale), (out_shape, err)  # fp16 output rounding
-
-
-
-def test_strided_ops_census_sees_the_layouts_the_gpu_would_run(tmp_path):
-    """benchmarks/strided_ops.py on the tiny model (in its own process: it replaces the kernels' entry points with
-    stand-ins): it finds the motion modules' frame-major transposes, copies the uncompiled path still makes, and no
-    copy of an attention output (5a14970 removed the last one)."""
-    out = tmp_path / "ops.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "strided_ops.py"), "--config", "tiny",
-                          "--resolution", "64", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    sites = {(r["op"], r["site"].split(":")[0]) for r in rows}
-    assert ("clone.default", "temporal.py") in sites
-    assert ("clone.default", "blocks.py") not in sites
-    assert all(r["calls"] > 0 and r["elements"] > 0 for r in rows)
-
-
-def test_profile_sources_is_refused_where_it_could_not_see_the_stacks():
-    bench = _bench_module()
-    with pytest.raises(SystemExit, match="goes with --profile"):
-        bench.main(["--profile-sources"])
-    with pytest.raises(SystemExit, match="--cuda-graphs 0"):
-        bench.main(["--profile", "--profile-sources"])  # on a GPU, graphs on by default
+    golden = golden_path("tiny_cases.safetensors").parent
+    check = _bench_module("check_golden_gpu")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        check.check_golden(golden, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    record = check.RECORDS.items[-1]
+    assert record["kind"] == "golden" and record["dtype"] == "torch.float32"
+    assert record["eps_cond_rel"] < 1e-5 and record["eps_uncond_rel"] < 1e-5
+    assert record["sample16_rel"] < 1e-4 and record["sample20_rel"] < 1e-4

@@ -9,7 +9,7 @@ written and read again per feed-forward, and the gelu-mul kernels took 6 ms of a
 2026-12-01). Fused: each program computes one tile of the value half and the same tile of the gate half from
 the same input rows, and writes only value * gelu(gate). Worth it if its matrix work keeps up with cuBLAS:
 
-    python benchmarks/bench_geglu.py            # on a CUDA GPU; prints one JSON line per case and variant
+    python benchmarks/experiments/bench_geglu.py            # on a CUDA GPU; prints one JSON line per case and variant
 
 `fused_geglu` runs in Triton's CPU interpreter too (TRITON_INTERPRET=1), where tests check it against PyTorch.
 

@@ -12,8 +12,8 @@ GEGLU, frame attention) and SDPA are replaced by stand-ins that return outputs i
 write, so the layouts downstream are the GPU's. Values are not computed meaningfully (weights are left as
 allocated); only layouts are read.
 
-    python benchmarks/strided_ops.py --resolution 256          # official structure, about 2 minutes
-    python benchmarks/strided_ops.py --config tiny --resolution 64 --json ops.json
+    python benchmarks/experiments/strided_ops.py --resolution 256          # official structure, about 2 minutes
+    python benchmarks/experiments/strided_ops.py --config tiny --resolution 64 --json ops.json
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from xportrait_core.fast import frame_attention, geglu, group_norm  # noqa: E402
 from xportrait_core.model import attention  # noqa: E402
