@@ -80,6 +80,26 @@ def list_model_files() -> list[str]:
     return sorted(names)
 
 
+def model_folders() -> list[str]:
+    """The folders searched for X-Portrait checkpoints (ComfyUI's models/xportrait and extra_model_paths.yaml)."""
+    if _folder_paths is not None:
+        return list(_folder_paths.get_folder_paths(MODEL_FOLDER))
+    return _fallback_model_dirs()
+
+
+def missing_model_message(name: str) -> Optional[str]:
+    """None when `name` is a listed checkpoint; else what to do, naming the file and the folders searched."""
+    node = "X-Portrait Load Model"
+    if name and name in list_model_files():
+        return None
+    folders = " or ".join(model_folders()) or "ComfyUI/models/xportrait"
+    if not name:
+        return (f"{node}: no X-Portrait model in {folders}: put model_state-415001.th (or its .safetensors "
+                "conversion) there, then press R in ComfyUI to refresh the list")
+    return (f"{node}: model file {name!r} is not in {folders}: put it there (the X-Portrait release's "
+            "model_state-415001.th, or its .safetensors conversion), then press R in ComfyUI to refresh the list")
+
+
 def model_file_path(name: str) -> str:
     """Full path of a file listed by `list_model_files`; a clear error naming the searched folders otherwise."""
     node = "X-Portrait Load Model"

@@ -178,8 +178,13 @@ class LoadXPortraitModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, dtype=None, attention=None, vram=None):
-        # model_name is left to ComfyUI: its own check names a missing file and the folder it looked in.
+    def VALIDATE_INPUTS(cls, model_name=None, dtype=None, attention=None, vram=None):
+        # A missing checkpoint is the commonest first-run problem: name the file and the folders searched, at
+        # queue time, so ComfyUI's dialog says it before anything runs.
+        if model_name is not None:
+            missing = common.missing_model_message(model_name)
+            if missing:
+                return missing
         return common.check_widgets(cls, {"dtype": dtype, "attention": attention, "vram": vram},
                                     "X-Portrait Load Model")
 

@@ -29,14 +29,14 @@ MODELS_ENV = "XPORTRAIT_FACE_MODELS"
 class NoFaceFoundError(ValueError):
     """No face was found where one is required. `where` names the image (e.g. "the reference image")."""
 
-    def __init__(self, where: str, detail: str = ""):
+    def __init__(self, where: str, detail: str = "", advice: str = ""):
         self.where = where
-        message = f"No face was found in {where}."
+        message = f"No face was found in {where}{f' {detail}' if detail else ''}."
         hint = (
             " The detector needs a roughly frontal face, not too small (about 80 pixels wide after any downscaling)"
             " and not cut off by the image border."
         )
-        super().__init__(message + (f" {detail}" if detail else "") + hint)
+        super().__init__(message + hint + (f" {advice}" if advice else ""))
 
 
 @dataclass(frozen=True, eq=False)

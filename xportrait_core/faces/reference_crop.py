@@ -115,8 +115,9 @@ def prepare_reference(
     faces = order_faces(detect_faces(source, backend, max_side=DETECT_MAX_SIDE), face_order)
     if mode == CROP:
         if not faces:
-            raise NoFaceFoundError(where, f"(searched the whole {width}x{height} image). Mode 'resize' needs no "
-                                          "face: it stretches the whole image, as the official demo does.")
+            raise NoFaceFoundError(where, f"(searched the whole {width}x{height} image)",
+                                   "Mode 'resize' needs no face: it stretches the whole image, as the official demo "
+                                   "does.")
         face = pick_face(faces, face_index, face_order, where)
         box = square_crop_box(face, (height, width), margin)
     else:

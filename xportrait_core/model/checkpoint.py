@@ -295,7 +295,9 @@ def _has_text_encoder(state: dict[str, torch.Tensor]) -> bool:
 
 
 def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[XPortraitConfig]] = None) -> XPortraitConfig:
-    """The preset (official, tiny) whose every key and shape the (our-key) state dict fits."""
+    """The preset (official, tiny) whose every key and shape the (our-key) state dict fits; when none fits, the
+    closest preset if it matches at least half of its keys (the loader then names what does not fit), else an
+    error: not an X-Portrait checkpoint."""
     candidates = list(candidates or (XPortraitConfig.official(), XPortraitConfig.tiny()))
     with_text = _has_text_encoder(state)
     reports = []
@@ -304,7 +306,9 @@ def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[X
         if report.fits:
             return config
         reports.append(report)
-    best = min(reports, key=lambda r: len(r.missing) + len(r.mismatched))
+    best_config, best = min(zip(candidates, reports), key=lambda cr: len(cr[1].missing) + len(cr[1].mismatched))
+    if len(best.missing) + len(best.mismatched) <= len(expected_shapes(best_config, with_text)) // 2:
+        return best_config  # an X-Portrait checkpoint with a few keys wrong: the caller names them, as the file does
     raise CheckpointError(f"not an X-Portrait checkpoint of a known size: compared with the closest X-Portrait "
                           f"model, {best.describe()}. Use model_state-415001.th from the X-Portrait release, or its "
                           ".safetensors conversion")
