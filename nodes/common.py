@@ -386,12 +386,13 @@ def check_outputs(node: str, cause: str, **outputs) -> None:
 
 
 def check_widgets(node_class, values: dict, node: str) -> "bool | str":
-    """Queue-time check of a node's widget values, for `VALIDATE_INPUTS(**values)`: numbers finite and within the
-    widget's limits, choices among the listed ones. True, or the problem in words (ComfyUI shows it in its
-    validation dialog, under the node's title, before anything runs).
+    """Check a node's widget values: numbers finite and within the widget's limits, choices among the listed
+    ones. True, or the problem in words, starting with the node's name.
 
-    ComfyUI skips its own min/max and choice checks for a node with a `VALIDATE_INPUTS` taking every input, so
-    they are all done here. Values of connected inputs are None at queue time and are checked when the node runs.
+    Used by `VALIDATE_INPUTS` (queue time: ComfyUI shows the text in its validation dialog, and skips its own range
+    check for the inputs VALIDATE_INPUTS takes, so this does it) and by the nodes when they run: NaN passes
+    ComfyUI's range checks, and a widget turned into an input is not checked at queue time. Values of connected
+    inputs are None at queue time and are skipped.
     """
     import math
 

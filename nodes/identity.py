@@ -42,13 +42,9 @@ class IdentityCheck:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, threshold=None):
-        return common.check_widgets(cls, {"threshold": threshold}, "X-Portrait Identity Check")
-
     def check(self, reference, frames, threshold: float = 0.6, driving_frames=None, unique_id=None):
         node = "X-Portrait Identity Check"
-        checked = self.VALIDATE_INPUTS(threshold=threshold)
+        checked = common.check_widgets(type(self), {"threshold": threshold}, node)
         if checked is not True:
             raise ValueError(checked)
         reference = check_reference(reference, node)

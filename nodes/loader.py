@@ -178,15 +178,12 @@ class LoadXPortraitModel:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name=None, dtype=None, attention=None, vram=None):
+    def VALIDATE_INPUTS(cls, model_name=None):
         # A missing checkpoint is the commonest first-run problem: name the file and the folders searched, at
-        # queue time, so ComfyUI's dialog says it before anything runs.
-        if model_name is not None:
-            missing = common.missing_model_message(model_name)
-            if missing:
-                return missing
-        return common.check_widgets(cls, {"dtype": dtype, "attention": attention, "vram": vram},
-                                    "X-Portrait Load Model")
+        # queue time, so ComfyUI's dialog says it before anything runs (its own check lists the files it has).
+        if model_name is None:
+            return True
+        return common.missing_model_message(model_name) or True
 
     def load(self, model_name: str, dtype: str = "auto", attention: str = "auto", vram: str = "normal",
              compile: bool = False, unique_id=None):

@@ -95,15 +95,11 @@ class ExtractMotion:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, best_frame=None, face_index=None, face_order=None):
-        return common.check_widgets(cls, {"best_frame": best_frame, "face_index": face_index,
-                                          "face_order": face_order}, "X-Portrait Extract Motion")
-
     def extract(self, reference, driving_frames, best_frame: int = BEST_FRAME_AUTO, track_missed_faces: bool = True,
                 face_index: int = 0, face_order: str = FACE_ORDERS[0], unique_id=None):
         node = "X-Portrait Extract Motion"
-        checked = self.VALIDATE_INPUTS(best_frame=best_frame, face_index=face_index, face_order=face_order)
+        checked = common.check_widgets(type(self), {"best_frame": best_frame, "face_index": face_index,
+                                                    "face_order": face_order}, node)
         if checked is not True:
             raise ValueError(checked)
         reference = check_reference(reference, node)
@@ -175,10 +171,6 @@ class HierarchicalMotionAttention:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, global_strength=None, local_strength=None):
-        return common.check_widgets(cls, {"global_strength": global_strength, "local_strength": local_strength},
-                                    "X-Portrait Hierarchical Motion Attention")
 
     def apply(self, xportrait_model, motion, global_strength: float = 1.0, local_strength: float = 1.0,
               eyes: bool = True, mouth: bool = True, region_mask=None):
@@ -191,7 +183,8 @@ class HierarchicalMotionAttention:
         factor = model.config.vae.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
         if motion.resolution % factor:
             raise ValueError(f"{node}: the motion hints are {motion.resolution}px, not a multiple of {factor}")
-        checked = self.VALIDATE_INPUTS(global_strength=global_strength, local_strength=local_strength)
+        checked = common.check_widgets(type(self), {"global_strength": global_strength,
+                                                    "local_strength": local_strength}, node)
         if checked is not True:
             raise ValueError(checked)
 

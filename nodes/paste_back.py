@@ -32,13 +32,9 @@ class PasteBack:
             }
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, feather=None):
-        return common.check_widgets(cls, {"feather": feather}, "X-Portrait Paste Back")
-
     def paste(self, frames, reference, feather: int = AUTO_FEATHER):
         node = "X-Portrait Paste Back"
-        checked = self.VALIDATE_INPUTS(feather=feather)
+        checked = common.check_widgets(type(self), {"feather": feather}, node)
         if checked is not True:
             raise ValueError(checked)
         reference = check_reference(reference, node)

@@ -82,9 +82,9 @@ class LoadReference:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, crop_margin=None, resolution=None, mode=None, face_index=None, face_order=None):
-        checked = common.check_widgets(cls, {"crop_margin": crop_margin, "resolution": resolution, "mode": mode,
-                                             "face_index": face_index, "face_order": face_order}, NODE)
+    def VALIDATE_INPUTS(cls, resolution=None):
+        # ComfyUI checks the widget's range; a multiple of 64 needs this (and ComfyUI then leaves the range to it).
+        checked = common.check_widgets(cls, {"resolution": resolution}, NODE)
         if checked is True and resolution is not None and int(resolution) % 64:
             return (f"{NODE}: resolution is {resolution}; it must be a multiple of 64 (the model's VAE and UNet "
                     f"halve it six times): try {max(64, round(int(resolution) / 64) * 64)}")
@@ -92,8 +92,10 @@ class LoadReference:
 
     def prepare(self, image, crop_margin: float = 0.5, resolution: int = 512, mode: str = "crop",
                 face_index: int = 0, face_order: str = FACE_ORDERS[0], unique_id=None):
-        checked = self.VALIDATE_INPUTS(crop_margin=crop_margin, resolution=resolution, mode=mode,
-                                       face_index=face_index, face_order=face_order)
+        checked = self.VALIDATE_INPUTS(resolution=resolution)
+        if checked is True:  # NaN passes ComfyUI's range checks; widgets turned into inputs skip them
+            checked = common.check_widgets(type(self), {"crop_margin": crop_margin, "mode": mode,
+                                                        "face_index": face_index, "face_order": face_order}, NODE)
         if checked is not True:
             raise ValueError(checked)
         batch = common.image_batch(image, f"{NODE}: image")

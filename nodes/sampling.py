@@ -87,12 +87,6 @@ class Sampler:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, seed=None, steps=None, guidance=None, window_overlap=None, initial_latents=None):
-        return common.check_widgets(cls, {"seed": seed, "steps": steps, "guidance": guidance,
-                                          "window_overlap": window_overlap, "initial_latents": initial_latents},
-                                    "X-Portrait Sampler")
-
     def sample(self, xportrait_model, reference, motion, seed: int = 999, steps: int = 30, guidance: float = 5.0,
                window_overlap: int = 4, initial_latents: str = "noised reference", positive=None, negative=None,
                init_frames=None):
@@ -100,8 +94,11 @@ class Sampler:
         handle = check_model(xportrait_model, node)
         reference = check_reference(reference, node)
         motion = check_motion(motion, node)
-        checked = self.VALIDATE_INPUTS(seed=seed, steps=steps, guidance=guidance, window_overlap=window_overlap,
-                                       initial_latents=initial_latents)
+        # ComfyUI checked the ranges when the prompt was queued; NaN passes its checks, and widgets turned into
+        # inputs are not checked there at all.
+        checked = common.check_widgets(type(self), {"seed": seed, "steps": steps, "guidance": guidance,
+                                                    "window_overlap": window_overlap,
+                                                    "initial_latents": initial_latents}, node)
         if checked is not True:
             raise ValueError(checked)
         if reference.resolution != motion.resolution:

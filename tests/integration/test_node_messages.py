@@ -22,8 +22,19 @@ def run(name: str, **inputs):
     return out, []
 
 
+NODE_TITLES = {"XPortraitLoadReference": "X-Portrait Load Reference", "XPortraitSampler": "X-Portrait Sampler",
+               "XPortraitHierarchicalMotionAttention": "X-Portrait Hierarchical Motion Attention",
+               "XPortraitIdentityCheck": "X-Portrait Identity Check", "XPortraitExtractMotion": "X-Portrait Extract Motion",
+               "XPortraitPasteBack": "X-Portrait Paste Back"}
+
+
 def validate(name: str, **values):
-    return node_classes()[name].VALIDATE_INPUTS(**values)
+    """The node's queue-time check where it has one (VALIDATE_INPUTS), else the check it runs first."""
+    cls = node_classes()[name]
+    if hasattr(cls, "VALIDATE_INPUTS") and set(values) <= set(__import__("inspect").signature(
+            cls.VALIDATE_INPUTS).parameters):
+        return cls.VALIDATE_INPUTS(**values)
+    return load_pack().nodes.common.check_widgets(cls, values, NODE_TITLES[name])
 
 
 def as_image(array_uint8: np.ndarray) -> torch.Tensor:
@@ -74,14 +85,13 @@ def test_a_missing_key_is_refused_naming_it(models_dir):
 
 
 def test_a_missing_model_file_is_refused_at_queue_time_naming_the_folder(models_dir):
-    message = validate("XPortraitLoadModel", model_name="model_state-415001.th", dtype="auto", attention="auto",
-                       vram="normal")
+    message = validate("XPortraitLoadModel", model_name="model_state-415001.th")
     assert message == (f"X-Portrait Load Model: model file 'model_state-415001.th' is not in {models_dir}: put it "
                        "there (the X-Portrait release's model_state-415001.th, or its .safetensors conversion), then "
                        "press R in ComfyUI to refresh the list")
-    assert validate("XPortraitLoadModel", model_name="tiny_extra_keys.safetensors", dtype="auto",
-                    attention="auto", vram="normal") is True
-    assert "choose one of auto, fp16, bf16, fp32" in validate("XPortraitLoadModel", dtype="fp8")
+    assert validate("XPortraitLoadModel", model_name="tiny_extra_keys.safetensors") is True
+    with pytest.raises(ValueError, match="^X-Portrait Load Model: dtype is 'fp8'; choose one of auto, fp16, bf16"):
+        run("XPortraitLoadModel", model_name="tiny_extra_keys.safetensors", dtype="fp8", attention="auto")
 
 
 # ---- queue-time checks ----------------------------------------------------------------------------------------
@@ -106,13 +116,14 @@ def test_a_missing_model_file_is_refused_at_queue_time_naming_the_folder(models_
                                                     "-2 and 1000000"),
     ("XPortraitPasteBack", dict(feather=-2), "X-Portrait Paste Back: feather is -2; it must be between -1 and 4096"),
 ])
-def test_widget_values_are_checked_when_the_prompt_is_queued(node, values, message):
+def test_widget_values_are_checked_with_the_nodes_name(node, values, message):
     result = validate(node, **values)
     assert isinstance(result, str) and result.startswith(message), result
 
 
 def test_valid_widget_values_pass_and_connected_ones_are_left_for_run_time():
-    assert validate("XPortraitLoadReference", crop_margin=0.5, resolution=512, mode="crop", face_index=1,
+    assert validate("XPortraitLoadReference", resolution=512) is True
+    assert validate("XPortraitLoadReference", crop_margin=0.5, mode="crop", face_index=1,
                     face_order="left to right") is True
     assert validate("XPortraitSampler", seed=None, steps=None, guidance=None) is True  # connected: None at queue time
 
