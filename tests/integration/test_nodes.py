@@ -198,7 +198,7 @@ def test_custom_socket_types_connect_only_x_portrait_nodes():
     assert {"XPORTRAIT_MODEL", "XPORTRAIT_REFERENCE", "XPORTRAIT_MOTION"} <= produced
 
 
-# ---- Load X-Portrait Model ------------------------------------------------------------------------------------
+# ---- X-Portrait Load Model ------------------------------------------------------------------------------------
 
 def test_loader_lists_checkpoint_files_only(models_dir):
     choices = node_classes()["XPortraitLoadModel"].INPUT_TYPES()["required"]["model_name"][0]

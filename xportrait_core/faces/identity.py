@@ -147,8 +147,8 @@ class IdentityReport:
         frame has a face the text says identity could not be measured (never "nan")."""
         s = self.summary()
         if not self.output_faces_found.any():
-            return (f"identity over {s['frames']} frames: not measured: no face was found in any frame (are these "
-                    "the animated frames, and do they show a face?)")
+            return (f"identity over {s['frames']} frame{'' if s['frames'] == 1 else 's'}: not measured: no face was "
+                    "found in any frame (are these the animated frames, and do they show a face?)")
         lines = [
             (
                 f"identity over {s['frames']} frames: mean distance {s['mean_distance']:.3f} "
