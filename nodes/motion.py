@@ -53,8 +53,8 @@ class ExtractMotion:
                    "which is then followed from frame to frame. Frames without a face are reported on the node.")
     CATEGORY = common.CATEGORY
     SEARCH_ALIASES = common.SEARCH_ALIASES
-    RETURN_TYPES = (common.MOTION_TYPE, "IMAGE", "IMAGE", "INT", "STRING")
-    RETURN_NAMES = ("motion", "global_hints", "local_hints", "best_frame", "report")
+    RETURN_TYPES = (common.MOTION_TYPE, "IMAGE", "IMAGE", "INT", "STRING", "IMAGE")
+    RETURN_NAMES = ("motion", "global_hints", "local_hints", "best_frame", "report", "faces")
     OUTPUT_TOOLTIPS = (
         "The motion hints, for Hierarchical Motion Attention or the Sampler.",
         "The aligned driving frames (global ControlNet input).",
@@ -62,6 +62,8 @@ class ExtractMotion:
         "The driving frame aligned onto the reference, or -2 when nothing was aligned.",
         "What was found: faces per frame, frames whose eye/mouth hint is empty, the alignment (also shown on the "
         "node).",
+        "The driving frame where the face was chosen, every face found boxed and numbered as face_index counts "
+        "them (the followed one in green).",
     )
     FUNCTION = "extract"
 
@@ -130,10 +132,21 @@ class ExtractMotion:
         found = int(hints.faces_found.sum())
         lines = [f"Face found in {found} of {len(frames)} driving frames; "
                  + (f"aligned on driving frame {chosen}." if chosen != NO_ALIGNMENT else "not aligned.")]
+        faces_image = frames[0]
+        if hints.chosen_among is not None:
+            from xportrait_core.faces.reference_crop import draw_numbered_faces
+
+            frame_index, faces = hints.chosen_among
+            followed = faces[int(face_index)] if int(face_index) < len(faces) else None
+            faces_image = draw_numbered_faces(frames[frame_index], faces, followed)
+            if len(faces) > 1:
+                lines.insert(1, f"{len(faces)} faces in driving frame {frame_index}; following face {int(face_index)} "
+                                f"({face_order}): see the 'faces' output")
         lines += [f"Warning: {w}" for w in hints.warnings]
         report = "\n".join(lines)
         return common.with_report((motion, common.hints_to_image(hints.global_hint),
-                                   common.hints_to_image(hints.local_hint), chosen, report), lines, unique_id)
+                                   common.hints_to_image(hints.local_hint), chosen, report,
+                                   common.to_image(faces_image[..., :3])), lines, unique_id)
 
 
 class HierarchicalMotionAttention:

@@ -260,11 +260,14 @@ def test_face_index_follows_the_second_person_of_a_video(reference, driving_fram
     split = (driving_frames.shape[2] + 16) / width  # where the right person starts, as a fraction of the width
     hints = {}
     for index in (0, 1):
-        (motion, *_rest), _text = run("XPortraitExtractMotion", reference=reference, driving_frames=as_image(frames),
-                                      best_frame=-2, track_missed_faces=True, face_index=index)
+        (motion, *_rest, faces_preview), text = run("XPortraitExtractMotion", reference=reference,
+                                                    driving_frames=as_image(frames), best_frame=-2,
+                                                    track_missed_faces=True, face_index=index)
         hints[index] = motion.hints
+        assert text[1] == f"2 faces in driving frame 0; following face {index} (largest first): see the 'faces' output"
+        assert faces_preview.shape == (1, *frames.shape[1:])
     for index, hint in hints.items():
-        assert hint.faces_found.all()
+        assert hint.faces_found.all() and hint.chosen_among[0] == 0 and len(hint.chosen_among[1]) == 2
         centres = hint.local_boxes[:, :, [0, 2]].mean(axis=(1, 2)) / RESOLUTION  # eyes and mouth, per frame
         if index == 0:
             assert (centres < split).all(), centres

@@ -278,7 +278,8 @@ def test_end_to_end_chain(tiny, source_photo, driving_frames, reference, motion,
     x0, y0, x1, y1 = ref.primary.crop_box
     assert x1 - x0 == y1 - y0 and 0 < x0 and 0 < y0 and x1 < 768 and y1 < 640, "a square inside the canvas"
 
-    motion_obj, global_hints, local_hints, best_frame, motion_report = motion
+    motion_obj, global_hints, local_hints, best_frame, motion_report, motion_faces = motion
+    assert motion_faces.shape == (1, *driving_frames.shape[1:])  # the driving frame the face was chosen on
     assert motion_report == f"Face found in {NUM_FRAMES} of {NUM_FRAMES} driving frames; aligned on driving frame {best_frame}."
     assert global_hints.shape == local_hints.shape == (NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
     assert 0.0 <= float(global_hints.min()) and float(global_hints.max()) <= 1.0

@@ -48,6 +48,7 @@ from .landmarks import (
     FaceBackend,
     default_face_backend,
     nearest_face,
+    order_faces,
     pick_face,
 )
 
@@ -76,6 +77,8 @@ class MotionHints:
     aligned_faces: per frame, the face found on the aligned frame, in R pixel coordinates, or None.
     reference_face: the reference's face in R pixel coordinates, or None.
     warnings: human-readable notes (missing faces with frame indices, fallbacks), for the user.
+    chosen_among: (frame index, faces) where the driving face was chosen by `face_index`: every face found on that
+        frame, numbered as `face_order` counts them, in the pixels of the driving frame; None when no frame had one.
     """
 
     global_hint: np.ndarray
@@ -89,6 +92,7 @@ class MotionHints:
     reference_face: Face | None
     resolution: int
     warnings: list[str] = field(default_factory=list)
+    chosen_among: tuple[int, list[Face]] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -260,9 +264,17 @@ def extract_motion(
     def frame01(index: int) -> np.ndarray:
         return as_rgb_float(frames[index], f"driving frame {index}")
 
-    def chooser(where: str) -> Callable[[list[Face], np.ndarray | None], Face]:
+    chosen_among: list = []
+
+    def chooser(where: str, index: int, raw: bool) -> Callable[[list[Face], np.ndarray | None], Face]:
         def choose(faces: list[Face], near: np.ndarray | None) -> Face:
-            return pick_face(faces, face_index, face_order, where) if near is None else nearest_face(faces, near)
+            if near is not None:
+                return nearest_face(faces, near)
+            if raw and not chosen_among:  # the user's choice, made on this driving frame: keep it to show it
+                height, width = frames[index].shape[:2]
+                sx, sy = width / LANDMARK_RESOLUTION, height / LANDMARK_RESOLUTION
+                chosen_among.append((index, [f.scaled(sx, sy) for f in order_faces(faces, face_order)]))
+            return pick_face(faces, face_index, face_order, where)
         return choose
 
     total_steps = num_frames
@@ -294,7 +306,7 @@ def extract_motion(
                     image = frame01(index)
                     face = _find_in_sequence(
                         backend, _to_landmark_copy(image), previous, track_missed_faces,
-                        chooser(f"driving frame {index}"), original=image,
+                        chooser(f"driving frame {index}", index, True), original=image,
                     )
                     driving_landmarks.append(None if face is None else face.landmarks)
                     raw_boxes[index] = None if face is None else face.box
@@ -307,7 +319,8 @@ def extract_motion(
             else:
                 image = frame01(best_frame)
                 faces = backend.detect(_to_landmark_copy(image)) or _detect_undistorted(backend, image)
-                best_face = pick_face(faces, face_index, face_order, f"best frame {best_frame}") if faces else None
+                best_face = (chooser(f"best frame {best_frame}", best_frame, True)(faces, None) if faces
+                             else None)
                 best_landmarks = None if best_face is None else best_face.landmarks
                 if best_landmarks is None:
                     warn(f"No face was found in the chosen best frame {best_frame}: the driving frames are not aligned.")
@@ -344,7 +357,8 @@ def extract_motion(
         global_hint[index] = aligned.transpose(2, 0, 1) * np.float32(2.0) - np.float32(1.0)
         copy = _to_landmark_copy(aligned)
         copies.append(copy)
-        face = _find_in_sequence(backend, copy, previous, track_missed_faces, chooser(f"driving frame {index}"),
+        face = _find_in_sequence(backend, copy, previous, track_missed_faces,
+                                 chooser(f"driving frame {index}", index, affine is None),
                                  anchors[index] if previous is None else None,
                                  original=image if affine is None else None)
         faces_256.append(face)
@@ -396,4 +410,5 @@ def extract_motion(
         reference_face=reference_face,
         resolution=resolution,
         warnings=notes,
+        chosen_among=chosen_among[0] if chosen_among else None,
     )
