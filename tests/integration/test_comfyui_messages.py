@@ -384,5 +384,7 @@ def test_face_index_one_animates_the_second_person(server):
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert ui_text(entry, "3")[0] == "2 faces found; animating face 1 (largest first): see the 'faces' output"
-    assert ui_text(entry, "8")[0].startswith(f"Face found in {NUM_FRAMES} of {NUM_FRAMES} driving frames")
+    motion_text = ui_text(entry, "8")
+    assert motion_text[0].startswith(f"Face found in {NUM_FRAMES} of {NUM_FRAMES} driving frames")
+    assert motion_text[1] == "2 faces in driving frame 0; following face 1 (largest first): see the 'faces' output"
     server.assert_serving()
