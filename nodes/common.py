@@ -23,7 +23,6 @@ REFERENCE_TYPE = "XPORTRAIT_REFERENCE"
 MOTION_TYPE = "XPORTRAIT_MOTION"
 
 MODEL_FOLDER = "xportrait"
-MODEL_EXTENSIONS = (".th", ".ckpt", ".pt", ".safetensors")
 # Outside ComfyUI (tests, scripts) model files are looked up here instead of in ComfyUI's models/xportrait.
 MODEL_DIR_ENV = "XPORTRAIT_MODELS_DIR"
 
@@ -32,9 +31,15 @@ try:  # ComfyUI present
 except ImportError:  # plain Python / pytest
     _folder_paths = None
 
+# Typed in ComfyUI's node search, these find the pack's nodes (newer ComfyUI versions read `SEARCH_ALIASES`).
+SEARCH_ALIASES = ["portrait animation", "face reenactment", "talking head", "animate portrait", "x-portrait"]
 
-def comfy_available() -> bool:
-    return _folder_paths is not None
+
+def model_extensions() -> tuple[str, ...]:
+    """The checkpoint suffixes (defined once, by the core's checkpoint reader)."""
+    from xportrait_core.model.checkpoint import CHECKPOINT_SUFFIXES
+
+    return CHECKPOINT_SUFFIXES
 
 
 # ---- model folder ------------------------------------------------------------------------------------------------
@@ -51,7 +56,7 @@ def register_model_folder() -> None:
     default = os.path.join(_folder_paths.models_dir, MODEL_FOLDER)
     if default not in paths:
         paths.append(default)
-    _folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(MODEL_EXTENSIONS))
+    _folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(model_extensions()))
     try:  # shows users where the weights go; harmless when the models folder is read-only
         os.makedirs(default, exist_ok=True)
     except OSError:
@@ -70,18 +75,40 @@ def list_model_files() -> list[str]:
     for folder in _fallback_model_dirs():
         for root, _dirs, files in os.walk(folder, followlinks=True):
             for name in files:
-                if name.lower().endswith(MODEL_EXTENSIONS):
+                if name.lower().endswith(model_extensions()):
                     names.add(os.path.relpath(os.path.join(root, name), folder))
     return sorted(names)
 
 
+def model_folders() -> list[str]:
+    """The folders searched for X-Portrait checkpoints (ComfyUI's models/xportrait and extra_model_paths.yaml)."""
+    if _folder_paths is not None:
+        return list(_folder_paths.get_folder_paths(MODEL_FOLDER))
+    return _fallback_model_dirs()
+
+
+def missing_model_message(name: str) -> Optional[str]:
+    """None when `name` is a listed checkpoint; else what to do, naming the file and the folders searched."""
+    node = "X-Portrait Load Model"
+    if name and name in list_model_files():
+        return None
+    folders = " or ".join(model_folders()) or "ComfyUI/models/xportrait"
+    if not name:
+        return (f"{node}: no X-Portrait model in {folders}: put model_state-415001.th (or its .safetensors "
+                "conversion) there, then press R in ComfyUI to refresh the list")
+    return (f"{node}: model file {name!r} is not in {folders}: put it there (the X-Portrait release's "
+            "model_state-415001.th, or its .safetensors conversion), then press R in ComfyUI to refresh the list")
+
+
 def model_file_path(name: str) -> str:
     """Full path of a file listed by `list_model_files`; a clear error naming the searched folders otherwise."""
+    node = "X-Portrait Load Model"
     if not name:
-        raise ValueError("no X-Portrait model selected: put model_state-415001.th (or its .safetensors conversion) "
-                         "in ComfyUI/models/xportrait and refresh")
-    if not name.lower().endswith(MODEL_EXTENSIONS):
-        raise ValueError(f"{name!r} is not an X-Portrait checkpoint file (expected {', '.join(MODEL_EXTENSIONS)})")
+        raise ValueError(f"{node}: no model selected: put model_state-415001.th (or its .safetensors conversion) "
+                         "in ComfyUI/models/xportrait, then press R (refresh) in ComfyUI")
+    if not name.lower().endswith(model_extensions()):
+        raise ValueError(f"{node}: {name!r} is not an X-Portrait checkpoint file (expected "
+                         f"{', '.join(model_extensions())})")
     if _folder_paths is not None:
         path = _folder_paths.get_full_path(MODEL_FOLDER, name)
         folders = _folder_paths.get_folder_paths(MODEL_FOLDER)
@@ -89,7 +116,8 @@ def model_file_path(name: str) -> str:
         folders = _fallback_model_dirs()
         path = next((os.path.join(f, name) for f in folders if os.path.isfile(os.path.join(f, name))), None)
     if path is None:
-        raise FileNotFoundError(f"X-Portrait model {name!r} not found in {', '.join(folders) or '(no folder)'}")
+        raise FileNotFoundError(f"{node}: model {name!r} not found in {', '.join(folders) or '(no folder)'}: put it "
+                                "there, then press R (refresh) in ComfyUI")
     return path
 
 
@@ -269,6 +297,7 @@ def image_batch(image, what: str):
         raise ValueError(f"{what}: the image batch is empty (0 images)")
     if array.shape[1] == 0 or array.shape[2] == 0:
         raise ValueError(f"{what}: images of size {array.shape[2]}x{array.shape[1]} are empty")
+    require_finite(array, what)
     return array
 
 
@@ -308,7 +337,7 @@ def to_mask(mask):
     return tensor.detach().to("cpu", torch.float32).contiguous()
 
 
-def mask_batch(mask) -> Any | None:
+def mask_batch(mask, what: str = "mask") -> Any | None:
     """A ComfyUI MASK (B, H, W) or (H, W) as float32 numpy (B, H, W), or None."""
     if mask is None:
         return None
@@ -318,5 +347,95 @@ def mask_batch(mask) -> Any | None:
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or array.shape[0] == 0:
-        raise ValueError(f"mask: expected a MASK (B, H, W), got shape {tuple(array.shape)}")
+        raise ValueError(f"{what}: expected a MASK (B, H, W), got shape {tuple(array.shape)}")
+    require_finite(array, what)
     return array
+
+
+# ---- non-finite values ------------------------------------------------------------------------------------------
+
+def require_finite(values, what: str) -> None:
+    """Refuse NaN or infinite numbers in an input (numpy array or torch tensor); `what` is "Node: input".
+
+    One NaN spreads through attention to every pixel of every frame: refusing it at the node that receives it
+    names the culprit, where the all-NaN output would name nothing.
+    """
+    import numpy as np
+
+    if hasattr(values, "detach"):
+        import torch
+
+        bad = int((~torch.isfinite(values.detach())).sum().item()) if values.is_floating_point() else 0
+        size = values.numel()
+    else:
+        array = np.asarray(values)
+        bad = int((~np.isfinite(array)).sum()) if np.issubdtype(array.dtype, np.floating) else 0
+        size = array.size
+    if bad:
+        raise ValueError(f"{what} holds {bad} NaN or infinite values (of {size}): the node that made it produced "
+                         "invalid numbers; fix that node (e.g. a VAE Decode in fp16 that overflowed) or its inputs")
+
+
+def check_outputs(node: str, cause: str, **outputs) -> None:
+    """Refuse to emit NaN or infinite numbers: raise naming the output and the likely `cause` instead."""
+    for name, value in outputs.items():
+        try:
+            require_finite(value, f"{node}: output {name}")
+        except ValueError:
+            raise ValueError(f"{node}: the {name} came out with NaN or infinite values: {cause}") from None
+
+
+def check_widgets(node_class, values: dict, node: str) -> "bool | str":
+    """Check a node's widget values: numbers finite and within the widget's limits, choices among the listed
+    ones. True, or the problem in words, starting with the node's name.
+
+    Used by `VALIDATE_INPUTS` (queue time: ComfyUI shows the text in its validation dialog, and skips its own range
+    check for the inputs VALIDATE_INPUTS takes, so this does it) and by the nodes when they run: NaN passes
+    ComfyUI's range checks, and a widget turned into an input is not checked at queue time. Values of connected
+    inputs are None at queue time and are skipped.
+    """
+    import math
+
+    spec = node_class.INPUT_TYPES()
+    inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, value in values.items():
+        if name not in inputs or value is None:
+            continue
+        kind, options = inputs[name][0], (inputs[name][1] if len(inputs[name]) > 1 else {})
+        if isinstance(kind, (list, tuple)):
+            if value not in kind:
+                return f"{node}: {name} is {value!r}; choose one of {', '.join(map(str, kind))}"
+        elif kind in ("INT", "FLOAT"):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return f"{node}: {name} must be a number, got {value!r}"
+            if not math.isfinite(number):
+                return f"{node}: {name} must be a finite number, got {value!r}"
+            low, high = options.get("min"), options.get("max")
+            if (low is not None and number < low) or (high is not None and number > high):
+                return f"{node}: {name} is {value}; it must be between {low} and {high}"
+    return True
+
+
+# ---- what the user sees on the node ---------------------------------------------------------------------------
+
+def show_text(text: str, node_id) -> None:
+    """Show `text` under the node in ComfyUI's frontend (as core nodes do), while the prompt runs."""
+    if node_id is None or not text:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, node_id)
+
+
+def with_report(result: tuple, lines: list[str], node_id=None) -> dict:
+    """A node's return value with `lines` as its UI text: shown on the node and kept in ComfyUI's history (and so
+    visible to API clients) next to the outputs. Warnings go here rather than only to the server console."""
+    text = "\n".join(lines)
+    show_text(text, node_id)
+    return {"ui": {"text": [text]} if text else {}, "result": tuple(result)}

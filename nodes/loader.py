@@ -1,4 +1,4 @@
-"""Load X-Portrait Model: a checkpoint from models/xportrait, placed on the GPU by ComfyUI's model management."""
+"""X-Portrait Load Model: a checkpoint from models/xportrait, placed on the GPU by ComfyUI's model management."""
 from __future__ import annotations
 
 import logging
@@ -19,8 +19,8 @@ def _managed_module(model, low_vram: bool = False):
     it manages; `XPortrait.device` is a read-only property, so the wrapper carries them instead.
 
     In low-VRAM mode the wrapper holds only the networks that stay on the GPU: ComfyUI then loads, counts and
-    offloads those (3.95 GiB at bf16 with CLIP, rather than 5.7), while the reference net and VAE stay in system
-    memory and visit the GPU under the sampler's own placement, for which `ready` asks room.
+    offloads those (about two thirds of the weights), while the reference net and VAE stay in system memory and
+    visit the GPU under the sampler's own placement, for which `ready` asks room.
     """
     global _managed_class
     if _managed_class is None:
@@ -114,7 +114,7 @@ class LoadedXPortrait:
 
 def check_model(model, node: str) -> LoadedXPortrait:
     if not isinstance(model, LoadedXPortrait):
-        raise ValueError(f"{node}: 'xportrait_model' must come from Load X-Portrait Model, got {type(model).__name__}")
+        raise ValueError(f"{node}: 'xportrait_model' must come from X-Portrait Load Model, got {type(model).__name__}")
     return model
 
 
@@ -135,9 +135,11 @@ def _dtype(name: str, device):
 class LoadXPortraitModel:
     DESCRIPTION = ("Loads the X-Portrait network (UNet with motion modules, appearance reference net, global and "
                    "local motion ControlNets, VAE and, when the file has it, CLIP text encoder) from "
-                   "ComfyUI/models/xportrait. The file's keys and shapes are checked: anything else is refused "
-                   "with the keys that do not fit.")
+                   "ComfyUI/models/xportrait, for portrait animation (face reenactment). Every key the model needs "
+                   "must be in the file with its shape; extra keys (e.g. optimizer or EMA entries) are ignored, "
+                   "with a warning shown on the node.")
     CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES
     RETURN_TYPES = (common.MODEL_TYPE,)
     RETURN_NAMES = ("xportrait_model",)
     OUTPUT_TOOLTIPS = ("The X-Portrait network, for LoadReference and the Sampler.",)
@@ -161,28 +163,35 @@ class LoadXPortraitModel:
                 "vram": (list(VRAM_MODES), {
                     "default": "normal",
                     "tooltip": "low: the reference net and VAE stay in system memory and visit the GPU only while "
-                               "they work (the reference net once per job, for every step at once). Measured at 512, "
-                               "bf16, 16 frames on an H100: peak 6.3 GiB and 11.5 s, against 8.1 GiB and 8.0 s "
-                               "in normal mode. Same frames."}),
+                               "they work (the reference net once per job, for every step at once): a lower memory "
+                               "peak, somewhat slower. Same frames. See the README for measured figures."}),
             },
             "optional": {
                 "compile": ("BOOLEAN", {
                     "default": False,
-                    "tooltip": "torch.compile the networks' repeated blocks (CUDA GPUs). The first sampling compiles "
-                               "for about 2 minutes (about 20 s once Inductor's cache is warm); after that 16 frames "
-                               "at 512 took 5.6 s instead of 8.0 s on an H100 (bf16, with CUDA graphs: start ComfyUI "
-                               "with --disable-cuda-malloc to have them). Same frames up to rounding."}),
+                    "tooltip": "torch.compile the networks' repeated blocks (CUDA GPUs). The first sampling takes "
+                               "minutes to compile (less once Inductor's cache is warm); later samplings are faster "
+                               "(more so with CUDA graphs: start ComfyUI with --disable-cuda-malloc to have them). "
+                               "Same frames up to rounding. See the README for measured figures."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name=None):
+        # A missing checkpoint is the commonest first-run problem: name the file and the folders searched, at
+        # queue time, so ComfyUI's dialog says it before anything runs (its own check lists the files it has).
+        if model_name is None:
+            return True
+        return common.missing_model_message(model_name) or True
+
     def load(self, model_name: str, dtype: str = "auto", attention: str = "auto", vram: str = "normal",
-             compile: bool = False):
-        if dtype not in _dtype_choices():
-            raise ValueError(f"dtype must be one of {', '.join(_dtype_choices())}, got {dtype!r}")
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
-        if vram not in VRAM_MODES:
-            raise ValueError(f"vram must be one of {', '.join(VRAM_MODES)}, got {vram!r}")
+             compile: bool = False, unique_id=None):
+        node = "X-Portrait Load Model"
+        for name, value, choices in (("dtype", dtype, _dtype_choices()), ("attention", attention, ATTENTION_BACKENDS),
+                                     ("vram", vram, VRAM_MODES)):
+            if value not in choices:
+                raise ValueError(f"{node}: {name} is {value!r}; choose one of {', '.join(choices)}")
         path = common.model_file_path(model_name)
 
         from xportrait_core.model.attention import (
@@ -200,19 +209,26 @@ class LoadXPortraitModel:
         set_attention_backend(attention)
         try:
             resolve_backend(compute_device, weight_dtype)  # a forced backend that cannot run fails here, by name
-        except Exception:
+        except Exception as exc:
             set_attention_backend(previous)  # leave other models' attention as it was
-            raise
+            raise ValueError(f"{node}: {exc}") from None
+        from xportrait_core.model.checkpoint import CheckpointError
+
+        warnings: list[str] = []
         try:
             model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device(),
-                                   operations=fast_operations())
+                                   operations=fast_operations(), warnings=warnings)
+        except CheckpointError as exc:
+            raise ValueError(f"{node}: {exc}") from None
         except Exception as exc:
-            raise ValueError(f"Load X-Portrait Model: {os.path.basename(path)} could not be loaded: {exc}") from exc
+            raise ValueError(f"{node}: {os.path.basename(path)} could not be loaded "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
         # Channels-last for the GPU it will run on (it is loaded to the offload device first).
         prepare_model(model, channels_last=compute_device.type == "cuda")
         log.info("X-Portrait: loaded %s (%s, attention %s)", model_name, weight_dtype, attention)
-        return (LoadedXPortrait(model, model_name, attention, low_vram=vram == "low", compile=bool(compile)),)
+        loaded = LoadedXPortrait(model, model_name, attention, low_vram=vram == "low", compile=bool(compile))
+        return common.with_report((loaded,), [f"Warning: {line}" for line in warnings], unique_id)
 
 
 NODE_CLASS_MAPPINGS = {"XPortraitLoadModel": LoadXPortraitModel}
-NODE_DISPLAY_NAME_MAPPINGS = {"XPortraitLoadModel": "Load X-Portrait Model"}
+NODE_DISPLAY_NAME_MAPPINGS = {"XPortraitLoadModel": "X-Portrait Load Model"}

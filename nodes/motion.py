@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import common
-from .reference import check_reference
+from .reference import FACE_ORDERS, check_reference
 
 BEST_FRAME_AUTO = -1
 NO_ALIGNMENT = -2
@@ -49,15 +49,21 @@ class ExtractMotion:
     DESCRIPTION = ("Turns the driving video's frames into motion hints, as the official preprocessing does: every "
                    "frame is warped so the driving face sits where the reference's face is (aligned on the best "
                    "matching frame), giving the global hint (whole aligned frame) and the local hint (eye and "
-                   "mouth patches only).")
+                   "mouth patches only). With several people in the video, face_index picks the driving face, "
+                   "which is then followed from frame to frame. Frames without a face are reported on the node.")
     CATEGORY = common.CATEGORY
-    RETURN_TYPES = (common.MOTION_TYPE, "IMAGE", "IMAGE", "INT")
-    RETURN_NAMES = ("motion", "global_hints", "local_hints", "best_frame")
+    SEARCH_ALIASES = common.SEARCH_ALIASES
+    RETURN_TYPES = (common.MOTION_TYPE, "IMAGE", "IMAGE", "INT", "STRING", "IMAGE")
+    RETURN_NAMES = ("motion", "global_hints", "local_hints", "best_frame", "report", "faces")
     OUTPUT_TOOLTIPS = (
         "The motion hints, for Hierarchical Motion Attention or the Sampler.",
         "The aligned driving frames (global ControlNet input).",
         "The eye and mouth patches (local ControlNet input).",
         "The driving frame aligned onto the reference, or -2 when nothing was aligned.",
+        "What was found: faces per frame, frames whose eye/mouth hint is empty, the alignment (also shown on the "
+        "node).",
+        "The driving frame where the face was chosen, every face found boxed and numbered as face_index counts "
+        "them (the followed one in green).",
     )
     FUNCTION = "extract"
 
@@ -75,28 +81,72 @@ class ExtractMotion:
                                "stays where it is)."}),
                 "track_missed_faces": ("BOOLEAN", {
                     "default": True,
-                    "tooltip": "Where the face detector misses a frame, look again near the previous frame's face "
+                    "tooltip": "Where the face detector misses a frame, look again near a neighbouring frame's face "
                                "instead of leaving that frame's eye/mouth hint empty."}),
-            }
+            },
+            "optional": {
+                "face_index": ("INT", {
+                    "default": 0, "min": 0, "max": 63,
+                    "tooltip": "Which driving face to follow when the video shows several people: 0 is the first "
+                               "in face_order (default: the largest) on the first frame with faces; that person "
+                               "is then tracked across frames."}),
+                "face_order": (list(FACE_ORDERS), {
+                    "default": FACE_ORDERS[0],
+                    "tooltip": "How faces are numbered for face_index: largest first, or left to right."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def extract(self, reference, driving_frames, best_frame: int = BEST_FRAME_AUTO, track_missed_faces: bool = True):
-        reference = check_reference(reference, "X-Portrait Extract Motion")
-        frames = common.image_batch(driving_frames, "X-Portrait Extract Motion: driving_frames")
+    def extract(self, reference, driving_frames, best_frame: int = BEST_FRAME_AUTO, track_missed_faces: bool = True,
+                face_index: int = 0, face_order: str = FACE_ORDERS[0], unique_id=None):
+        node = "X-Portrait Extract Motion"
+        checked = common.check_widgets(type(self), {"best_frame": best_frame, "face_index": face_index,
+                                                    "face_order": face_order}, node)
+        if checked is not True:
+            raise ValueError(checked)
+        reference = check_reference(reference, node)
+        frames = common.image_batch(driving_frames, f"{node}: driving_frames")
         best_frame = int(best_frame)
         if best_frame >= len(frames):
-            raise ValueError(f"X-Portrait Extract Motion: best_frame {best_frame} is out of range: the driving video has "
+            raise ValueError(f"{node}: best_frame {best_frame} is out of range: the driving video has "
                              f"{len(frames)} frames (use 0..{len(frames) - 1}, -1 for auto or -2 for no alignment)")
 
+        from xportrait_core.faces.landmarks import FaceIndexError
         from xportrait_core.faces.motion_hints import extract_motion
 
         # Landmark detection is slow on long videos: stop between frames.
-        hints = extract_motion(frames, reference.primary.image, resolution=reference.resolution,
-                               best_frame=best_frame, track_missed_faces=bool(track_missed_faces),
-                               progress=common.interruptible_progress(len(frames)))
+        try:
+            hints = extract_motion(frames, reference.primary.image, resolution=reference.resolution,
+                                   best_frame=best_frame, track_missed_faces=bool(track_missed_faces),
+                                   progress=common.interruptible_progress(len(frames)),
+                                   face_index=int(face_index), face_order=face_order)
+        except FaceIndexError as exc:
+            raise ValueError(f"{node}: {exc}") from None
+        if not hints.faces_found.any():
+            raise ValueError(
+                f"{node}: no face was found in any of the {len(frames)} driving frames, so there is no motion to "
+                "transfer. Use a driving video showing one face, roughly frontal and not too small (about a fifth "
+                "of the frame's height or more); crop a wide video around the face.")
         motion = XPortraitMotion(hints=hints, local_hint=hints.local_hint)
         chosen = NO_ALIGNMENT if hints.best_frame is None else int(hints.best_frame)
-        return (motion, common.hints_to_image(hints.global_hint), common.hints_to_image(hints.local_hint), chosen)
+        found = int(hints.faces_found.sum())
+        lines = [f"Face found in {found} of {len(frames)} driving frames; "
+                 + (f"aligned on driving frame {chosen}." if chosen != NO_ALIGNMENT else "not aligned.")]
+        faces_image = frames[0]
+        if hints.chosen_among is not None:
+            from xportrait_core.faces.reference_crop import draw_numbered_faces
+
+            frame_index, faces = hints.chosen_among
+            followed = faces[int(face_index)] if int(face_index) < len(faces) else None
+            faces_image = draw_numbered_faces(frames[frame_index], faces, followed)
+            if len(faces) > 1:
+                lines.insert(1, f"{len(faces)} faces in driving frame {frame_index}; following face {int(face_index)} "
+                                f"({face_order}): see the 'faces' output")
+        lines += [f"Warning: {w}" for w in hints.warnings]
+        report = "\n".join(lines)
+        return common.with_report((motion, common.hints_to_image(hints.global_hint),
+                                   common.hints_to_image(hints.local_hint), chosen, report,
+                                   common.to_image(faces_image[..., :3])), lines, unique_id)
 
 
 class HierarchicalMotionAttention:
@@ -105,6 +155,7 @@ class HierarchicalMotionAttention:
                    "A strength of 0 turns that ControlNet off exactly. The eye and mouth switches, or a mask, limit "
                    "where the local ControlNet sees the driving face.")
     CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES
     RETURN_TYPES = (common.MOTION_TYPE,)
     RETURN_NAMES = ("motion",)
     OUTPUT_TOOLTIPS = ("The motion with these strengths and regions, for the Sampler.",)
@@ -133,6 +184,7 @@ class HierarchicalMotionAttention:
             },
         }
 
+
     def apply(self, xportrait_model, motion, global_strength: float = 1.0, local_strength: float = 1.0,
               eyes: bool = True, mouth: bool = True, region_mask=None):
         node = "X-Portrait Hierarchical Motion Attention"
@@ -144,13 +196,14 @@ class HierarchicalMotionAttention:
         factor = model.config.vae.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
         if motion.resolution % factor:
             raise ValueError(f"{node}: the motion hints are {motion.resolution}px, not a multiple of {factor}")
-        for name, value in (("global_strength", global_strength), ("local_strength", local_strength)):
-            if not 0.0 <= float(value) <= 2.0:
-                raise ValueError(f"{node}: {name} must be in [0, 2], got {value}")
+        checked = common.check_widgets(type(self), {"global_strength": global_strength,
+                                                    "local_strength": local_strength}, node)
+        if checked is not True:
+            raise ValueError(checked)
 
         from xportrait_core.faces.motion_regions import restrict_local_hint
 
-        mask = common.mask_batch(region_mask)
+        mask = common.mask_batch(region_mask, f"{node}: region_mask")
         local_hint = restrict_local_hint(motion.hints.local_hint, motion.hints.local_boxes, eyes=bool(eyes),
                                          mouth=bool(mouth), mask=mask)
         regions = " and ".join(name for name, on in (("eyes", eyes), ("mouth", mouth)) if on) or "no regions"

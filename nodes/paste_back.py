@@ -12,6 +12,7 @@ class PasteBack:
                    "edge, giving frames at the photo's full resolution. Frames of any size are accepted (e.g. after "
                    "an upscaler or face restorer); outside the crop the photo is unchanged.")
     CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("frames", "mask")
     OUTPUT_TOOLTIPS = ("The full-resolution frames.",
@@ -33,11 +34,12 @@ class PasteBack:
 
     def paste(self, frames, reference, feather: int = AUTO_FEATHER):
         node = "X-Portrait Paste Back"
+        checked = common.check_widgets(type(self), {"feather": feather}, node)
+        if checked is not True:
+            raise ValueError(checked)
         reference = check_reference(reference, node)
         batch = common.image_batch(frames, f"{node}: frames")
         feather = int(feather)
-        if feather < AUTO_FEATHER:
-            raise ValueError(f"{node}: feather must be -1 (auto) or a width >= 0, got {feather}")
 
         import numpy as np
 

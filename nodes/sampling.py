@@ -30,6 +30,7 @@ def _context(conditioning, name: str, width: int):
     if tensor.shape[-1] != width:
         raise ValueError(f"{node}: {name} is {tensor.shape[-1]} wide but this X-Portrait model takes {width}: encode "
                          f"the prompt with an SD1.5 CLIP (ViT-L/14, 768 wide)")
+    common.require_finite(tensor, f"{node}: {name}")
     return tensor
 
 
@@ -39,6 +40,7 @@ class Sampler:
                    "reference (attention bank) and both motion ControlNets; the unconditional branch neither. "
                    "Seed 999, 30 steps, guidance 5 and overlap 4 are the official demo's settings.")
     CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES
     RETURN_TYPES = ("IMAGE", "LATENT")
     RETURN_NAMES = ("frames", "latent")
     OUTPUT_TOOLTIPS = ("The animated frames at the reference's resolution, one per driving frame.",
@@ -49,7 +51,7 @@ class Sampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From Load X-Portrait Model."}),
+                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From X-Portrait Load Model."}),
                 "reference": (common.REFERENCE_TYPE, {"tooltip": "From X-Portrait Load Reference."}),
                 "motion": (common.MOTION_TYPE, {"tooltip": "From X-Portrait Extract Motion or Hierarchical Motion "
                                                            "Attention."}),
@@ -92,8 +94,13 @@ class Sampler:
         handle = check_model(xportrait_model, node)
         reference = check_reference(reference, node)
         motion = check_motion(motion, node)
-        if initial_latents not in INITIAL_LATENTS:
-            raise ValueError(f"{node}: initial_latents must be one of {', '.join(INITIAL_LATENTS)}, got {initial_latents!r}")
+        # ComfyUI checked the ranges when the prompt was queued; NaN passes its checks, and widgets turned into
+        # inputs are not checked there at all.
+        checked = common.check_widgets(type(self), {"seed": seed, "steps": steps, "guidance": guidance,
+                                                    "window_overlap": window_overlap,
+                                                    "initial_latents": initial_latents}, node)
+        if checked is not True:
+            raise ValueError(checked)
         if reference.resolution != motion.resolution:
             raise ValueError(f"{node}: the reference is {reference.resolution}px but the motion was extracted at "
                              f"{motion.resolution}px: connect the same reference to Extract Motion and the Sampler")
@@ -154,7 +161,12 @@ class Sampler:
         samples = common.to_comfy_latent(latents, model.config.vae.scale_factor)
         del latents
         common.soft_empty_cache()
-        return (common.to_image(np.concatenate(frames)), {"samples": samples})
+        images = common.to_image(np.concatenate(frames))
+        # Inputs were checked finite: NaN here comes from the computation (fp16 overflow, damaged weights).
+        common.check_outputs(node, f"the computation overflowed in {str(model.dtype).replace('torch.', '')}: set "
+                                   "X-Portrait Load Model's dtype to bf16 or fp32, or check the checkpoint file",
+                             latent=samples, frames=images)
+        return (images, {"samples": samples})
 
 
 NODE_CLASS_MAPPINGS = {"XPortraitSampler": Sampler}

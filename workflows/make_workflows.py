@@ -187,7 +187,8 @@ def to_ui(graph: Graph, specs: dict) -> dict:
                     "links": outgoing.get((node.id, index)) or None,
                     **({"slot_index": index} if outgoing.get((node.id, index)) else {})}
                    for index, (name, kind) in enumerate(zip(names, spec["output"]))]
-        entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size or (320, 180)),
+        size = [(node.size or (320, 180))[0], node_height(node, specs)]
+        entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": size,
                  "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                  "properties": {"Node name for S&R": node.type}}
         entry["widgets_values"] = values
@@ -203,7 +204,7 @@ def to_ui(graph: Graph, specs: dict) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+        "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},  # opens at the top left, every title in view
         "version": 0.4,
     }
 
@@ -250,103 +251,148 @@ VIDEO_NOTE = ("Load Video + Get Video Components and Create Video + Save Video a
               "frame_rate from the source video) instead.")
 
 
+# ---- layout ----------------------------------------------------------------------------------------------------
+# Columns 360 px apart for nodes 320-330 wide; the first row starts low enough that every title bar (drawn above
+# the node's position) is on screen when the workflow opens. `check_layout` (tested) proves nothing overlaps.
+
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar this far above its position
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 24
+TOP = 60
+COLUMNS = tuple(40 + 360 * i for i in range(8))
+# Room the frontend adds below a node while it runs: the Sampler's live preview of the frames being denoised.
+RESERVED_BELOW = {"XPortraitSampler": 380}
+
+
+def node_height(node: Node, specs: dict) -> int:
+    """The height the frontend gives the node at least: its rows of sockets, then its widgets (an estimate that
+    errs on the tall side), or the size given when larger."""
+    given = (node.size or (320, 180))[1]
+    if node.type in VIRTUAL_NODES:
+        return given
+    spec = specs[node.type]
+    entries = ordered_inputs(spec)
+    sockets = sum(1 for _name, entry, _opt in entries if not is_widget(entry))
+    widgets = sum(len(widget_slots(entry)) for _name, entry, _opt in entries if is_widget(entry))
+    rows = max(sockets, len(spec["output"]))
+    return max(given, rows * SLOT_HEIGHT + widgets * WIDGET_HEIGHT + 16)
+
+
+def node_box(node: Node, specs: dict) -> tuple[int, int, int, int]:
+    """x0, y0, x1, y1 of what the node covers on the canvas: title bar, body and the room it grows into."""
+    width = (node.size or (320, 180))[0]
+    x, y = node.pos
+    return (x, y - TITLE_HEIGHT, x + width, y + node_height(node, specs) + RESERVED_BELOW.get(node.type, 0))
+
+
+def check_layout(graph: Graph, specs: dict, gap: int = 10) -> list[str]:
+    """Problems with a graph's layout: titles above the top of the canvas, nodes that overlap (with `gap`)."""
+    problems = []
+    boxes = [(node, node_box(node, specs)) for node in graph.nodes]
+    for node, (x0, y0, _x1, _y1) in boxes:
+        if y0 < 0 or x0 < 0:
+            problems.append(f"{graph.name}: node {node.id} ({node.type}) starts off screen at {node.pos}")
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes):
+        for b, (bx0, by0, bx1, by1) in boxes[i + 1:]:
+            if ax0 < bx1 + gap and bx0 < ax1 + gap and ay0 < by1 + gap and by0 < ay1 + gap:
+                problems.append(f"{graph.name}: node {a.id} ({a.type}) overlaps node {b.id} ({b.type})")
+    return problems
+
+
 def _model_loader(graph: Graph) -> Node:
-    """Node 1 of every example: Load X-Portrait Model with its defaults, top left."""
-    return graph.add(Node(1, "XPortraitLoadModel", (40, 10), {"model_name": MODEL_FILE, "dtype": "auto",
-                                                              "attention": "auto", "vram": "normal",
-                                                              "compile": False},
-                                 size=(320, 158)))
+    """Node 1 of every example: X-Portrait Load Model with its defaults, top left."""
+    return graph.add(Node(1, "XPortraitLoadModel", (COLUMNS[0], TOP), {"model_name": MODEL_FILE, "dtype": "auto",
+                                                                       "attention": "auto", "vram": "normal",
+                                                                       "compile": False},
+                          size=(320, 170)))
 
 
-def _driving(graph: Graph, first_id: int, x: int, y: int):
-    video = graph.add(Node(first_id, "LoadVideo", (x, y), {"file": DRIVING_FILE}, size=(300, 420)))
-    parts = graph.add(Node(first_id + 1, "GetVideoComponents", (x + 330, y), size=(240, 90)))
-    frames = graph.add(Node(first_id + 2, "ImageFromBatch", (x + 330, y + 140), {"batch_index": 0, "length": 4096},
-                            title="Driving frames (first frame, how many)", size=(300, 110)))
+def _driving(graph: Graph, first_id: int, y: int):
+    video = graph.add(Node(first_id, "LoadVideo", (COLUMNS[0], y), {"file": DRIVING_FILE}, size=(320, 420)))
+    parts = graph.add(Node(first_id + 1, "GetVideoComponents", (COLUMNS[1], y), size=(320, 90)))
+    frames = graph.add(Node(first_id + 2, "ImageFromBatch", (COLUMNS[1], y + 140), {"batch_index": 0, "length": 4096},
+                            title="Driving frames (first frame, how many)", size=(320, 110)))
     graph.link(video, "VIDEO", parts, "video")
     graph.link(parts, "images", frames, "image")
     return parts, frames
 
 
-def _save(graph: Graph, first_id: int, x: int, y: int, frames_from: tuple[Node, str], fps_from: Node, prefix: str):
+def _save(graph: Graph, first_id: int, column: int, frames_from: tuple[Node, str], fps_from: Node, prefix: str):
     """Create Video + Save Video at the driving video's frame rate, with its sound (none if it has none): the
     animation has one frame per driving frame, so a talking head stays in sync with its voice."""
-    create = graph.add(Node(first_id, "CreateVideo", (x, y), {"fps": 24.0}, size=(260, 100)))
-    save = graph.add(Node(first_id + 1, "SaveVideo", (x, y + 130), {"filename_prefix": prefix, "format": "auto",
-                                                                    "codec": "auto"}, size=(320, 420)))
+    create = graph.add(Node(first_id, "CreateVideo", (COLUMNS[column], TOP), {"fps": 24.0}, size=(320, 100)))
+    save = graph.add(Node(first_id + 1, "SaveVideo", (COLUMNS[column], TOP + 180),
+                          {"filename_prefix": prefix, "format": "auto", "codec": "auto"}, size=(320, 460)))
     graph.link(frames_from[0], frames_from[1], create, "images")
     graph.link(fps_from, "fps", create, "fps")
     graph.link(fps_from, "audio", create, "audio")
     graph.link(create, "VIDEO", save, "video")
 
 
+REFERENCE_WIDGETS = {"crop_margin": 0.5, "resolution": 512, "mode": "crop", "face_index": 0,
+                     "face_order": "largest first"}
+MOTION_WIDGETS = {"best_frame": -1, "track_missed_faces": True, "face_index": 0, "face_order": "largest first"}
+SAMPLER_WIDGETS = {"seed": 999, "steps": 30, "guidance": 5.0, "window_overlap": 4,
+                   "initial_latents": "noised reference"}
+PREVIEW_NOTE = ("Every output of these examples comes after the Sampler, so a missing model stops the run before "
+                "anything is computed, with ComfyUI's message naming the file. To check the framing or the motion "
+                "before sampling, connect a Preview Image to Load Reference's 'faces' or 'crops' output or to "
+                "Extract Motion's 'global_hints'. Load Reference and Extract Motion show what they found (faces, "
+                "frames without a face) under the node.")
+
+
 def basic_animation() -> Graph:
     g = Graph("xportrait_basic_animation")
     model = _model_loader(g)
-    photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360)))
-    reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
-                                                                     "mode": "crop"}, size=(320, 130)))
-    crops = g.add(Node(4, "PreviewImage", (400, 380), size=(320, 300), title="Reference crop"))
-    parts, driving = _driving(g, 5, 40, 620)
-    motion = g.add(Node(8, "XPortraitExtractMotion", (760, 420), {"best_frame": -1, "track_missed_faces": True},
-                        size=(320, 150)))
-    hints = g.add(Node(9, "PreviewImage", (760, 620), size=(320, 300), title="Global motion hints"))
-    sampler = g.add(Node(10, "XPortraitSampler", (1120, 40), {"seed": 999, "steps": 30, "guidance": 5.0,
-                                                              "window_overlap": 4,
-                                                              "initial_latents": "noised reference"},
-                         size=(320, 280)))
+    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360)))
+    reference = g.add(Node(3, "XPortraitLoadReference", (COLUMNS[1], 300), REFERENCE_WIDGETS, size=(320, 200)))
+    parts, driving = _driving(g, 5, 720)
+    motion = g.add(Node(8, "XPortraitExtractMotion", (COLUMNS[2], 560), MOTION_WIDGETS, size=(330, 200)))
+    sampler = g.add(Node(10, "XPortraitSampler", (COLUMNS[3], TOP), SAMPLER_WIDGETS, size=(320, 290)))
     g.link(model, "xportrait_model", sampler, "xportrait_model")
     g.link(photo, "IMAGE", reference, "image")
-    g.link(reference, "crops", crops, "images")
     g.link(reference, "reference", motion, "reference")
     g.link(driving, "IMAGE", motion, "driving_frames")
-    g.link(motion, "global_hints", hints, "images")
     g.link(reference, "reference", sampler, "reference")
     g.link(motion, "motion", sampler, "motion")
-    _save(g, 11, 1480, 40, (sampler, "frames"), parts, "xportrait/animation")
-    g.add(Node(13, "Note", (1120, 380), size=(460, 330), title="X-Portrait: basic animation", text=(
+    _save(g, 11, 4, (sampler, "frames"), parts, "xportrait/animation")
+    g.add(Node(13, "Note", (COLUMNS[2], TOP), size=(330, 450), title="X-Portrait: basic animation", text=(
         "Animate one portrait with the motion of a driving video.\n\n"
         f"1. Put {MODEL_FILE} (or its .safetensors conversion) in ComfyUI/models/xportrait and pick it in "
-        "Load X-Portrait Model.\n"
-        "2. Load the portrait (any photo with one clear face) and the driving video (a talking/moving face).\n"
+        "X-Portrait Load Model.\n"
+        "2. Load the portrait (any photo with a clear face; face_index picks one of several people) and the "
+        "driving video (a talking/moving face).\n"
         "3. Queue. The Sampler's defaults are the official demo's (seed 999, 30 steps, guidance 5, overlap 4).\n\n"
         "Driving frames: the 'first frame, how many' node trims the video (length 4096 = all frames); try 16 "
         "frames first. The saved video carries the driving video's sound, whole: it is in sync while the first "
         "frame is 0.\nbest_frame -1 picks the driving frame whose pose matches the portrait; set a frame "
         "number if the alignment looks off, -2 to skip alignment.\n"
         "If your checkpoint has no CLIP text encoder, connect CLIP Text Encode (SD1.5 CLIP, empty text) to the "
-        "Sampler's positive input.\n\n" + VIDEO_NOTE)))
+        "Sampler's positive input.\n\n" + PREVIEW_NOTE + "\n\n" + VIDEO_NOTE)))
     return g
 
 
 def multi_reference_identity() -> Graph:
     g = Graph("xportrait_multi_reference_identity")
     model = _model_loader(g)
-    first = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360),
+    first = g.add(Node(2, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360),
                        title="Reference 1 (animated)"))
-    second = g.add(Node(3, "LoadImage", (40, 600), {"image": SECOND_REFERENCE_FILE}, size=(320, 360),
+    second = g.add(Node(3, "LoadImage", (COLUMNS[0], 720), {"image": SECOND_REFERENCE_FILE}, size=(320, 360),
                         title="Reference 2 (extra appearance)"))
-    batch = g.add(Node(4, "ImageBatch", (400, 200), size=(220, 70)))
-    reference = g.add(Node(5, "XPortraitLoadReference", (400, 320), {"crop_margin": 0.5, "resolution": 512,
-                                                                     "mode": "crop"}, size=(320, 130)))
-    crops = g.add(Node(6, "PreviewImage", (400, 500), size=(320, 300), title="Reference crops"))
-    parts, driving = _driving(g, 7, 40, 1000)
-    motion = g.add(Node(10, "XPortraitExtractMotion", (760, 500), {"best_frame": -1, "track_missed_faces": True},
-                        size=(320, 150)))
-    control = g.add(Node(11, "XPortraitHierarchicalMotionAttention", (760, 200),
+    batch = g.add(Node(4, "ImageBatch", (COLUMNS[1], 300), size=(320, 70)))
+    reference = g.add(Node(5, "XPortraitLoadReference", (COLUMNS[1], 430), REFERENCE_WIDGETS, size=(320, 200)))
+    parts, driving = _driving(g, 7, 1140)
+    motion = g.add(Node(10, "XPortraitExtractMotion", (COLUMNS[2], 360), MOTION_WIDGETS, size=(330, 200)))
+    control = g.add(Node(11, "XPortraitHierarchicalMotionAttention", (COLUMNS[2], TOP),
                          {"global_strength": 1.0, "local_strength": 1.0, "eyes": True, "mouth": True},
-                         size=(340, 200)))
-    sampler = g.add(Node(12, "XPortraitSampler", (1140, 40), {"seed": 999, "steps": 30, "guidance": 5.0,
-                                                              "window_overlap": 4,
-                                                              "initial_latents": "noised reference"},
-                         size=(320, 280)))
-    identity = g.add(Node(13, "XPortraitIdentityCheck", (1140, 380), {"threshold": 0.6}, size=(320, 130)))
-    report = g.add(Node(14, "PreviewAny", (1500, 380), size=(420, 200), title="Identity report"))
-    plot = g.add(Node(15, "PreviewImage", (1500, 620), size=(420, 260), title="Identity per frame"))
+                         size=(330, 200)))
+    sampler = g.add(Node(12, "XPortraitSampler", (COLUMNS[3], TOP), SAMPLER_WIDGETS, size=(320, 290)))
+    identity = g.add(Node(13, "XPortraitIdentityCheck", (COLUMNS[3], 800), {"threshold": 0.6}, size=(320, 130)))
+    report = g.add(Node(14, "PreviewAny", (COLUMNS[5], TOP), size=(420, 220), title="Identity report"))
+    plot = g.add(Node(15, "PreviewImage", (COLUMNS[5], 340), size=(420, 300), title="Identity per frame"))
     g.link(first, "IMAGE", batch, "image1")
     g.link(second, "IMAGE", batch, "image2")
     g.link(batch, "IMAGE", reference, "image")
-    g.link(reference, "crops", crops, "images")
     g.link(reference, "reference", motion, "reference")
     g.link(driving, "IMAGE", motion, "driving_frames")
     g.link(model, "xportrait_model", control, "xportrait_model")
@@ -359,8 +405,8 @@ def multi_reference_identity() -> Graph:
     g.link(driving, "IMAGE", identity, "driving_frames")
     g.link(identity, "report", report, "source")
     g.link(identity, "plot", plot, "images")
-    _save(g, 16, 1960, 40, (sampler, "frames"), parts, "xportrait/multi_reference")
-    g.add(Node(18, "Note", (1500, 920), size=(460, 300), title="X-Portrait: several references + identity check",
+    _save(g, 16, 4, (sampler, "frames"), parts, "xportrait/multi_reference")
+    g.add(Node(18, "Note", (COLUMNS[5], 700), size=(420, 420), title="X-Portrait: several references + identity check",
                text=(
                    "Several photos of the SAME person go in as one batch (Batch Images resizes the second to the "
                    "first's size; chain more Batch Images for more). The first is animated; the others add "
@@ -369,30 +415,26 @@ def multi_reference_identity() -> Graph:
                    "Hierarchical Motion Attention sets the global (head pose) and local (eyes, mouth) ControlNet "
                    "strengths; 0 turns one off, the switches or a mask limit where the local one looks.\n\n"
                    "Identity Check compares every frame's face descriptor with the reference (dlib; under 0.6 is "
-                   "usually the same person) and with its driving frame (leakage of the driver's identity).")))
+                   "usually the same person) and with its driving frame (leakage of the driver's identity); frames "
+                   "without a face are named and left out of the mean.\n\n" + PREVIEW_NOTE)))
     return g
 
 
 def upscale_restore_paste_back() -> Graph:
     g = Graph("xportrait_upscale_restore_paste_back")
     model = _model_loader(g)
-    photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360),
+    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360),
                        title="Full photo"))
-    reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
-                                                                     "mode": "crop"}, size=(320, 130)))
-    parts, driving = _driving(g, 4, 40, 620)
-    motion = g.add(Node(7, "XPortraitExtractMotion", (760, 420), {"best_frame": -1, "track_missed_faces": True},
-                        size=(320, 150)))
-    sampler = g.add(Node(8, "XPortraitSampler", (1120, 40), {"seed": 999, "steps": 30, "guidance": 5.0,
-                                                             "window_overlap": 4,
-                                                             "initial_latents": "noised reference"},
-                         size=(320, 280)))
-    upscale = g.add(Node(9, "ImageScaleBy", (1480, 40), {"upscale_method": "lanczos", "scale_by": 2.0},
+    reference = g.add(Node(3, "XPortraitLoadReference", (COLUMNS[1], 300), REFERENCE_WIDGETS, size=(320, 200)))
+    parts, driving = _driving(g, 4, 720)
+    motion = g.add(Node(7, "XPortraitExtractMotion", (COLUMNS[2], 620), MOTION_WIDGETS, size=(330, 200)))
+    sampler = g.add(Node(8, "XPortraitSampler", (COLUMNS[3], TOP), SAMPLER_WIDGETS, size=(320, 290)))
+    upscale = g.add(Node(9, "ImageScaleBy", (COLUMNS[3], 800), {"upscale_method": "lanczos", "scale_by": 2.0},
                          title="Upscale (swap for a model upscaler / face restorer)", size=(320, 110)))
-    identity = g.add(Node(10, "XPortraitIdentityCheck", (1480, 420), {"threshold": 0.6}, size=(320, 130)))
-    report = g.add(Node(11, "PreviewAny", (1840, 420), size=(420, 200), title="Identity after upscaling"))
-    paste = g.add(Node(12, "XPortraitPasteBack", (1840, 40), {"feather": -1}, size=(320, 110)))
-    mask = g.add(Node(13, "MaskPreview", (1840, 660), size=(320, 300), title="Paste-back blend"))
+    identity = g.add(Node(10, "XPortraitIdentityCheck", (COLUMNS[4], TOP), {"threshold": 0.6}, size=(320, 130)))
+    report = g.add(Node(11, "PreviewAny", (COLUMNS[4], 280), size=(320, 220), title="Identity after upscaling"))
+    paste = g.add(Node(12, "XPortraitPasteBack", (COLUMNS[5], TOP), {"feather": -1}, size=(320, 110)))
+    mask = g.add(Node(13, "MaskPreview", (COLUMNS[5], 260), size=(320, 300), title="Paste-back blend"))
     g.link(photo, "IMAGE", reference, "image")
     g.link(reference, "reference", motion, "reference")
     g.link(driving, "IMAGE", motion, "driving_frames")
@@ -407,8 +449,8 @@ def upscale_restore_paste_back() -> Graph:
     g.link(upscale, "IMAGE", paste, "frames")
     g.link(reference, "reference", paste, "reference")
     g.link(paste, "mask", mask, "mask")
-    _save(g, 14, 2200, 40, (paste, "frames"), parts, "xportrait/full_resolution")
-    g.add(Node(16, "Note", (1120, 380), size=(330, 520), title="Upscale, restore, paste back", text=(
+    _save(g, 14, 6, (paste, "frames"), parts, "xportrait/full_resolution")
+    g.add(Node(16, "Note", (COLUMNS[2], TOP), size=(330, 500), title="Upscale, restore, paste back", text=(
         "The Sampler animates a square crop of the photo at 512px. This graph sharpens the crop and pastes it "
         "back into the full-resolution photo.\n\n"
         "Upscale: 'Upscale Image By' (core, no model) stands in. For a learned upscaler use the core "
@@ -428,7 +470,11 @@ GRAPHS = (basic_animation, multi_reference_identity, upscale_restore_paste_back)
 
 def build_all() -> dict[str, tuple[dict, dict]]:
     specs = load_specs()
-    return {graph.name: (to_ui(graph, specs), to_api(graph, specs)) for graph in (make() for make in GRAPHS)}
+    graphs = [make() for make in GRAPHS]
+    problems = [problem for graph in graphs for problem in check_layout(graph, specs)]
+    if problems:
+        raise ValueError("layout: " + "; ".join(problems))
+    return {graph.name: (to_ui(graph, specs), to_api(graph, specs)) for graph in graphs}
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from .model.dtypes import PRECISIONS
 
 CHECKPOINT_ENV = "XPORTRAIT_CHECKPOINT"
 MODELS_DIR_ENV = "XPORTRAIT_MODELS_DIR"  # the node pack's fallback folder variable, honoured here too
-MODEL_EXTENSIONS = (".safetensors", ".th", ".ckpt", ".pt", ".pth")
 OFFICIAL_CHECKPOINT_NAME = "model_state-415001.th"
 OFFICIAL_WEIGHTS_URL = "https://drive.google.com/drive/folders/1Bq0n-w1VT5l99CoaVg02hFpqE5eGLo9O"
 
@@ -53,11 +52,13 @@ def find_checkpoint(explicit: Optional[str] = None, cwd: Optional[Path] = None) 
             if not path.is_file():
                 raise CheckpointNotFound(f"{source} points at {path}, which is not a file")
             return path
+    from .model.checkpoint import CHECKPOINT_SUFFIXES
+
     folders = model_folders(cwd)
     for folder in folders:
         if not folder.is_dir():
             continue
-        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(MODEL_EXTENSIONS))
+        found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:

@@ -397,15 +397,16 @@ def test_no_face_is_a_comfyui_error_with_a_clear_message(server):
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "error"
     message = _error_message(entry)
-    assert message.startswith("XPortraitLoadReference: No face was found in reference image 0 of 1"), message
+    assert message.startswith("XPortraitLoadReference: X-Portrait Load Reference: No face was found in the reference "
+                              "image"), message
 
 
 def test_wrong_model_file_is_a_comfyui_error_with_a_clear_message(server):
     entry = server.run(tiny_prompt("xportrait_basic_animation", model="not_xportrait.safetensors"))
     assert entry["status"]["status_str"] == "error"
     message = _error_message(entry)
-    assert message.startswith("XPortraitLoadModel: Load X-Portrait Model: not_xportrait.safetensors could not be "
-                              "loaded"), message
+    assert message.startswith("XPortraitLoadModel: X-Portrait Load Model: not_xportrait.safetensors is not an "
+                              "X-Portrait checkpoint"), message
 
 
 def test_cancel_stops_the_sampler_between_model_calls(server):

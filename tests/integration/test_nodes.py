@@ -20,7 +20,7 @@ NUM_FRAMES = 8
 STEPS = 2
 
 NODE_NAMES = {
-    "XPortraitLoadModel": "Load X-Portrait Model",
+    "XPortraitLoadModel": "X-Portrait Load Model",
     "XPortraitLoadReference": "X-Portrait Load Reference",
     "XPortraitExtractMotion": "X-Portrait Extract Motion",
     "XPortraitHierarchicalMotionAttention": "X-Portrait Hierarchical Motion Attention",
@@ -31,8 +31,18 @@ NODE_NAMES = {
 
 
 def run_node(name: str, **inputs):
+    """The node's outputs, as the next node receives them (its UI text, if any, is in `run_node_ui`)."""
+    return run_node_ui(name, **inputs)[0]
+
+
+def run_node_ui(name: str, **inputs):
+    """(outputs, UI dict): a node returns either its outputs or {"ui": ..., "result": outputs}, as ComfyUI allows."""
     cls = node_classes()[name]
-    return getattr(cls(), cls.FUNCTION)(**inputs)
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    if isinstance(out, dict):
+        assert set(out) == {"ui", "result"} and len(out["result"]) == len(cls.RETURN_TYPES)
+        return out["result"], out["ui"]
+    return out, {}
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +163,19 @@ def test_node_declarations_are_consistent(name, models_dir):
     assert cls.DESCRIPTION.strip()
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
     assert all(isinstance(t, str) and t for t in cls.RETURN_TYPES)
+    assert cls.SEARCH_ALIASES and "portrait animation" in cls.SEARCH_ALIASES and "face reenactment" in cls.SEARCH_ALIASES
     spec = cls.INPUT_TYPES()
-    assert set(spec) <= {"required", "optional"} and spec["required"]
+    assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+    assert spec.get("hidden", {}) in ({}, {"unique_id": "UNIQUE_ID"})  # only to show text on the node
     inputs = {**spec["required"], **spec.get("optional", {})}
     parameters = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
-    assert set(parameters) - {"self"} == set(inputs), "the function takes exactly the declared inputs"
+    assert set(parameters) - {"self"} == set(inputs) | set(spec.get("hidden", {})), \
+        "the function takes exactly the declared inputs"
+    if hasattr(cls, "VALIDATE_INPUTS"):
+        checked = set(inspect.signature(cls.VALIDATE_INPUTS).parameters)
+        assert checked <= set(inputs) and all(not isinstance(inputs[n][0], str) or inputs[n][0] in ("INT", "FLOAT")
+                                              for n in checked), "VALIDATE_INPUTS takes widgets only"
+        assert "model_name" not in checked or name == "XPortraitLoadModel"
     for input_name, (_kind, options) in spec.get("optional", {}).items():
         # ComfyUI leaves an unconnected optional input out of the call (and an older API prompt may lack a widget
         # added since): the function's default must stand in for it.
@@ -180,7 +198,7 @@ def test_custom_socket_types_connect_only_x_portrait_nodes():
     assert {"XPORTRAIT_MODEL", "XPORTRAIT_REFERENCE", "XPORTRAIT_MOTION"} <= produced
 
 
-# ---- Load X-Portrait Model ------------------------------------------------------------------------------------
+# ---- X-Portrait Load Model ------------------------------------------------------------------------------------
 
 def test_loader_lists_checkpoint_files_only(models_dir):
     choices = node_classes()["XPortraitLoadModel"].INPUT_TYPES()["required"]["model_name"][0]
@@ -217,20 +235,23 @@ def test_loader_low_vram_places_idle_networks_apart_when_the_model_is_made_ready
     stand_in_comfyui(monkeypatch, cli_args=types.SimpleNamespace(args=types.SimpleNamespace(disable_pinned_memory=True)))
     low.ready()
     assert placed[-1] == (low.model.device, False)
-    with pytest.raises(ValueError, match="vram must be one of normal, low"):
+    with pytest.raises(ValueError, match="X-Portrait Load Model: vram is 'tiny'; choose one of normal, low"):
         run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="auto", vram="tiny")
 
 
 @pytest.mark.parametrize("model_name, error, message", [
-    ("not_xportrait.safetensors", ValueError, "not_xportrait.safetensors could not be loaded: .*X-Portrait"),
-    ("garbage.ckpt", ValueError, "garbage.ckpt could not be loaded"),
-    ("missing.safetensors", FileNotFoundError, "X-Portrait model 'missing.safetensors' not found"),
-    ("readme.txt", ValueError, "not an X-Portrait checkpoint file"),
-    ("", ValueError, "no X-Portrait model selected"),
+    ("not_xportrait.safetensors", ValueError,
+     "^X-Portrait Load Model: not_xportrait.safetensors is not an X-Portrait checkpoint of a known size: compared "
+     r"with the closest X-Portrait model, \d+ keys missing \(e.g. "),
+    ("garbage.ckpt", ValueError, "^X-Portrait Load Model: garbage.ckpt is not a checkpoint"),
+    ("missing.safetensors", FileNotFoundError, "^X-Portrait Load Model: model 'missing.safetensors' not found"),
+    ("readme.txt", ValueError, "^X-Portrait Load Model: 'readme.txt' is not an X-Portrait checkpoint file"),
+    ("", ValueError, "^X-Portrait Load Model: no model selected"),
 ])
 def test_loader_refuses_wrong_files(models_dir, model_name, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as err:
         run_node("XPortraitLoadModel", model_name=model_name, dtype="fp32", attention="auto")
+    assert len(str(err.value)) < 400 and "Traceback" not in str(err.value)
 
 
 def test_loader_refuses_forced_xformers_where_it_cannot_run(models_dir):
@@ -241,7 +262,8 @@ def test_loader_refuses_forced_xformers_where_it_cannot_run(models_dir):
 
     set_attention_backend("sdpa")
     try:
-        with pytest.raises(RuntimeError, match="xformers"):
+        with pytest.raises(ValueError, match="^X-Portrait Load Model: attention 'xformers' cannot run: xformers runs "
+                                             "on NVIDIA GPUs only.*Choose 'auto'"):
             run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32", attention="xformers")
         assert get_attention_backend_setting() == "sdpa", "a refused model leaves the setting as it was"
     finally:
@@ -251,12 +273,14 @@ def test_loader_refuses_forced_xformers_where_it_cannot_run(models_dir):
 # ---- the chain -------------------------------------------------------------------------------------------------
 
 def test_end_to_end_chain(tiny, source_photo, driving_frames, reference, motion, common):
-    ref, crops = reference
+    ref, crops, _faces = reference
     assert crops.shape == (1, RESOLUTION, RESOLUTION, 3) and crops.dtype == torch.float32
     x0, y0, x1, y1 = ref.primary.crop_box
     assert x1 - x0 == y1 - y0 and 0 < x0 and 0 < y0 and x1 < 768 and y1 < 640, "a square inside the canvas"
 
-    motion_obj, global_hints, local_hints, best_frame = motion
+    motion_obj, global_hints, local_hints, best_frame, motion_report, motion_faces = motion
+    assert motion_faces.shape == (1, *driving_frames.shape[1:])  # the driving frame the face was chosen on
+    assert motion_report == f"Face found in {NUM_FRAMES} of {NUM_FRAMES} driving frames; aligned on driving frame {best_frame}."
     assert global_hints.shape == local_hints.shape == (NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
     assert 0.0 <= float(global_hints.min()) and float(global_hints.max()) <= 1.0
     assert 0 <= best_frame < NUM_FRAMES and motion_obj.hints.best_frame == best_frame
@@ -393,7 +417,7 @@ def test_identity_check_on_real_faces(driving_frames, source_image_path):
     from PIL import Image
 
     photo = as_image(np.asarray(Image.open(source_image_path).convert("RGB")))[None]
-    ref, crops = run_node("XPortraitLoadReference", image=photo, crop_margin=0.5, resolution=512, mode="crop")
+    ref, crops, _faces = run_node("XPortraitLoadReference", image=photo, crop_margin=0.5, resolution=512, mode="crop")
     same, report, _plot, distance = run_node("XPortraitIdentityCheck", reference=ref, frames=crops.repeat(3, 1, 1, 1),
                                              threshold=0.6, driving_frames=None)
     assert distance < 1e-4 and same > 0.9999 and "frames over 0.60: 0" in report
@@ -476,7 +500,7 @@ def test_identity_check_reports_progress_and_stops_between_frames(reference, dri
 
 def test_no_face_in_the_reference_is_a_clear_error():
     blank = torch.full((2, 256, 256, 3), 0.5)
-    with pytest.raises(ValueError, match="No face was found in reference image 0 of 2"):
+    with pytest.raises(ValueError, match="^X-Portrait Load Reference: No face was found in reference image 1 of 2.*Mode 'resize' needs no face"):
         run_node("XPortraitLoadReference", image=blank, crop_margin=0.5, resolution=RESOLUTION, mode="crop")
 
 
@@ -486,7 +510,7 @@ def test_no_face_in_the_reference_is_a_clear_error():
     ("XPortraitLoadReference", dict(image=torch.zeros(1, 64, 64, 3), crop_margin=0.5, resolution=96, mode="crop"),
      "multiple of 64"),
     ("XPortraitLoadReference", dict(image=torch.zeros(1, 64, 64, 3), crop_margin=0.5, resolution=64, mode="zoom"),
-     "mode must be one of crop, resize"),
+     "mode is 'zoom'; choose one of crop, resize"),
     ("XPortraitPasteBack", dict(frames=torch.zeros(0, 64, 64, 3), reference=None, feather=-1),
      "must come from X-Portrait Load Reference"),
 ])
@@ -506,7 +530,7 @@ def test_bad_inputs_between_nodes(tiny, reference, motion, driving_frames):
     with pytest.raises(ValueError, match="'motion' must come from X-Portrait Extract Motion"):
         run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=driving_frames,
                  positive=None, negative=None, **SAMPLER_ARGS)
-    with pytest.raises(ValueError, match="'xportrait_model' must come from Load X-Portrait Model"):
+    with pytest.raises(ValueError, match="'xportrait_model' must come from X-Portrait Load Model"):
         run_node("XPortraitSampler", xportrait_model="tiny.safetensors", reference=ref, motion=motion_obj,
                  positive=None, negative=None, **SAMPLER_ARGS)
     with pytest.raises(ValueError, match="768 wide but this X-Portrait model takes 32.*SD1.5 CLIP"):
@@ -521,12 +545,12 @@ def test_bad_inputs_between_nodes(tiny, reference, motion, driving_frames):
     with pytest.raises(ValueError, match="got 8 frames but 3 driving frames"):
         run_node("XPortraitIdentityCheck", reference=ref, frames=driving_frames, threshold=0.6,
                  driving_frames=driving_frames[:3])
-    with pytest.raises(ValueError, match="feather must be -1"):
+    with pytest.raises(ValueError, match="X-Portrait Paste Back: feather is -2; it must be between -1 and 4096"):
         run_node("XPortraitPasteBack", frames=driving_frames, reference=ref, feather=-2)
 
 
 def test_reference_and_motion_resolutions_must_match(tiny, motion, source_photo):
-    other, _ = run_node("XPortraitLoadReference", image=source_photo, crop_margin=0.5, resolution=128, mode="resize")
+    other, _, _ = run_node("XPortraitLoadReference", image=source_photo, crop_margin=0.5, resolution=128, mode="resize")
     with pytest.raises(ValueError, match="reference is 128px but the motion was extracted at 64px"):
         run_node("XPortraitSampler", xportrait_model=tiny, reference=other, motion=motion[0],
                  positive=zero_conditioning(), negative=None, **SAMPLER_ARGS)

@@ -185,3 +185,36 @@ def test_notes_name_the_packs_to_add():
                     if node["type"] == "Note")
     for pack in ("VideoHelperSuite", "comfyui-reactor-node", "facerestore_cf"):
         assert pack in text
+
+
+@pytest.mark.parametrize("make", ["basic_animation", "multi_reference_identity", "upscale_restore_paste_back"])
+def test_layout_has_no_overlaps_and_every_title_in_view(gen, specs, make):
+    graph = getattr(gen, make)()
+    assert gen.check_layout(graph, specs) == []
+    # The checker itself catches an overlap and a title above the canvas.
+    moved = getattr(gen, make)()
+    moved.nodes[1].pos = moved.nodes[0].pos
+    moved.nodes[0].pos = (moved.nodes[0].pos[0], 10)
+    problems = gen.check_layout(moved, specs)
+    assert any("overlaps" in p for p in problems) and any("off screen" in p for p in problems)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_every_output_depends_on_the_model(path, specs):
+    """A missing checkpoint must stop the whole prompt at validation (ComfyUI's dialog naming the file): ComfyUI
+    runs the outputs whose inputs validate, so an output that does not need the model would run and report
+    success while no video is written."""
+    prompt = _load(WORKFLOWS / f"{path.stem}_api.json")
+    loaders = {nid for nid, node in prompt.items() if node["class_type"] == "XPortraitLoadModel"}
+
+    def ancestors(node_id: str, seen: set) -> set:
+        for value in prompt[node_id]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and value[0] not in seen:
+                seen.add(value[0])
+                ancestors(value[0], seen)
+        return seen
+
+    outputs = [nid for nid, node in prompt.items() if specs[node["class_type"]].get("output_node")]
+    assert outputs
+    for nid in outputs:
+        assert ancestors(nid, set()) & loaders, f"{prompt[nid]['_meta']['title']} does not depend on the model"

@@ -41,8 +41,62 @@ def test_pickle_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": _Payload()}, f)
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError) as err:
         read_state_dict(path)
+    message = str(err.value)
+    assert message.startswith("evil.ckpt holds Python objects besides the weights") and "refused" in message
+    assert "weights_only" not in message and "python -m xportrait_core convert" in message  # no hint to run code
+
+
+def test_a_truncated_th_says_download_again_without_torch_paragraphs(tmp_path, official_state):
+    path = tmp_path / "model_state-415001.th"
+    torch.save(official_state, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(path)
+    message = str(err.value)
+    assert message.startswith("model_state-415001.th is incomplete or damaged") and "download it again" in message
+    assert "miniz" not in message and "central directory" not in message and len(message) < 200
+
+
+def test_a_renamed_safetensors_file_loads_as_safetensors(tmp_path, golden_state_dict_path, official_state):
+    path = tmp_path / "model_state-415001.th"
+    path.write_bytes(golden_state_dict_path.read_bytes())
+    state = read_state_dict(path)
+    assert state.keys() == official_state.keys()
+    assert all(torch.equal(state[k], official_state[k]) for k in state)
+
+
+def test_a_torch_file_named_safetensors_is_called_what_it_is(tmp_path, official_state):
+    path = tmp_path / "model.safetensors"
+    torch.save(official_state, path)
+    with pytest.raises(CheckpointError, match="model.safetensors is not a safetensors file"):
+        read_state_dict(path)
+
+
+def test_extra_keys_are_ignored_with_one_warning_line(official_state, golden_cases, tiny_model, caplog):
+    state = dict(official_state)
+    state["model_ema.decay"] = torch.tensor(0.999)  # ignored silently, as before (an official training buffer)
+    state["optimizer.state.0.exp_avg"] = torch.zeros(3)
+    state["model.diffusion_model.extra_head.weight"] = torch.zeros(3)
+    warnings = []
+    with caplog.at_level("WARNING", logger="xportrait"):
+        model = load_xportrait(state, warnings=warnings)
+    assert warnings == ["2 extra keys in the checkpoint are not part of X-Portrait and were ignored (e.g. "
+                        "optimizer.state.0.exp_avg)"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"X-Portrait: state dict: {warnings[0]}"]
+    assert torch.equal(_uncond(model, golden_cases), _uncond(tiny_model, golden_cases))
+
+
+def test_a_missing_key_is_refused_naming_it(official_state):
+    state = dict(official_state)
+    del state["pose_control_model.zero_convs.3.0.weight"]
+    with pytest.raises(CheckpointError) as err:
+        load_xportrait(state, XPortraitConfig.tiny())
+    assert str(err.value) == ("state dict does not fit X-Portrait: 1 key missing "
+                              "(e.g. pose_control_model.zero_convs.3.0.weight)")
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".bin"])
@@ -58,7 +112,7 @@ def test_missing_file_is_named(tmp_path):
         load_xportrait(tmp_path / "nowhere.safetensors")
 
 
-def test_missing_unexpected_and_misshaped_keys_are_named(official_state):
+def test_missing_and_misshaped_keys_are_counted_with_one_example(official_state):
     state = dict(official_state)
     del state["pose_control_model.zero_convs.3.0.weight"]
     state["model.diffusion_model.extra_head.weight"] = torch.zeros(3)
@@ -67,15 +121,17 @@ def test_missing_unexpected_and_misshaped_keys_are_named(official_state):
         load_xportrait(state, XPortraitConfig.tiny())
     message = str(err.value)
     # Named as the file names them, so the user can find them.
-    assert "1 missing: pose_control_model.zero_convs.3.0.weight" in message
-    assert "1 unexpected: model.diffusion_model.extra_head.weight" in message
-    assert "local_pose_control_model.middle_block_out.0.bias (7,) != (64,)" in message
+    assert "1 key missing (e.g. pose_control_model.zero_convs.3.0.weight)" in message
+    assert "1 key with the wrong shape (e.g. local_pose_control_model.middle_block_out.0.bias (7,) != (64,))" in message
+    assert "extra_head" not in message  # extra keys are not a reason to refuse
 
 
-def test_unknown_model_is_refused_with_a_report():
+def test_unknown_model_is_refused_with_a_short_report():
     not_xportrait = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}
-    with pytest.raises(CheckpointError, match="not an X-Portrait checkpoint of a known size"):
+    with pytest.raises(CheckpointError, match="not an X-Portrait checkpoint of a known size") as err:
         load_xportrait(not_xportrait)
+    message = str(err.value)
+    assert message.count("(e.g. ") <= 2 and len(message) < 400, message
 
 
 def test_other_schedule_is_refused(official_state):
@@ -106,7 +162,7 @@ def test_partial_clip_weights_are_refused(official_state):
     _, clip_keys = _tiny_clip_keys()
     dropped = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
     clip_keys.pop(dropped)
-    with pytest.raises(CheckpointError, match="text_encoder.final_layer_norm.weight"):
+    with pytest.raises(CheckpointError, match="1 key missing .e.g. cond_stage_model.transformer.text_model.final_layer_norm.weight"):
         load_xportrait({**official_state, **clip_keys})
 
 

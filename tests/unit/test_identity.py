@@ -64,7 +64,7 @@ def test_report_per_frame_and_summary(report):
     assert summary["missing_frames"] == [2] and summary["threshold"] == 0.6
     assert summary["mean_driving_distance"] == pytest.approx(float(report.driving_distance[:2].mean()))
     text = report.summary_text()
-    assert "no face found in 1 frames [2]" in text and "worst frame" in text
+    assert "no face found in 1 frame [2]: left out of the mean" in text and "worst frame" in text
 
 
 def test_the_threshold_is_settable(portrait, two_driving_frames):

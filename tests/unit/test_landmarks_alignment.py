@@ -274,3 +274,34 @@ def test_best_matching_frame_skips_frames_without_landmarks():
     reference = np.zeros((68, 2))
     assert best_matching_frame(reference, [None, np.ones((68, 2)), np.full((68, 2), 0.5), np.full((68, 2), 0.5)]) == 2
     assert best_matching_frame(reference, [None, None]) is None
+
+
+def test_a_face_missed_before_the_first_detection_is_recovered_backwards(driving_frames, portrait):
+    """Tracking used to run forward only: a clip whose first frames the detector misses kept them empty."""
+    frames = driving_frames[[5, 4]].copy()
+    x0, y0, x1, y1 = (default_face_backend().detect(_copy_256(frames[0]))[0].box * 2).astype(int)
+    frames[0, y0 : y0 + int(0.3 * (y1 - y0)), x0:x1] = 0  # brows and forehead hidden: the detector misses
+    assert default_face_backend().detect(_copy_256(frames[0])) == []
+    hints = extract_motion(frames, portrait, resolution=256, best_frame=-2)
+    assert hints.faces_found.tolist() == [True, True] and hints.tracked.tolist() == [True, False]
+    assert hints.warnings == ["Driving frame 0: the detector missed the face; it was recovered near a neighbouring "
+                              "frame's face."]
+
+
+def test_a_wide_clip_is_aligned_whatever_its_length(driving_frames, portrait):
+    """A 16:9 clip (the sample's middle band, 640x360): stretched to the official square, its faces are squeezed
+    to about half their width and the detector misses them. Six frames then had no frame to align on and lost every
+    eye/mouth hint, while twelve had one detectable frame whose alignment made every face detectable. The detector
+    now looks again on an undistorted copy: both lengths are aligned and keep every hint."""
+    wide = np.stack([cv2.resize(f[112:400], (640, 360), interpolation=cv2.INTER_LINEAR) for f in driving_frames[:6]])
+    squeezed = [default_face_backend().detect(_copy_256(resize_image(f, 256, 256))) for f in wide]
+    assert not any(squeezed), "the premise: the stretched frames' faces are missed"
+    hints = extract_motion(wide, portrait, resolution=256)
+    assert hints.best_frame is not None and hints.faces_found.all(), hints.warnings
+
+
+def test_frame_ranges_are_readable():
+    from xportrait_core.faces.motion_hints import frame_ranges
+
+    assert frame_ranges([0, 1, 2, 3, 7, 9, 10]) == "0-3, 7, 9-10"
+    assert frame_ranges([4]) == "4" and frame_ranges([]) == ""

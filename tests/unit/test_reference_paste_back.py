@@ -104,7 +104,7 @@ def test_a_batch_of_references(portrait, photo):
 def test_an_image_without_a_face_says_so(portrait):
     with pytest.raises(NoFaceFoundError, match="No face was found in the reference image"):
         prepare_reference(np.full((300, 300, 3), 128, np.uint8))
-    with pytest.raises(NoFaceFoundError, match="reference image 1 of 2"):
+    with pytest.raises(NoFaceFoundError, match="reference image 2 of 2"):
         prepare_references([portrait, np.zeros((200, 300), np.uint8)], resolution=64)
 
 

@@ -143,7 +143,12 @@ class IdentityReport:
         return out
 
     def summary_text(self) -> str:
+        """The report a user reads: frames without a face are named as such and left out of the means; when no
+        frame has a face the text says identity could not be measured (never "nan")."""
         s = self.summary()
+        if not self.output_faces_found.any():
+            return (f"identity over {s['frames']} frame{'' if s['frames'] == 1 else 's'}: not measured: no face was "
+                    "found in any frame (are these the animated frames, and do they show a face?)")
         lines = [
             (
                 f"identity over {s['frames']} frames: mean distance {s['mean_distance']:.3f} "
@@ -152,8 +157,10 @@ class IdentityReport:
             f"frames over {s['threshold']:.2f}: {len(s['frames_over_threshold'])} {_short_list(s['frames_over_threshold'])}",
         ]
         if s["missing_frames"]:
-            lines.append(f"no face found in {len(s['missing_frames'])} frames {_short_list(s['missing_frames'])}")
-        if "mean_driving_distance" in s:
+            count = len(s["missing_frames"])
+            lines.append(f"no face found in {count} frame{'' if count == 1 else 's'} "
+                         f"{_short_list(s['missing_frames'])}: left out of the mean")
+        if "mean_driving_distance" in s and np.isfinite(s["mean_driving_distance"]):
             lines.append(
                 f"distance to the driving frames: mean {s['mean_driving_distance']:.3f}; frames closer to the driving "
                 f"actor than to the reference: {len(s['frames_closer_to_driving'])} {_short_list(s['frames_closer_to_driving'])}"

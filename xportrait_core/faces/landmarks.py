@@ -29,14 +29,14 @@ MODELS_ENV = "XPORTRAIT_FACE_MODELS"
 class NoFaceFoundError(ValueError):
     """No face was found where one is required. `where` names the image (e.g. "the reference image")."""
 
-    def __init__(self, where: str, detail: str = ""):
+    def __init__(self, where: str, detail: str = "", advice: str = ""):
         self.where = where
-        message = f"No face was found in {where}."
+        message = f"No face was found in {where}{f' {detail}' if detail else ''}."
         hint = (
             " The detector needs a roughly frontal face, not too small (about 80 pixels wide after any downscaling)"
             " and not cut off by the image border."
         )
-        super().__init__(message + (f" {detail}" if detail else "") + hint)
+        super().__init__(message + hint + (f" {advice}" if advice else ""))
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,12 +259,61 @@ def detect_faces(image: np.ndarray, backend: FaceBackend | None = None, max_side
     return faces
 
 
+LARGEST_FIRST = "largest first"
+LEFT_TO_RIGHT = "left to right"
+FACE_ORDERS = (LARGEST_FIRST, LEFT_TO_RIGHT)
+
+
+class FaceIndexError(ValueError):
+    """A face index beyond the faces found; the message says how many there are."""
+
+
+def order_faces(faces: list[Face], order: str = LARGEST_FIRST) -> list[Face]:
+    """The faces numbered as the user counts them: largest first (the backend's own order, main face first, which
+    for dlib is by box area), or left to right (by the box's centre)."""
+    if order == LARGEST_FIRST:
+        return list(faces)
+    if order == LEFT_TO_RIGHT:
+        return sorted(faces, key=lambda f: float(f.box[0] + f.box[2]))
+    raise ValueError(f"face order must be one of {', '.join(FACE_ORDERS)}, got {order!r}")
+
+
+def pick_face(faces: list[Face], index: int, order: str, where: str) -> Face:
+    """Face number `index` (from 0) of `faces` in `order`; FaceIndexError naming `where` and the count otherwise."""
+    ordered = order_faces(faces, order)
+    if not 0 <= index < len(ordered):
+        count = len(ordered)
+        raise FaceIndexError(
+            f"face_index {index} asks for face {index + 1} ({order}), but {where} has "
+            f"{count} face{'' if count == 1 else 's'}: use 0{f'..{count - 1}' if count > 1 else ''}"
+        )
+    return ordered[index]
+
+
+def nearest_face(faces: list[Face], box: np.ndarray) -> Face:
+    """The face whose box centre is closest to `box`'s: how a chosen face is followed from frame to frame."""
+    box = np.asarray(box, np.float32)
+    centre = np.array([(box[0] + box[2]) * 0.5, (box[1] + box[3]) * 0.5], np.float32)
+
+    def distance(face: Face) -> float:
+        c = np.array([(face.box[0] + face.box[2]) * 0.5, (face.box[1] + face.box[3]) * 0.5], np.float32)
+        return float(np.square(c - centre).sum())
+
+    return min(faces, key=distance)
+
+
 def find_face(
-    image: np.ndarray, where: str, backend: FaceBackend | None = None, max_side: int | None = None
+    image: np.ndarray,
+    where: str,
+    backend: FaceBackend | None = None,
+    max_side: int | None = None,
+    index: int = 0,
+    order: str = LARGEST_FIRST,
 ) -> Face:
-    """The main face in `image`; raises NoFaceFoundError naming `where` when there is none."""
+    """Face number `index` in `order` (default: the largest) in `image`; raises NoFaceFoundError naming `where` when
+    there is none, FaceIndexError when there are fewer faces than `index` asks for."""
     faces = detect_faces(image, backend, max_side)
     if not faces:
         h, w = np.asarray(image).shape[:2]
         raise NoFaceFoundError(where, f"(searched the whole {w}x{h} image)")
-    return faces[0]
+    return pick_face(faces, index, order, where)

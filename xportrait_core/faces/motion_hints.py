@@ -16,8 +16,14 @@ Official semantics (core/test_xportrait.py), reproduced at any resolution R that
 Departures, each to the user's benefit and named here: driving frames are resized with cv2 (INTER_AREA when
 shrinking, bilinear when growing) instead of skimage's anti-aliased bilinear; an explicit best_frame is checked
 against the number of frames (the official compares it with the reference image's height); with
-`track_missed_faces` a frame where the detector misses gets the face found near the previous frame's box with a
-relaxed detector threshold (dlib backend), instead of an all -1 local hint; each such frame is named in `warnings`.
+`track_missed_faces` a frame where the detector misses gets the face found near a neighbouring frame's box with a
+relaxed detector threshold (dlib backend), instead of an all -1 local hint: the previous frame's, or for frames
+before the first detection the next frame's (searching backwards), so a clip whose first frames are hard for the
+detector does not lose their hints; such frames are named in `warnings`, grouped.
+
+Several people: `face_index` / `face_order` choose the driving face on the first frame where faces are found (0 =
+the largest, as before); every later frame takes the face nearest the chosen one's previous position, so the
+same person is followed (on the aligned frames, nearest where the alignment put that person's face).
 """
 from __future__ import annotations
 
@@ -35,7 +41,16 @@ from ..media.image_formats import (
     resize_image,
     to_uint8,
 )
-from .landmarks import BoxAwareFaceBackend, Face, FaceBackend, default_face_backend
+from .landmarks import (
+    LARGEST_FIRST,
+    BoxAwareFaceBackend,
+    Face,
+    FaceBackend,
+    default_face_backend,
+    nearest_face,
+    order_faces,
+    pick_face,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +76,9 @@ class MotionHints:
         mouth 49:68; -1 where no face.
     aligned_faces: per frame, the face found on the aligned frame, in R pixel coordinates, or None.
     reference_face: the reference's face in R pixel coordinates, or None.
-    warnings: human-readable notes (missing faces with frame indices, fallbacks).
+    warnings: human-readable notes (missing faces with frame indices, fallbacks), for the user.
+    chosen_among: (frame index, faces) where the driving face was chosen by `face_index`: every face found on that
+        frame, numbered as `face_order` counts them, in the pixels of the driving frame; None when no frame had one.
     """
 
     global_hint: np.ndarray
@@ -75,6 +92,7 @@ class MotionHints:
     reference_face: Face | None
     resolution: int
     warnings: list[str] = field(default_factory=list)
+    chosen_among: tuple[int, list[Face]] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -87,14 +105,66 @@ def _to_landmark_copy(image01: np.ndarray) -> np.ndarray:
 
 
 def _find_in_sequence(
-    backend: FaceBackend, image: np.ndarray, previous: Face | None, track: bool
+    backend: FaceBackend,
+    image: np.ndarray,
+    previous: Face | None,
+    track: bool,
+    choose: Callable[[list[Face], np.ndarray | None], Face],
+    anchor: np.ndarray | None = None,
+    original: np.ndarray | None = None,
 ) -> Face | None:
+    """The chosen person's face in one frame: nearest `anchor` (a box where it is expected) or the previous face,
+    else by the user's index; a relaxed search near the previous face when the detector misses and `track`.
+
+    `original`: the frame before it was stretched to the square `image`; where the detector misses the stretched
+    face, it looks on an undistorted copy and maps what it finds onto `image`."""
     faces = backend.detect(image)
+    if not faces and original is not None:
+        faces = _detect_undistorted(backend, original)
     if faces:
-        return faces[0]
+        near = anchor if anchor is not None else (None if previous is None else previous.box)
+        return choose(faces, near)
     if track and previous is not None and isinstance(backend, BoxAwareFaceBackend):
         return backend.detect_near(image, previous.box)
     return None
+
+
+def _detect_undistorted(backend: FaceBackend, frame01: np.ndarray) -> list[Face]:
+    """Faces of a non-square frame found on a copy that keeps its aspect ratio (shorter side 256), in the
+    coordinates of the 256x256 stretched copy the official code detects on.
+
+    Stretching a 16:9 frame to a square squeezes the face by almost half; the detector often misses such faces
+    (a clip whose frames all miss is then not aligned at all, and how many frames a clip has decides whether any
+    frame is found: the clip's length changed its hints). Square frames gain nothing from this and skip it."""
+    height, width = frame01.shape[:2]
+    if height == width:
+        return []
+    factor = LANDMARK_RESOLUTION / min(height, width)
+    w, h = max(1, round(width * factor)), max(1, round(height * factor))
+    faces = backend.detect(to_uint8(resize_image(frame01, w, h)))
+    return [face.scaled(LANDMARK_RESOLUTION / w, LANDMARK_RESOLUTION / h) for face in faces]
+
+
+def frame_ranges(indices: Sequence[int]) -> str:
+    """'0-3, 7, 9-10' for [0, 1, 2, 3, 7, 9, 10]: frame lists a user can read."""
+    parts: list[str] = []
+    indices = sorted(int(i) for i in indices)
+    start = prev = None
+    for i in indices + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
+
+
+def _map_box(box: np.ndarray, affine: np.ndarray, scale: float) -> np.ndarray:
+    """A box at 256 on a driving frame -> its bounds at 256 on the aligned frame (`affine` works at 256*scale)."""
+    x0, y0, x1, y1 = (np.asarray(box, np.float64) * scale).tolist()
+    corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], np.float64) @ affine.T / scale
+    return np.concatenate([corners.min(0), corners.max(0)]).astype(np.float32)
 
 
 def alignment_box_corners(landmarks: np.ndarray) -> np.ndarray:
@@ -166,6 +236,8 @@ def extract_motion(
     backend: FaceBackend | None = None,
     track_missed_faces: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    face_index: int = 0,
+    face_order: str = LARGEST_FIRST,
 ) -> MotionHints:
     """Global and local motion hints for every driving frame, aligned onto the reference's face.
 
@@ -174,6 +246,8 @@ def extract_motion(
     reference_image: the reference as the model sees it (e.g. PreparedReference.image), any size and layout.
     best_frame: -1 search, -2 no alignment, >= 0 that frame.
     progress: called as progress(done, total) while frames are processed.
+    face_index, face_order: which driving face to follow when frames show several people (0: the largest).
+    Raises FaceIndexError when the first frame with faces has fewer than `face_index + 1`.
     """
     resolution = check_resolution(resolution)
     frames = as_frame_batch(driving_frames, "driving frames")
@@ -190,6 +264,19 @@ def extract_motion(
     def frame01(index: int) -> np.ndarray:
         return as_rgb_float(frames[index], f"driving frame {index}")
 
+    chosen_among: list = []
+
+    def chooser(where: str, index: int, raw: bool) -> Callable[[list[Face], np.ndarray | None], Face]:
+        def choose(faces: list[Face], near: np.ndarray | None) -> Face:
+            if near is not None:
+                return nearest_face(faces, near)
+            if raw and not chosen_among:  # the user's choice, made on this driving frame: keep it to show it
+                height, width = frames[index].shape[:2]
+                sx, sy = width / LANDMARK_RESOLUTION, height / LANDMARK_RESOLUTION
+                chosen_among.append((index, [f.scaled(sx, sy) for f in order_faces(faces, face_order)]))
+            return pick_face(faces, face_index, face_order, where)
+        return choose
+
     total_steps = num_frames
     done = 0
 
@@ -202,6 +289,8 @@ def extract_motion(
     reference_face = None
     affine = None
     chosen = None
+    # The chosen person's box on each driving frame (at 256) where the alignment search found it.
+    raw_boxes: list[np.ndarray | None] = [None] * num_frames
     if best_frame != NO_ALIGNMENT:
         reference_256 = _to_landmark_copy(as_rgb_float(reference_image, "reference image"))
         found = backend.detect(reference_256)
@@ -214,10 +303,13 @@ def extract_motion(
                 driving_landmarks: list[np.ndarray | None] = []
                 previous = None
                 for index in range(num_frames):
+                    image = frame01(index)
                     face = _find_in_sequence(
-                        backend, _to_landmark_copy(frame01(index)), previous, track_missed_faces
+                        backend, _to_landmark_copy(image), previous, track_missed_faces,
+                        chooser(f"driving frame {index}", index, True), original=image,
                     )
                     driving_landmarks.append(None if face is None else face.landmarks)
+                    raw_boxes[index] = None if face is None else face.box
                     previous = face or previous
                     step()
                 chosen = best_matching_frame(reference_face.landmarks, driving_landmarks)
@@ -225,12 +317,16 @@ def extract_motion(
                     warn("No face was found in any driving frame: the driving frames are not aligned.")
                 best_landmarks = None if chosen is None else driving_landmarks[chosen]
             else:
-                faces = backend.detect(_to_landmark_copy(frame01(best_frame)))
-                best_landmarks = faces[0].landmarks if faces else None
+                image = frame01(best_frame)
+                faces = backend.detect(_to_landmark_copy(image)) or _detect_undistorted(backend, image)
+                best_face = (chooser(f"best frame {best_frame}", best_frame, True)(faces, None) if faces
+                             else None)
+                best_landmarks = None if best_face is None else best_face.landmarks
                 if best_landmarks is None:
                     warn(f"No face was found in the chosen best frame {best_frame}: the driving frames are not aligned.")
                 else:
                     chosen = best_frame
+                    raw_boxes[best_frame] = best_face.box
             if chosen is not None:
                 affine = alignment_affine(reference_face.landmarks, best_landmarks, scale)
         if reference_face is not None:
@@ -242,30 +338,65 @@ def extract_motion(
     tracked = np.zeros(num_frames, bool)
     local_boxes = np.full((num_frames, len(LOCAL_REGIONS), 4), -1, np.int32)
     aligned_faces: list[Face | None] = []
+    # Where the chosen person's face should be on each aligned frame: its driving-frame box moved by the alignment.
+    anchors: list[np.ndarray | None] = [None] * num_frames
+    if affine is not None:
+        known = [i for i, b in enumerate(raw_boxes) if b is not None]
+        for index in range(num_frames):
+            if known:  # the nearest frame where the search saw the chosen face
+                source = min(known, key=lambda k: abs(k - index))
+                anchors[index] = _map_box(raw_boxes[source], affine, scale)
+    faces_256: list[Face | None] = []
+    copies: list[np.ndarray] = []
     previous = None
     for index in range(num_frames):
-        aligned = resize_image(frame01(index), resolution, resolution)
+        image = frame01(index)
+        aligned = resize_image(image, resolution, resolution)
         if affine is not None:
             aligned = cv2.warpAffine(aligned, affine, (resolution, resolution))
-        signed = aligned.transpose(2, 0, 1) * np.float32(2.0) - np.float32(1.0)
-        global_hint[index] = signed
-
-        face = _find_in_sequence(backend, _to_landmark_copy(aligned), previous, track_missed_faces)
+        global_hint[index] = aligned.transpose(2, 0, 1) * np.float32(2.0) - np.float32(1.0)
+        copy = _to_landmark_copy(aligned)
+        copies.append(copy)
+        face = _find_in_sequence(backend, copy, previous, track_missed_faces,
+                                 chooser(f"driving frame {index}", index, affine is None),
+                                 anchors[index] if previous is None else None,
+                                 original=image if affine is None else None)
+        faces_256.append(face)
         previous = face or previous
+        step()
+
+    # Frames before the first detection have no previous face to search near: search backwards from the next one.
+    if track_missed_faces and isinstance(backend, BoxAwareFaceBackend):
+        for index in range(num_frames - 2, -1, -1):
+            if faces_256[index] is None and faces_256[index + 1] is not None:
+                faces_256[index] = backend.detect_near(copies[index], faces_256[index + 1].box)
+
+    missed, recovered = [], []
+    for index, face in enumerate(faces_256):
         if face is None:
             aligned_faces.append(None)
-            warn(f"No face was found in driving frame {index}: its local hint is left empty (all -1).")
+            missed.append(index)
+            continue
+        faces_found[index] = True
+        tracked[index] = face.tracked
+        if face.tracked:
+            recovered.append(index)
+        boxes = local_hint_boxes(face.landmarks, resolution)
+        local_boxes[index] = boxes
+        for x0, y0, x1, y1 in boxes:
+            local_hint[index, :, y0:y1, x0:x1] = global_hint[index, :, y0:y1, x0:x1]
+        aligned_faces.append(face.scaled(scale))
+    if missed:
+        if len(missed) == num_frames:
+            warn(f"No face was found in any of the {num_frames} driving frames: every eye/mouth (local) hint is "
+                 "empty.")
         else:
-            faces_found[index] = True
-            tracked[index] = face.tracked
-            if face.tracked:
-                warn(f"Driving frame {index}: the detector missed the face; it was recovered near the previous frame's box.")
-            boxes = local_hint_boxes(face.landmarks, resolution)
-            local_boxes[index] = boxes
-            for x0, y0, x1, y1 in boxes:
-                local_hint[index, :, y0:y1, x0:x1] = signed[:, y0:y1, x0:x1]
-            aligned_faces.append(face.scaled(scale))
-        step()
+            warn(f"No face was found in driving frame{'s' if len(missed) > 1 else ''} {frame_ranges(missed)} "
+                 f"({len(missed)} of {num_frames}): {'their' if len(missed) > 1 else 'its'} eye/mouth (local) hint "
+                 "is left empty.")
+    if recovered:
+        warn(f"Driving frame{'s' if len(recovered) > 1 else ''} {frame_ranges(recovered)}: the detector missed the "
+             "face; it was recovered near a neighbouring frame's face.")
 
     return MotionHints(
         global_hint=global_hint,
@@ -279,4 +410,5 @@ def extract_motion(
         reference_face=reference_face,
         resolution=resolution,
         warnings=notes,
+        chosen_among=chosen_among[0] if chosen_among else None,
     )

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..media.image_formats import as_frame_batch, as_rgb_float, check_resolution, resize_image
-from .landmarks import Face, FaceBackend, NoFaceFoundError, detect_faces, find_face
+import cv2
+
+from .landmarks import (
+    LARGEST_FIRST,
+    Face,
+    FaceBackend,
+    NoFaceFoundError,
+    detect_faces,
+    order_faces,
+    pick_face,
+)
 
 CROP = "crop"
 RESIZE = "resize"
@@ -32,7 +42,8 @@ class PreparedReference:
         source in mode "resize".
     source_size: (height, width) of the source.
     source_image: float32 (H, W, 3) in [0, 1], the source as RGB (alpha dropped), for paste-back.
-    face: the main face in source pixel coordinates (None only in mode "resize" when no face was found).
+    face: the chosen face in source pixel coordinates (None only in mode "resize" when no face was found).
+    faces: every face found in the source, numbered as `face_order` counts them (the chosen one among them).
     """
 
     image: np.ndarray
@@ -42,6 +53,7 @@ class PreparedReference:
     face: Face | None
     resolution: int
     mode: str
+    faces: tuple = ()
 
     @property
     def landmarks(self) -> np.ndarray | None:
@@ -83,12 +95,15 @@ def prepare_reference(
     margin: float = 0.5,
     backend: FaceBackend | None = None,
     where: str = "the reference image",
+    face_index: int = 0,
+    face_order: str = LARGEST_FIRST,
 ) -> PreparedReference:
     """Detect the face, crop a square around it (mode "crop") or take the whole image (mode "resize"), resize.
 
     image: (H, W), (H, W, 1|3|4), uint8 or float in [0, 1], any size. margin: fraction of the face size added on
-    each side (0.5: the square is twice the face). Mode "crop" raises NoFaceFoundError (naming `where`) when the
-    photo has no face; mode "resize" works without one, as the official code does.
+    each side (0.5: the square is twice the face). face_index / face_order: which face of a photo with several
+    (0 = the first in that order; default the largest). Mode "crop" raises NoFaceFoundError (naming `where`) when
+    the photo has no face; mode "resize" works without one, as the official code does.
     """
     resolution = check_resolution(resolution)
     if mode not in MODES:
@@ -97,12 +112,16 @@ def prepare_reference(
         raise ValueError(f"margin must be >= 0 (a fraction of the face size), got {margin}")
     source = as_rgb_float(image, where)
     height, width = source.shape[:2]
+    faces = order_faces(detect_faces(source, backend, max_side=DETECT_MAX_SIDE), face_order)
     if mode == CROP:
-        face = find_face(source, where, backend, max_side=DETECT_MAX_SIDE)
+        if not faces:
+            raise NoFaceFoundError(where, f"(searched the whole {width}x{height} image)",
+                                   "Mode 'resize' needs no face: it stretches the whole image, as the official demo "
+                                   "does.")
+        face = pick_face(faces, face_index, face_order, where)
         box = square_crop_box(face, (height, width), margin)
     else:
-        faces = detect_faces(source, backend, max_side=DETECT_MAX_SIDE)
-        face = faces[0] if faces else None
+        face = pick_face(faces, face_index, face_order, where) if faces else None
         box = (0, 0, width, height)
     x0, y0, x1, y1 = box
     model_input = resize_image(source[y0:y1, x0:x1], resolution, resolution)
@@ -114,6 +133,7 @@ def prepare_reference(
         face=face,
         resolution=resolution,
         mode=mode,
+        faces=tuple(faces),
     )
 
 
@@ -123,16 +143,38 @@ def prepare_references(
     mode: str = CROP,
     margin: float = 0.5,
     backend: FaceBackend | None = None,
+    face_index: int = 0,
+    face_order: str = LARGEST_FIRST,
 ) -> list[PreparedReference]:
     """`prepare_reference` for each image of a batch ((B, H, W, C) array or a list of images of any sizes).
 
-    Raises ValueError on an empty batch and NoFaceFoundError naming the image index (mode "crop").
+    Raises ValueError on an empty batch and NoFaceFoundError naming the image (counted from 1, as users count;
+    mode "crop").
     """
     batch = as_frame_batch(images, "reference images")
     return [
-        prepare_reference(img, resolution, mode, margin, backend, where=f"reference image {i} of {len(batch)}")
+        prepare_reference(img, resolution, mode, margin, backend,
+                          where="the reference image" if len(batch) == 1 else f"reference image {i + 1} of {len(batch)}",
+                          face_index=face_index, face_order=face_order)
         for i, img in enumerate(batch)
     ]
+
+
+def draw_numbered_faces(image: np.ndarray, faces: Sequence[Face], chosen: Face | None = None) -> np.ndarray:
+    """float32 (H, W, 3) copy of `image` with each face's box and its number (0, 1, ... as `face_index` counts
+    them); the chosen face in green, the others in yellow. For the user to see which index is which person."""
+    # Drawn in 8 bits (OpenCV's text needs them), returned as floats.
+    canvas = np.ascontiguousarray(np.round(as_rgb_float(image, "image") * 255.0).clip(0, 255).astype(np.uint8))
+    height, width = canvas.shape[:2]
+    thickness = max(1, round(min(height, width) / 200))
+    for number, face in enumerate(faces):
+        x0, y0, x1, y1 = (int(round(float(v))) for v in face.box)
+        colour = (30, 230, 50) if face is chosen else (255, 215, 25)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, thickness)
+        scale = max(0.4, (y1 - y0) / 120)
+        cv2.putText(canvas, str(number), (x0 + thickness, max(y0 - 2 * thickness, int(22 * scale))),
+                    cv2.FONT_HERSHEY_SIMPLEX, scale, colour, max(1, thickness), cv2.LINE_AA)
+    return canvas.astype(np.float32) / np.float32(255.0)
 
 
 def stack_references(references: Sequence[PreparedReference]) -> np.ndarray:
@@ -153,5 +195,6 @@ __all__ = [
     "prepare_reference",
     "prepare_references",
     "square_crop_box",
+    "draw_numbered_faces",
     "stack_references",
 ]

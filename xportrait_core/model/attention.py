@@ -38,6 +38,7 @@ _setting: str = setting("XPORTRAIT_ATTENTION")
 _xformers_ops = None
 _xformers_import_error: Optional[str] = None
 _xformers_works: dict[tuple[str, torch.dtype], bool] = {}
+_xformers_probe_errors: dict[tuple[str, torch.dtype], str] = {}
 _logged: set[tuple[str, str, torch.dtype]] = set()
 _resolved: dict[tuple[str, torch.dtype], str] = {}
 
@@ -88,6 +89,7 @@ def xformers_usable(device: torch.device, dtype: torch.dtype) -> bool:
                 works = bool(torch.isfinite(out).all().item())
             except Exception as exc:  # wheel built for another torch/CUDA, or dtype unsupported
                 log.info("xformers is installed but failed on %s/%s: %s", device.type, dtype, exc)
+                _xformers_probe_errors[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         _xformers_works[key] = works
     return _xformers_works[key]
 
@@ -97,11 +99,17 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     if _setting == "auto":
         return "xformers" if xformers_usable(device, dtype) else "sdpa"
     if _setting == "xformers" and not xformers_usable(device, dtype):
-        reason = _xformers_import_error or "its kernels do not run for this device/dtype (see the log)"
-        raise RuntimeError(
-            f"attention backend 'xformers' was forced but cannot run on {device.type}/{dtype}: {reason}. "
-            "Use 'auto' or 'sdpa'."
-        )
+        dtype_name = str(dtype).replace("torch.", "")
+        if device.type != "cuda":
+            reason = f"xformers runs on NVIDIA GPUs only, and this runs on the {device.type.upper()}"
+        elif _xformers_import_error:
+            reason = f"xformers does not import ({_xformers_import_error.splitlines()[0][:200]})"
+        else:
+            probe = _xformers_probe_errors.get((device.type, dtype), "its test call gave non-finite values")
+            reason = (f"xformers is installed but fails on this GPU in {dtype_name} (a wheel built for another "
+                      f"torch or CUDA version?): {probe}")
+        raise RuntimeError(f"attention 'xformers' cannot run: {reason}. Choose 'auto' (uses xformers where it works) "
+                           "or 'sdpa'.")
     return _setting
 
 

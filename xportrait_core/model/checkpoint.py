@@ -4,9 +4,15 @@ Accepted files: the released `model_state-415001.th` and any `.th` / `.ckpt` / `
 `torch.load(weights_only=True)`, never unpickling code; a `state_dict` wrapper is unwrapped), and `.safetensors`,
 in the official key format or ours (as written by `convert_checkpoint`).
 
-Loading builds the model on the meta device, checks every key and shape, and refuses a checkpoint that does not
-fit, naming the missing, unexpected and mis-shaped keys. CLIP text-encoder keys (`cond_stage_model.*`) are kept
-for the text encoder when they are CLIP ViT-L/14's; the DDPM schedule buffers are checked against ours.
+Loading builds the model on the meta device and checks every key and shape: a checkpoint missing a key the model
+needs, or holding one with another shape, is refused (with a count and one example). Extra keys (optimizer or EMA
+entries a release file may also carry: the official script loads with `strict=False`) are ignored and reported
+in one warning line. CLIP text-encoder keys (`cond_stage_model.*`) are kept for the text encoder when they are
+CLIP ViT-L/14's; the DDPM schedule buffers are checked against ours.
+
+The file type is recognised by its first bytes, not its name: a safetensors file renamed `.th` loads as the
+safetensors file it is. Errors say what is wrong with the file in words (incomplete download, training pickle,
+not X-Portrait), never torch's own paragraphs.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from .schedule import make_alphas_cumprod
 
 log = logging.getLogger("xportrait")
 
+# The one list of checkpoint file suffixes: ComfyUI's model folder, the loader node and the CLI all use it.
 CHECKPOINT_SUFFIXES = (".th", ".ckpt", ".pt", ".pth", ".safetensors")
+CONVERT_COMMAND = "python -m xportrait_core convert IN.th OUT.safetensors"
 FORMAT_TAG = "xportrait-core"
 
 # Official prefix -> ours, most specific first. Only prefixes differ: inside each network the layout (and so every
@@ -74,15 +82,25 @@ class KeyReport:
 
     @property
     def fits(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        """Every key the model needs is present with its shape (extra keys are allowed: they are ignored)."""
+        return not (self.missing or self.mismatched)
 
-    def describe(self, limit: int = 12) -> str:
+    def describe(self) -> str:
+        """What does not fit, as counts with one example each (a user needs the size of the problem and one key to
+        look for, not hundreds of internal names)."""
         parts = []
-        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", self.mismatched)):
+        for name, keys in (("missing", self.missing), ("with the wrong shape", self.mismatched)):
             if keys:
-                shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-                parts.append(f"{len(keys)} {name}: {shown}")
+                parts.append(f"{len(keys)} {'key' if len(keys) == 1 else 'keys'} {name} (e.g. {keys[0]})")
         return "; ".join(parts) or "all keys fit"
+
+    def extra_keys_warning(self) -> Optional[str]:
+        """One line naming the extra keys that were ignored, or None."""
+        if not self.unexpected:
+            return None
+        count = len(self.unexpected)
+        return (f"{count} extra {'key' if count == 1 else 'keys'} in the checkpoint {'is' if count == 1 else 'are'} "
+                f"not part of X-Portrait and {'was' if count == 1 else 'were'} ignored (e.g. {self.unexpected[0]})")
 
 
 def official_to_ours(key: str) -> Optional[str]:
@@ -112,6 +130,73 @@ def ours_to_official(key: str) -> str:
     raise KeyError(key)
 
 
+SAFETENSORS = "safetensors"
+TORCH_ZIP = "torch zip"
+TORCH_LEGACY = "torch legacy"
+
+
+def sniff_format(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The checkpoint format a file's first bytes show, whatever its name says; None when they show none.
+
+    safetensors: an 8-byte little-endian header length, then the JSON header ('{'). torch.save: a zip archive
+    ('PK'), or the legacy format (a pickle protocol mark, 0x80).
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000:
+        return SAFETENSORS
+    if head[:2] == b"PK":
+        return TORCH_ZIP
+    if head[:1] == b"\x80":
+        return TORCH_LEGACY
+    return None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path.name} is not a complete safetensors file (damaged, or the download stopped early): download it "
+            "again") from exc
+
+
+def _torch_load(path: Path, fmt: Optional[str]) -> object:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=fmt == TORCH_ZIP)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def _read_torch(path: Path, fmt: Optional[str]) -> object:
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch's remarks on pickle protocols are not for users
+            warnings.simplefilter("ignore", UserWarning)
+            return _torch_load(path, fmt)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running the file's code: the wrong way for a user.
+        raise CheckpointError(
+            f"{path.name} holds Python objects besides the weights (a training pickle), and loading those could run "
+            "code, so it is refused. Use the released model_state-415001.th, or re-save only its tensors "
+            "(torch.save(state_dict, ...)) on a machine you trust, then convert them to .safetensors with "
+            f"`{CONVERT_COMMAND}`") from None
+    except Exception as exc:
+        if fmt is None:
+            raise CheckpointError(
+                f"{path.name} is not a checkpoint: its contents are neither a torch checkpoint nor a safetensors "
+                "file (is it an HTML page saved by a download link?)") from None
+        raise CheckpointError(
+            f"{path.name} is incomplete or damaged (a download that stopped early?): download it again "
+            f"({type(exc).__name__})") from None
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, on CPU, without executing any code from it."""
     path = Path(path)
@@ -119,30 +204,27 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise CheckpointError(f"{path.name}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path.name} is empty (0 bytes): download it again")
+    fmt = sniff_format(path)
+    if fmt == SAFETENSORS:  # whatever the suffix: a renamed safetensors file is still one
+        if path.suffix.lower() != ".safetensors":
+            log.info("%s is a safetensors file (despite its suffix): read as safetensors", path.name)
+        return _read_safetensors(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from exc
-    try:
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            data = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:
         raise CheckpointError(
-            f"{path.name}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: {exc}). "
-            "Files that need arbitrary code to unpickle are refused."
-        ) from exc
+            f"{path.name} is not a safetensors file (its first bytes are not a safetensors header): damaged, or "
+            "another format renamed: download it again")
+    data = _read_torch(path, fmt)
     while isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path.name}: does not hold a state dict of tensors")
-    return data
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name} does not hold model weights (it holds a {type(data).__name__})")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path.name} does not hold model weights (no tensors in it)")
+    # Non-tensor entries (a step counter, an optimizer's settings) are training leftovers: skipped, like extra keys.
+    return tensors
 
 
 def to_our_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -213,7 +295,9 @@ def _has_text_encoder(state: dict[str, torch.Tensor]) -> bool:
 
 
 def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[XPortraitConfig]] = None) -> XPortraitConfig:
-    """The preset (official, tiny) whose every key and shape the (our-key) state dict fits."""
+    """The preset (official, tiny) whose every key and shape the (our-key) state dict fits; when none fits, the
+    closest preset if it matches at least half of its keys (the loader then names what does not fit), else an
+    error: not an X-Portrait checkpoint."""
     candidates = list(candidates or (XPortraitConfig.official(), XPortraitConfig.tiny()))
     with_text = _has_text_encoder(state)
     reports = []
@@ -222,25 +306,34 @@ def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[X
         if report.fits:
             return config
         reports.append(report)
-    best = min(reports, key=lambda r: len(r.missing) + len(r.unexpected) + len(r.mismatched))
-    raise CheckpointError(f"not an X-Portrait checkpoint of a known size (closest preset: {best.describe()})")
+    best_config, best = min(zip(candidates, reports), key=lambda cr: len(cr[1].missing) + len(cr[1].mismatched))
+    if len(best.missing) + len(best.mismatched) <= len(expected_shapes(best_config, with_text)) // 2:
+        return best_config  # an X-Portrait checkpoint with a few keys wrong: the caller names them, as the file does
+    raise CheckpointError(f"not an X-Portrait checkpoint of a known size: compared with the closest X-Portrait "
+                          f"model, {best.describe()}. Use model_state-415001.th from the X-Portrait release, or its "
+                          ".safetensors conversion")
 
 
 def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPortraitConfig] = None,
                    dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-                   operations: Optional[Operations] = None):
+                   operations: Optional[Operations] = None, warnings: Optional[list] = None):
     """Build `XPortrait` from `operations` (None: plain PyTorch) and load a checkpoint (path or state dict) into
     it, refusing one that does not fit.
 
     The config is inferred from the checkpoint's shapes when not given. Weights are cast to `dtype`; the text
-    encoder exists only when the checkpoint holds CLIP weights.
+    encoder exists only when the checkpoint holds CLIP weights. Extra keys are ignored with one warning line,
+    logged and appended to `warnings` when given (the loader node shows it to the user).
     """
     from .xportrait import XPortrait
 
     raw = read_state_dict(source) if not isinstance(source, dict) else source
+    name = Path(source).name if not isinstance(source, dict) else "state dict"
     state, ignored = to_our_keys(raw)
     if config is None:
-        config = infer_config(state)
+        try:
+            config = infer_config(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{name} is {exc}") from None
     _check_schedule(raw, config)
     with_text = _has_text_encoder(state)
     with torch.device("meta"):
@@ -248,9 +341,13 @@ def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPort
     report = compare_keys(state, {k: v.shape for k, v in model.state_dict().items()})
     report.ignored = ignored
     if not report.fits:
-        name = Path(source).name if not isinstance(source, dict) else "state dict"
         raise CheckpointError(f"{name} does not fit X-Portrait: {_in_file_naming(report, raw).describe()}")
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    extra = _in_file_naming(report, raw).extra_keys_warning()
+    if extra:
+        log.warning("X-Portrait: %s: %s", name, extra)
+        if warnings is not None:
+            warnings.append(extra)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items() if k not in report.unexpected}
     model.load_state_dict(state, assign=True)
     log.info("loaded X-Portrait (%d tensors, %d ignored official keys%s)", len(state), len(ignored),
              ", with CLIP text encoder" if with_text else ", no CLIP text encoder")
@@ -270,6 +367,10 @@ def convert_checkpoint(source: Union[str, os.PathLike], destination: Union[str, 
     report.ignored = ignored
     if not report.fits:
         raise CheckpointError(f"{Path(source).name} does not fit X-Portrait: {_in_file_naming(report, raw).describe()}")
+    extra = _in_file_naming(report, raw).extra_keys_warning()
+    if extra:
+        log.warning("X-Portrait: %s: %s (not written to the converted file)", Path(source).name, extra)
+        state = {k: v for k, v in state.items() if k not in report.unexpected}
     preset = "official" if config == XPortraitConfig.official() else "tiny"
     # The positional-encoding tables are sinusoids, not trained weights: keep them exact.
     out = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("pos_encoder.pe") else v).contiguous()
