@@ -6,11 +6,14 @@ import itertools
 import logging
 import numbers
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from .atomic import atomic_output
 from .image_formats import to_uint8
 
 logger = logging.getLogger(__name__)
@@ -26,52 +29,132 @@ def _import_av():
     return av
 
 
-def read_video(
-    path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True
-) -> tuple[np.ndarray, float]:
-    """Decode a video file -> (uint8 (N, H, W, 3) RGB frames, frames per second).
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file's container says about it, without decoding it.
+
+    declared_frames: the frame count the container declares (0 when it declares none); a truncated file may
+    decode to fewer. has_audio: it carries a sound stream."""
+
+    path: Path
+    fps: float
+    declared_frames: int
+    width: int
+    height: int
+    has_audio: bool
+
+
+def _open_input(path: Path):
+    av = _import_av()
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        return av.open(str(path))
+    except av.error.FFmpegError as error:
+        raise ValueError(f"could not open {path} as a video: {error}") from error
+
+
+def _frame_rate(stream, path: Path, warn: bool = True) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate:
+        return float(rate)
+    if warn:
+        logger.warning("%s does not say its frame rate; assuming %s fps", path, DEFAULT_FPS)
+    return DEFAULT_FPS
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Open a video just enough to read its frame rate, declared frame count, size and whether it has sound."""
+    path = Path(path)
+    with _open_input(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        return VideoInfo(path=path, fps=_frame_rate(stream, path), declared_frames=int(stream.frames or 0),
+                         width=int(stream.codec_context.width or 0), height=int(stream.codec_context.height or 0),
+                         has_audio=bool(container.streams.audio))
+
+
+def iter_video(path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True,
+               warn_if_short: bool = True) -> Iterator[np.ndarray]:
+    """Decode a video file frame by frame: yields uint8 (H, W, 3) RGB frames, holding one at a time.
 
     max_frames: stop after this many frames. apply_rotation: turn frames upright when the file carries a display
-    rotation (phone videos), as players do.
+    rotation (phone videos), as players do. warn_if_short: a file that decodes to fewer frames than its container
+    declares (a truncated download) is logged as a warning with both counts; its frames before the damage are
+    still yielded (the official reader does the same).
     """
     av = _import_av()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as error:
-        raise ValueError(f"could not open {path} as a video: {error}") from error
-    frames: list[np.ndarray] = []
-    with container:
+    with _open_input(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if rate:
-            fps = float(rate)
-        else:
-            fps = DEFAULT_FPS
-            logger.warning("%s does not say its frame rate; assuming %s fps", path, DEFAULT_FPS)
+        declared = int(stream.frames or 0)
+        count, damage = 0, None
         try:
             for frame in container.decode(stream):
                 image = frame.to_ndarray(format="rgb24")
                 quarter_turns = int(round(getattr(frame, "rotation", 0) / 90.0)) % 4 if apply_rotation else 0
                 if quarter_turns:
                     image = np.ascontiguousarray(np.rot90(image, quarter_turns))  # counterclockwise, as stored
-                frames.append(image)
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
+                count += 1
+                yield image
+                if max_frames is not None and count >= max_frames:
+                    return
         except av.error.FFmpegError as error:
-            if not frames:
+            if not count:
                 raise ValueError(f"could not decode {path}: {error}") from error
-            # a truncated file still gives the frames before the damage (the official reader does the same)
-            logger.warning("%s: decoding stopped after %d frames: %s", path, len(frames), error)
-    if not frames:
+            damage = error
+    if not count:
         raise ValueError(f"{path} contains no decodable video frames")
+    wanted = declared if max_frames is None else min(declared, max_frames)
+    if warn_if_short and (damage is not None or count < wanted):
+        cause = f" ({damage})" if damage is not None else ""
+        logger.warning("%s declares %d frames but only %d could be decoded: the file looks truncated or damaged%s; "
+                       "the animation uses the %d frames that decode", path, declared, count, cause, count)
+
+
+class VideoFrames:
+    """A video file's frames as a sequence that decodes the file anew each time it is iterated, for passes over a
+    long video that never hold it whole. len(): the frames expected, the container's declared count (capped at
+    max_frames), or counted by a first pass when it declares none; iteration may yield fewer (a truncated file,
+    warned about once)."""
+
+    def __init__(self, path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True):
+        self.info = probe_video(path)
+        self.path, self.max_frames, self.apply_rotation = Path(path), max_frames, apply_rotation
+        expected = self.info.declared_frames
+        if not expected:
+            expected = sum(1 for _ in iter_video(path, max_frames, apply_rotation, warn_if_short=False))
+        self._expected = expected if max_frames is None else min(expected, max_frames)
+        self._warned = False
+
+    @property
+    def fps(self) -> float:
+        return self.info.fps
+
+    def __len__(self) -> int:
+        return self._expected
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        warn, self._warned = not self._warned, True
+        return iter_video(self.path, self.max_frames, self.apply_rotation, warn_if_short=warn)
+
+
+def read_video(
+    path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True
+) -> tuple[np.ndarray, float]:
+    """Decode a video file -> (uint8 (N, H, W, 3) RGB frames, frames per second), all in memory.
+
+    max_frames / apply_rotation as `iter_video`; long videos are better read with `iter_video` or `VideoFrames`.
+    """
+    path = Path(path)
+    fps = probe_video(path).fps
+    frames = list(iter_video(path, max_frames, apply_rotation))
     return np.stack(frames), fps
 
 
@@ -86,7 +169,9 @@ def write_video(
     an odd width or height is padded by repeating the last column/row. crf: quality (0 lossless .. 51).
     audio_from: a video (or audio) file whose first audio stream is added, from its start, for as long as the
         frames last, as AAC: the driving video's sound under an animation made frame by frame from it. A file
-        without sound adds none.
+        without sound adds none. The sound is encoded along with the frames, so it too streams.
+    The file is written under a temporary name beside `path` and renamed to it once complete: an error or an
+    interruption (Ctrl-C) leaves any previous file at `path` as it was and no partial file (media/atomic.py).
     """
     av = _import_av()
     path = Path(path)
@@ -103,41 +188,47 @@ def write_video(
     even_h, even_w = height + height % 2, width + width % 2
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(1001)
-    try:
-        container = av.open(str(path), mode="w")
-    except av.error.FFmpegError as error:
-        raise ValueError(f"could not create {path}: {error}") from error
-    with contextlib.ExitStack() as open_files:
-        open_files.enter_context(container)
-        stream = container.add_stream(codec, rate=rate)
-        soundtrack = None if audio_from is None else open_files.enter_context(_Soundtrack(container, audio_from))
-        stream.width, stream.height = even_w, even_h
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(int(crf))}
-        for index, frame in enumerate(itertools.chain([first], remaining)):
-            image = np.asarray(frame)
-            if image.shape[:2] != (height, width):
-                raise ValueError(f"frame {index} is {image.shape[:2]}, the first frame is {(height, width)}")
-            if image.dtype != np.uint8:
-                image = to_uint8(np.clip(image, 0.0, 1.0))
-            if image.ndim == 2 or image.shape[2] == 1:
-                image = np.repeat(image.reshape(height, width, 1), 3, axis=2)
-            if (even_h, even_w) != (height, width):
-                image = np.pad(image, ((0, even_h - height), (0, even_w - width), (0, 0)), mode="edge")
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            for packet in stream.encode(video_frame):
+    with atomic_output(path) as partial:
+        try:
+            container = av.open(str(partial), mode="w")
+        except av.error.FFmpegError as error:
+            raise ValueError(f"could not create {path}: {error}") from error
+        with contextlib.ExitStack() as open_files:
+            open_files.enter_context(container)
+            stream = container.add_stream(codec, rate=rate)
+            soundtrack = None if audio_from is None else open_files.enter_context(_Soundtrack(container, audio_from))
+            stream.width, stream.height = even_w, even_h
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(int(crf))}
+            written = 0
+            for index, frame in enumerate(itertools.chain([first], remaining)):
+                image = np.asarray(frame)
+                if image.shape[:2] != (height, width):
+                    raise ValueError(f"frame {index} is {image.shape[:2]}, the first frame is {(height, width)}")
+                if image.dtype != np.uint8:
+                    image = to_uint8(np.clip(image, 0.0, 1.0))
+                if image.ndim == 2 or image.shape[2] == 1:
+                    image = np.repeat(image.reshape(height, width, 1), 3, axis=2)
+                if (even_h, even_w) != (height, width):
+                    image = np.pad(image, ((0, even_h - height), (0, even_w - width), (0, 0)), mode="edge")
+                video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                for packet in stream.encode(video_frame):
+                    container.mux(packet)
+                written = index + 1
+                if soundtrack is not None:
+                    soundtrack.write_until(written / float(rate))
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if soundtrack is not None:
-            soundtrack.write(seconds=(index + 1) / float(rate))
+            if soundtrack is not None:
+                soundtrack.write_until(written / float(rate), final=True)
     return path
 
 
 class _Soundtrack:
     """The first audio stream of `source`, re-encoded as AAC into `container` (mp4 takes AAC from any source
     codec). The stream is added when made, since a container takes no new stream once it has written packets;
-    `write(seconds)` then adds that much sound from the source's start. A context manager: the source closes on
+    `write_until(seconds)` then adds the sound from where it stopped up to that time from the source's start,
+    and `final=True` adds the last short frame and flushes the encoder. A context manager: the source closes on
     leaving."""
 
     def __init__(self, container, source: str | os.PathLike):
@@ -153,29 +244,51 @@ class _Soundtrack:
         self.rate = self.input.codec_context.sample_rate or 44100
         self.layout = "stereo" if (self.input.codec_context.channels or 1) > 1 else "mono"
         self.stream = container.add_stream("aac", rate=self.rate, layout=self.layout)
+        self.taken = 0  # samples encoded so far
+        self._decoded = None  # the source's decoded frames, opened on first use
+        self._resampler = self._fifo = None
 
-    def write(self, seconds: float) -> None:
+    def _fill(self, samples: int) -> None:
+        """Decode until the fifo holds `samples` samples or the source's sound ends (or breaks off)."""
+        av = _import_av()
+        while self._fifo.samples < samples and self._decoded is not None:
+            try:
+                frame = next(self._decoded, None)
+            except av.error.FFmpegError as error:  # a damaged sound track: keep what decoded
+                logger.warning("the sound of %s breaks off: %s", self.source.name, error)
+                frame = None
+            if frame is None:
+                self._decoded = None
+                return
+            for resampled in self._resampler.resample(frame):
+                resampled.pts = None
+                self._fifo.write(resampled)
+
+    def write_until(self, seconds: float, final: bool = False) -> None:
         if self.stream is None:
             return
         av = _import_av()
-        resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
-        fifo = av.AudioFifo()
-        wanted, taken = int(round(seconds * self.rate)), 0
-        for frame in self.source.decode(self.input):
-            for resampled in resampler.resample(frame):
-                resampled.pts = None
-                fifo.write(resampled)
-            # AAC takes frames of exactly frame_size samples (known once the encoder has opened, 1024 for AAC);
-            # only the last may be short.
-            chunk = self.stream.frame_size or 1024
-            while taken < wanted and fifo.samples >= chunk:
-                taken = self._encode(fifo.read(min(chunk, wanted - taken)), taken)
-            if taken >= wanted:
+        if self._fifo is None:
+            self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+            self._fifo = av.AudioFifo()
+            self._decoded = iter(self.source.decode(self.input))
+        wanted = int(round(seconds * self.rate))
+        # AAC takes frames of exactly frame_size samples (known once the encoder has opened, 1024 for AAC); only
+        # the last may be short.
+        chunk = self.stream.frame_size or 1024
+        while wanted - self.taken >= chunk:
+            self._fill(chunk)
+            if self._fifo.samples < chunk:
                 break
-        if taken < wanted and fifo.samples:  # the source's sound ends first: the last samples left
-            self._encode(fifo.read(min(fifo.samples, wanted - taken)), taken)
-        for packet in self.stream.encode():
-            self.container.mux(packet)
+            self.taken = self._encode(self._fifo.read(chunk), self.taken)
+        if final:
+            left = wanted - self.taken
+            if 0 < left < chunk:
+                self._fill(left)
+            if left > 0 and self._fifo.samples:  # the source's sound may end first: the last samples left
+                self.taken = self._encode(self._fifo.read(min(self._fifo.samples, left)), self.taken)
+            for packet in self.stream.encode():
+                self.container.mux(packet)
 
     def _encode(self, frame, taken: int) -> int:
         # Timestamps count samples from 0: the sound starts with the first frame.
