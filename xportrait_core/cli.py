@@ -284,12 +284,12 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
     context = context_fn(model) if context_fn else model.empty_prompt_context()
 
-    say(f"driving video: {len(run.driving)} frames at {run.driving.fps:g} fps")
     # The driving video is decoded frame by frame (twice when the best frame is searched), never held whole; the
     # hints are kept at the working resolution in float16, half the memory of float32 (windows are cast to the
     # model's dtype as they are denoised).
     motion = extract_motion(run.driving, reference.image, resolution, best_frame=args.best_frame,
                             progress=ProgressBar("faces", enabled=show), hint_dtype=np.float16)
+    say(f"driving video: {motion.num_frames} frames at {run.driving.fps:g} fps")
 
     latents = animate_latents(
         model, reference, motion, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, window=args.window,
