@@ -44,14 +44,31 @@ class VideoInfo:
     has_audio: bool
 
 
-def _open_input(path: Path):
+def _open_input(path):
+    """A path, or an open binary file (ComfyUI's VIDEO may hold its file in memory), as a PyAV input container."""
     av = _import_av()
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"video file not found: {path}")
+        source = str(path)
+    else:
+        if hasattr(path, "seek"):
+            path.seek(0)
+        source = path
     try:
-        return av.open(str(path))
+        return av.open(source)
     except av.error.FFmpegError as error:
         raise ValueError(f"could not open {path} as a video: {error}") from error
+
+
+@dataclass(frozen=True, eq=False)
+class AudioSamples:
+    """Sound as samples: float (channels, samples) in [-1, 1] at `rate` Hz (what ComfyUI's AUDIO holds), for
+    `write_video(audio_from=...)`."""
+
+    samples: np.ndarray
+    rate: int
 
 
 def _frame_rate(stream, path: Path, warn: bool = True) -> float:
@@ -64,8 +81,9 @@ def _frame_rate(stream, path: Path, warn: bool = True) -> float:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Open a video just enough to read its frame rate, declared frame count, size and whether it has sound."""
-    path = Path(path)
+    """Open a video (a path or an open binary file) just enough to read its frame rate, declared frame count, size
+    and whether it has sound."""
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
     with _open_input(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
@@ -167,9 +185,10 @@ def write_video(
     frames: (N, H, W, 3) or (N, H, W) array, or any iterable of images (a generator too: frames are encoded as they
     come, so a long video never has to sit in memory whole), uint8 or float in [0, 1]. yuv420p needs even sizes:
     an odd width or height is padded by repeating the last column/row. crf: quality (0 lossless .. 51).
-    audio_from: a video (or audio) file whose first audio stream is added, from its start, for as long as the
-        frames last, as AAC: the driving video's sound under an animation made frame by frame from it. A file
-        without sound adds none. The sound is encoded along with the frames, so it too streams.
+    audio_from: a video (or audio) file, or an open binary one, whose first audio stream is added, from its
+        start, for as long as the frames last, as AAC: the driving video's sound under an animation made frame by
+        frame from it. A file without sound adds none. Or `AudioSamples`. The sound is encoded along with the
+        frames, so it too streams.
     The file is written under a temporary name beside `path` and renamed to it once complete: an error or an
     interruption (Ctrl-C) leaves any previous file at `path` as it was and no partial file (media/atomic.py).
     """
@@ -231,22 +250,40 @@ class _Soundtrack:
     and `final=True` adds the last short frame and flushes the encoder. A context manager: the source closes on
     leaving."""
 
-    def __init__(self, container, source: str | os.PathLike):
+    def __init__(self, container, source):
         av = _import_av()
-        self.container, self.stream = container, None
-        try:
-            self.source = av.open(str(source))
-        except av.error.FFmpegError as error:
-            raise ValueError(f"could not read the sound of {source}: {error}") from error
-        if not self.source.streams.audio:
-            return
-        self.input = self.source.streams.audio[0]
-        self.rate = self.input.codec_context.sample_rate or 44100
-        self.layout = "stereo" if (self.input.codec_context.channels or 1) > 1 else "mono"
-        self.stream = container.add_stream("aac", rate=self.rate, layout=self.layout)
+        self.container, self.stream, self.source, self.samples = container, None, None, None
         self.taken = 0  # samples encoded so far
         self._decoded = None  # the source's decoded frames, opened on first use
         self._resampler = self._fifo = None
+        if isinstance(source, AudioSamples):
+            samples = np.asarray(source.samples, np.float32)
+            samples = samples[None] if samples.ndim == 1 else samples
+            if samples.ndim != 2 or samples.shape[1] == 0:
+                return
+            self.layout = "stereo" if samples.shape[0] > 1 else "mono"
+            self.samples = np.ascontiguousarray(samples[:2] if samples.shape[0] > 1 else samples)
+            self.rate = int(source.rate)
+        else:
+            try:
+                self.source = _open_input(source) if not isinstance(source, (str, os.PathLike)) \
+                    else av.open(str(source))
+            except av.error.FFmpegError as error:
+                raise ValueError(f"could not read the sound of {source}: {error}") from error
+            if not self.source.streams.audio:
+                return
+            self.input = self.source.streams.audio[0]
+            self.rate = self.input.codec_context.sample_rate or 44100
+            self.layout = "stereo" if (self.input.codec_context.channels or 1) > 1 else "mono"
+        self.stream = container.add_stream("aac", rate=self.rate, layout=self.layout)
+
+    def _sample_frames(self):
+        av = _import_av()
+        for start in range(0, self.samples.shape[1], 4096):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(self.samples[:, start:start + 4096]),
+                                               format="fltp", layout=self.layout)
+            frame.sample_rate = self.rate
+            yield frame
 
     def _fill(self, samples: int) -> None:
         """Decode until the fifo holds `samples` samples or the source's sound ends (or breaks off)."""
@@ -255,7 +292,7 @@ class _Soundtrack:
             try:
                 frame = next(self._decoded, None)
             except av.error.FFmpegError as error:  # a damaged sound track: keep what decoded
-                logger.warning("the sound of %s breaks off: %s", self.source.name, error)
+                logger.warning("the sound of %s breaks off: %s", getattr(self.source, "name", "the source"), error)
                 frame = None
             if frame is None:
                 self._decoded = None
@@ -271,7 +308,7 @@ class _Soundtrack:
         if self._fifo is None:
             self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
             self._fifo = av.AudioFifo()
-            self._decoded = iter(self.source.decode(self.input))
+            self._decoded = self._sample_frames() if self.samples is not None else iter(self.source.decode(self.input))
         wanted = int(round(seconds * self.rate))
         # AAC takes frames of exactly frame_size samples (known once the encoder has opened, 1024 for AAC); only
         # the last may be short.
@@ -301,4 +338,5 @@ class _Soundtrack:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
