@@ -222,8 +222,8 @@ def open_driving_video(path: str, max_frames: Optional[int]):
 
 
 def non_finite_tensors(checkpoint: Path, dtype=None) -> list[str]:
-    """Names (as in the file) of the checkpoint's tensors holding NaN or infinity, or values beyond `dtype`'s
-    range (a float32 weight over 65504 becomes infinite in float16)."""
+    """What is wrong with the checkpoint's tensors, one line per tensor (named as in the file): NaN or infinity,
+    or values beyond `dtype`'s range (a float32 weight over 65504 becomes infinite in float16)."""
     import torch
 
     from .model.checkpoint import read_state_dict
@@ -233,8 +233,12 @@ def non_finite_tensors(checkpoint: Path, dtype=None) -> list[str]:
     for name, tensor in read_state_dict(checkpoint).items():
         if not tensor.is_floating_point():
             continue
-        if not bool(torch.isfinite(tensor).all()) or (limit is not None and float(tensor.abs().max()) > limit):
-            bad.append(name)
+        if bool(torch.isnan(tensor).any()):
+            bad.append(f"{name} holds NaN")
+        elif not bool(torch.isfinite(tensor).all()):
+            bad.append(f"{name} holds infinity")
+        elif limit is not None and float(tensor.abs().max()) > limit:
+            bad.append(f"{name} holds values too large for {str(dtype).replace('torch.', '')}")
     return bad
 
 
@@ -247,9 +251,8 @@ def explain_non_finite(checkpoint: Path, dtype, stage: str) -> str:
         bad = []
     dtype_name = str(dtype).replace("torch.", "")
     if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        return (f"{stage} produced NaN or infinite values because the checkpoint {checkpoint.name} holds "
-                f"non-finite weights (or weights too large for {dtype_name}) in tensor {bad[0]}{more}; the file is "
-                "damaged: download or convert it again")
-    return (f"{stage} produced NaN or infinite values in {dtype_name} (the checkpoint's weights are finite); "
-            "try --dtype bf16 or --dtype fp32")
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        return (f"{stage} produced NaN or infinite values: in the checkpoint {checkpoint.name}, tensor {bad[0]}"
+                f"{more}; the file is damaged: download or convert it again")
+    return (f"{stage} produced NaN or infinite values in {dtype_name} although the checkpoint's weights are "
+            "finite; try --dtype bf16 or --dtype fp32")
