@@ -291,13 +291,18 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
                             progress=ProgressBar("faces", enabled=show), hint_dtype=np.float16)
     say(f"driving video: {motion.num_frames} frames at {run.driving.fps:g} fps")
 
+    hints = [torch.from_numpy(hint) for hint in (motion.global_hint, motion.local_hint)]
+    if device.type == "cuda":
+        # Pinned here, once: the denoiser would otherwise pin a second copy while these are still held.
+        hints = [hint.pin_memory() for hint in hints]
+    del motion
     latents = animate_latents(
-        model, reference, motion, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, window=args.window,
+        model, reference, global_hint=hints[0], local_hint=hints[1], steps=args.steps, guidance_scale=args.guidance, eta=args.eta, window=args.window,
         overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
         uncond_context=context, global_strength=args.global_strength, local_strength=args.local_strength,
         callback=ProgressBar("sampling", enabled=show),
     )
-    del motion
+    del hints
     if not bool(torch.isfinite(latents).all()):
         raise ValueError(checks.explain_non_finite(checkpoint, dtype, "sampling"))
     decode_bar = ProgressBar("decoding", enabled=show)
