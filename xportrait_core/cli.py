@@ -297,8 +297,8 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
         hints = [hint.pin_memory() for hint in hints]
     del motion
     latents = animate_latents(
-        model, reference, global_hint=hints[0], local_hint=hints[1], steps=args.steps, guidance_scale=args.guidance, eta=args.eta, window=args.window,
-        overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
+        model, reference, global_hint=hints[0], local_hint=hints[1], steps=args.steps, guidance_scale=args.guidance,
+        eta=args.eta, window=args.window, overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
         uncond_context=context, global_strength=args.global_strength, local_strength=args.local_strength,
         callback=ProgressBar("sampling", enabled=show),
     )
@@ -353,10 +353,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_convert(args) -> int:
+    from .cli_checks import check_output_path
     from .model.checkpoint import convert_checkpoint
     from .model.dtypes import dtype_named
-
-    from .cli_checks import check_output_path
 
     check_output_path(args.output, [("the input", args.input)], flag="the output")
     report = convert_checkpoint(args.input, args.output, dtype=dtype_named(args.dtype))
@@ -396,9 +395,14 @@ class _WarningLines(logging.Handler):
         sys.stderr.write(f"{label}: {message}\n")
 
 
+# The pack's loggers: the core's modules log under their module names, the model and sampling code as "xportrait".
+PACK_LOGGERS = ("xportrait_core", "xportrait")
+
+
 def _route_warnings(quiet: bool) -> logging.Handler:
     handler = _WarningLines(level=logging.ERROR if quiet else logging.WARNING)
-    logging.getLogger().addHandler(handler)
+    for name in PACK_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     return handler
 
 
@@ -429,6 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\nterminated", file=sys.stderr)
         return 143
     finally:
-        logging.getLogger().removeHandler(handler)
+        for name in PACK_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)

@@ -351,3 +351,25 @@ def test_peak_memory_stays_flat_with_ten_times_the_frames(tmp_path, golden_state
     # Held whole, the 54 extra decoded frames alone would add about 335 MB to a run of well under 1 GB.
     assert long < 1.5 * short, f"peak RSS {long / 1024:.0f} MiB for 60 frames vs {short / 1024:.0f} MiB for 6"
     assert long - short < 100 * 1024, f"peak RSS grew by {(long - short) / 1024:.0f} MiB for 54 more frames"
+
+
+def test_a_face_warning_is_printed_once_and_quiet_quiets_it(tmp_path, demo_args, driving_video_path, capsys):
+    import av
+
+    from xportrait_core.media.video_io import read_video
+
+    frames, _ = read_video(driving_video_path, max_frames=2)
+    driving = tmp_path / "with_blank.mp4"
+    with av.open(str(driving), "w") as out:
+        stream = out.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        for image in (*frames, np.full_like(frames[0], 128)):  # the last frame shows no face
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    args = ["demo", *demo_args, "--driving", str(driving), "--frames", "3", "-o", str(tmp_path / "o.mp4")]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "driving frame 2" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: No face was found in driving frame 2"), err
+    assert cli.main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
