@@ -184,3 +184,13 @@ def test_sound_from_samples_goes_under_the_frames(tmp_path):
     spectrum = np.abs(np.fft.rfft(samples[int(0.05 * out_rate):]))
     freqs = np.fft.rfftfreq(len(samples) - int(0.05 * out_rate), 1 / out_rate)
     assert freqs[spectrum.argmax()] == pytest.approx(330, abs=5)
+
+
+def test_video_frames_count_a_container_that_declares_no_frames(tmp_path):
+    from xportrait_core.media.video_io import VideoFrames, probe_video
+
+    path = write_video(tmp_path / "clip.mkv", _moving_square(7), fps=12)  # Matroska declares no frame count
+    assert probe_video(path).declared_frames == 0
+    source = VideoFrames(path)
+    assert len(source) == 7 and len(list(source)) == 7
+    assert len(VideoFrames(path, max_frames=3)) == 3

@@ -136,18 +136,27 @@ def iter_video(path: str | os.PathLike, max_frames: int | None = None, apply_rot
                        "the animation uses the %d frames that decode", path, declared, count, cause, count)
 
 
+def _count_packets(path) -> int:
+    """Frames of a container that declares no count (Matroska, WebM), counted from its packets without decoding."""
+    av = _import_av()
+    with _open_input(path) as container:
+        stream = container.streams.video[0]
+        try:
+            return sum(1 for packet in container.demux(stream) if packet.size)
+        except av.error.FFmpegError:
+            return 0
+
+
 class VideoFrames:
     """A video file's frames as a sequence that decodes the file anew each time it is iterated, for passes over a
     long video that never hold it whole. len(): the frames expected, the container's declared count (capped at
-    max_frames), or counted by a first pass when it declares none; iteration may yield fewer (a truncated file,
-    warned about once)."""
+    max_frames), or its packets counted when it declares none; iteration may yield fewer (a truncated file,
+    warned about once) or, rarely, more (a container that miscounts)."""
 
     def __init__(self, path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True):
         self.info = probe_video(path)
         self.path, self.max_frames, self.apply_rotation = Path(path), max_frames, apply_rotation
-        expected = self.info.declared_frames
-        if not expected:
-            expected = sum(1 for _ in iter_video(path, max_frames, apply_rotation, warn_if_short=False))
+        expected = self.info.declared_frames or _count_packets(self.path)
         self._expected = expected if max_frames is None else min(expected, max_frames)
         self._warned = False
 
