@@ -241,6 +241,9 @@ def check_run(args, checkpoint: Path, say) -> CheckedRun:
     output = checks.check_output_path(args.output, [("--driving", args.driving), ("--reference", args.reference),
                                                     ("the checkpoint", str(checkpoint))])
     driving = checks.open_driving_video(args.driving, args.frames)
+    if args.best_frame >= len(driving):
+        raise checks.UsageError(f"--best-frame {args.best_frame} is out of range: the run animates {len(driving)} "
+                                f"driving frames (use 0..{len(driving) - 1}, -1 to search, -2 for none)")
     # The driving video's sound goes under the animation (one frame per driving frame, from its first): unless the
     # frame rate is changed, when it would no longer be in sync.
     keep_sound = driving.info.has_audio and (args.fps is None or abs(args.fps - driving.fps) < 1e-3)

@@ -93,6 +93,8 @@ def test_the_output_cannot_be_an_input(tmp_path, demo_args, model_never_loads, d
     ("--overlap", "16", "--overlap (16) must be smaller than --window (16)"),
     ("--threads", "0", "--threads must be at least 1"),
     ("--device", "bogus", "--device bogus: not a device name"),
+    ("--best-frame", "16", "--best-frame 16 is out of range: the run animates 16 driving frames"),
+    ("--best-frame", "-3", "--best-frame must be at least -2"),
 ])
 def test_bad_numbers_and_devices_are_refused_before_the_model_loads(
         tmp_path, demo_args, model_never_loads, capsys, flag, value, message):
