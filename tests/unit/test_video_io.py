@@ -139,12 +139,13 @@ def test_a_truncated_file_warns_with_both_counts_and_gives_the_frames_that_decod
     with caplog.at_level("WARNING"):
         list(iter_video(driving_video_path))  # a whole file says nothing
         source = VideoFrames(cut)
-        assert len(source) == 60  # what the container declares
+        assert len(source) == len(frames)  # the frames that decode, not the 60 declared
         assert sum(1 for _ in source) == sum(1 for _ in source) == len(frames)  # re-iterable
+        np.testing.assert_array_equal(source[len(frames) - 1], frames[-1])
     assert len([r for r in caplog.records if "declares" in r.getMessage()]) == 1  # warned once per source
 
 
-def test_video_frames_decode_anew_each_pass_and_match_read_video(driving_video_path):
+def test_video_frames_decode_in_order_anew_each_pass_and_match_read_video(driving_video_path):
     from xportrait_core.media.video_io import VideoFrames
 
     whole, fps = read_video(driving_video_path, max_frames=5)
@@ -152,6 +153,12 @@ def test_video_frames_decode_anew_each_pass_and_match_read_video(driving_video_p
     assert len(source) == 5 and source.fps == fps
     for _ in range(2):
         np.testing.assert_array_equal(np.stack(list(source)), whole)
+    # Indexed in order, the current frame again, then back to an earlier one (decoded from the start again).
+    for index in (0, 1, 1, 3, 2, 4, -1):
+        np.testing.assert_array_equal(source[index], whole[index])
+    with pytest.raises(IndexError):
+        source[5]
+    source.close()
 
 
 def test_an_error_while_writing_leaves_the_previous_file_and_no_partial(tmp_path):

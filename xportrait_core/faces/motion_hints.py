@@ -158,21 +158,6 @@ def _validate_best_frame(best_frame, num_frames: int) -> int:
     return best_frame
 
 
-def _frame_at(frames, index: int) -> np.ndarray:
-    """Frame `index` of a frame source that can only be iterated (a video decoded as it is read)."""
-    decoded = 0
-    for position, image in enumerate(frames):
-        if position == index:
-            return image
-        decoded = position + 1
-    raise ValueError(f"best_frame {index} is out of range: the driving video decodes to {decoded} frames")
-
-
-def _grown(array: np.ndarray, extra: int = 64, fill=0) -> np.ndarray:
-    tail = np.full((extra,) + array.shape[1:], fill, array.dtype)
-    return np.concatenate([array, tail])
-
-
 def extract_motion(
     driving_frames,
     reference_image: np.ndarray,
@@ -187,22 +172,20 @@ def extract_motion(
 
     driving_frames: (N, H, W, C) array or a sequence of (H, W, C) images, float in [0, 1] (ComfyUI IMAGE as numpy)
         or uint8; any size (stretched to R x R as the official does), gray/RGB/RGBA. Or a `media.video_io.
-        VideoFrames`, which is decoded frame by frame in each pass (once more when searching the best frame), so
-        a long video is never held whole: only its hints, at R, are kept.
+        VideoFrames`, which decodes the file as its frames are asked for in order (from the start again for each
+        pass), so a long video is never held whole: only its hints are kept.
     reference_image: the reference as the model sees it (e.g. PreparedReference.image), any size and layout.
     best_frame: -1 search, -2 no alignment, >= 0 that frame.
     progress: called as progress(done, total) while frames are processed.
     hint_dtype: the hints' numpy dtype; float16 halves their memory (the model casts each window to its own
-        dtype), at a rounding of the hint images below what an 8-bit video holds.
+        dtype), rounding the hint images finer than an 8-bit video's steps.
     """
     from ..media.video_io import VideoFrames
 
     resolution = check_resolution(resolution)
-    streamed = isinstance(driving_frames, VideoFrames)
+    streamed = isinstance(driving_frames, VideoFrames)  # indexed in order: never listed whole
     frames = driving_frames if streamed else as_frame_batch(driving_frames, "driving frames")
     num_frames = len(frames)
-    if num_frames == 0:
-        raise ValueError("driving frames: the video has no frames")
     best_frame = _validate_best_frame(best_frame, num_frames)
     backend = backend or default_face_backend()
     scale = resolution / LANDMARK_RESOLUTION
@@ -212,10 +195,8 @@ def extract_motion(
         notes.append(message)
         logger.warning(message)
 
-    def frame01(index: int, image=None) -> np.ndarray:
-        if image is None:
-            image = _frame_at(frames, index) if streamed else frames[index]
-        return as_rgb_float(image, f"driving frame {index}")
+    def frame01(index: int) -> np.ndarray:
+        return as_rgb_float(frames[index], f"driving frame {index}")
 
     total_steps = num_frames
     done = 0
@@ -240,9 +221,9 @@ def extract_motion(
                 total_steps += num_frames
                 driving_landmarks: list[np.ndarray | None] = []
                 previous = None
-                for index, image in enumerate(frames):
+                for index in range(num_frames):
                     face = _find_in_sequence(
-                        backend, _to_landmark_copy(frame01(index, image)), previous, track_missed_faces
+                        backend, _to_landmark_copy(frame01(index)), previous, track_missed_faces
                     )
                     driving_landmarks.append(None if face is None else face.landmarks)
                     previous = face or previous
@@ -263,7 +244,6 @@ def extract_motion(
         if reference_face is not None:
             reference_face = reference_face.scaled(scale)
 
-    hint_dtype = np.dtype(hint_dtype)
     global_hint = np.empty((num_frames, 3, resolution, resolution), hint_dtype)
     local_hint = np.full((num_frames, 3, resolution, resolution), -1.0, hint_dtype)
     faces_found = np.zeros(num_frames, bool)
@@ -271,17 +251,8 @@ def extract_motion(
     local_boxes = np.full((num_frames, len(LOCAL_REGIONS), 4), -1, np.int32)
     aligned_faces: list[Face | None] = []
     previous = None
-    count = 0
-    for index, image in enumerate(frames):
-        if index >= num_frames:
-            # A container that declares fewer frames than it holds: grow the hints (rare, so by copying).
-            global_hint, local_hint = _grown(global_hint), _grown(local_hint, fill=-1.0)
-            faces_found, tracked = _grown(faces_found), _grown(tracked)
-            local_boxes = _grown(local_boxes, fill=-1)
-            num_frames = len(global_hint)
-            total_steps = max(total_steps, done + num_frames - index)
-        count = index + 1
-        aligned = resize_image(frame01(index, image), resolution, resolution)
+    for index in range(num_frames):
+        aligned = resize_image(frame01(index), resolution, resolution)
         if affine is not None:
             aligned = cv2.warpAffine(aligned, affine, (resolution, resolution))
         signed = aligned.transpose(2, 0, 1) * np.float32(2.0) - np.float32(1.0)
@@ -303,11 +274,6 @@ def extract_motion(
                 local_hint[index, :, y0:y1, x0:x1] = signed[:, y0:y1, x0:x1]
             aligned_faces.append(face.scaled(scale))
         step()
-    if count < num_frames:  # a truncated video (VideoFrames warned): the frames that decoded
-        global_hint, local_hint = global_hint[:count], local_hint[:count]
-        faces_found, tracked, local_boxes = faces_found[:count], tracked[:count], local_boxes[:count]
-        if chosen is not None and chosen >= count:
-            chosen, affine = None, None  # cannot happen: the search saw the same frames
 
     return MotionHints(
         global_hint=global_hint,

@@ -137,39 +137,83 @@ def iter_video(path: str | os.PathLike, max_frames: int | None = None, apply_rot
 
 
 def _count_packets(path) -> int:
-    """Frames of a container that declares no count (Matroska, WebM), counted from its packets without decoding."""
+    """The video packets in a file, counted without decoding: its frames, unless some fail to decode."""
     av = _import_av()
     with _open_input(path) as container:
         stream = container.streams.video[0]
+        count = 0
         try:
-            return sum(1 for packet in container.demux(stream) if packet.size)
+            for packet in container.demux(stream):
+                count += 1 if packet.size else 0
         except av.error.FFmpegError:
-            return 0
+            pass  # a damaged file: the packets before the damage
+        return count
 
 
 class VideoFrames:
-    """A video file's frames as a sequence that decodes the file anew each time it is iterated, for passes over a
-    long video that never hold it whole. len(): the frames expected, the container's declared count (capped at
-    max_frames), or its packets counted when it declares none; iteration may yield fewer (a truncated file,
-    warned about once) or, rarely, more (a container that miscounts)."""
+    """A video file's frames as a sequence that decodes the file as they are asked for, for passes over a long
+    video that never hold it whole: `frames[i]` in increasing order decodes on (the current frame can be asked
+    again), an earlier index decodes from the start again. Iterating decodes from the start.
+
+    len(): the frames that decode, capped at max_frames. A file that decodes to fewer frames than its container
+    declares (a truncated download) is logged as a warning with both counts when this is made, once.
+    """
 
     def __init__(self, path: str | os.PathLike, max_frames: int | None = None, apply_rotation: bool = True):
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
         self.info = probe_video(path)
         self.path, self.max_frames, self.apply_rotation = Path(path), max_frames, apply_rotation
-        expected = self.info.declared_frames or _count_packets(self.path)
-        self._expected = expected if max_frames is None else min(expected, max_frames)
-        self._warned = False
+        declared = self.info.declared_frames
+        count = _count_packets(self.path)
+        if count < declared or not count:
+            # Fewer packets than declared (or none counted): decode once to know how many frames really decode.
+            count = sum(1 for _ in iter_video(self.path, max_frames, apply_rotation, warn_if_short=False))
+            if declared and count < declared and (max_frames is None or count < max_frames):
+                logger.warning("%s declares %d frames but only %d could be decoded: the file looks truncated or "
+                               "damaged; the animation uses the %d frames that decode", self.path, declared, count,
+                               count)
+        self._len = count if max_frames is None else min(count, max_frames)
+        self._decoder = None
+        self._next = 0  # the index the decoder yields next
+        self._current = None
 
     @property
     def fps(self) -> float:
         return self.info.fps
 
     def __len__(self) -> int:
-        return self._expected
+        return self._len
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"frame {index} of a {self._len}-frame video")
+        if index == self._next - 1 and self._current is not None:
+            return self._current
+        if self._decoder is None or index < self._next:
+            self.close()
+            self._decoder = iter_video(self.path, None, self.apply_rotation, warn_if_short=False)
+        while self._next <= index:
+            frame = next(self._decoder, None)
+            if frame is None:
+                # Fewer frames decoded this time than counted (a packet that fails to decode): repeat the last.
+                logger.warning("%s: frame %d does not decode; the previous frame stands in", self.path, self._next)
+                frame = self._current
+            self._current, self._next = frame, self._next + 1
+        return self._current
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        warn, self._warned = not self._warned, True
-        return iter_video(self.path, self.max_frames, self.apply_rotation, warn_if_short=warn)
+        for index in range(self._len):
+            yield self[index]
+
+    def close(self) -> None:
+        """Close the file the decoder holds open (it reopens when frames are asked for again)."""
+        if self._decoder is not None:
+            self._decoder.close()
+        self._decoder, self._next, self._current = None, 0, None
 
 
 def read_video(
