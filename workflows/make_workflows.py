@@ -450,6 +450,14 @@ def upscale_restore_paste_back() -> Graph:
     g.link(reference, "reference", paste, "reference")
     g.link(paste, "mask", mask, "mask")
     _save(g, 14, 6, (paste, "frames"), parts, "xportrait/full_resolution")
+    streamed = g.add(Node(17, "XPortraitWriteVideo", (COLUMNS[7], TOP), {
+        "filename_prefix": "xportrait/streamed", "fps": 25.0, "paste_back": True, "decode_chunk": 4},
+        title="Long videos: Write Video (streaming)", size=(340, 260)))
+    video = next(node for node in g.nodes if node.type == "LoadVideo")
+    g.link(model, "xportrait_model", streamed, "xportrait_model")
+    g.link(sampler, "latent", streamed, "latent")
+    g.link(reference, "reference", streamed, "reference")
+    g.link(video, "VIDEO", streamed, "driving_video")
     g.add(Node(16, "Note", (COLUMNS[2], TOP), size=(330, 500), title="Upscale, restore, paste back", text=(
         "The Sampler animates a square crop of the photo at 512px. This graph sharpens the crop and pastes it "
         "back into the full-resolution photo.\n\n"
@@ -461,7 +469,11 @@ def upscale_restore_paste_back() -> Graph:
         "('FaceRestoreCFWithModel').\n\n"
         "Identity Check works on any frames: keep it after the restorer to see whether restoration kept the "
         "identity.\n\nPaste Back takes frames of any size (resized to the crop) and blends them in with a "
-        "feathered edge; outside the crop the photo is unchanged.\n\n" + VIDEO_NOTE)))
+        "feathered edge; outside the crop the photo is unchanged.\n\n"
+        "Long videos: the Sampler's frames output holds every frame in memory, and Paste Back makes each as large "
+        "as the photo. 'Write Video (streaming)' takes the Sampler's latent output instead and decodes, pastes "
+        "back and writes the video a few frames at a time, with the driving video's frame rate and sound (no "
+        "upscaler or restorer in between). Remove the upscale branch when you use only it.\n\n" + VIDEO_NOTE)))
     return g
 
 

@@ -10,9 +10,13 @@ seed 999, best frame searched automatically, 512x512).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,13 +50,14 @@ def model_folders(cwd: Optional[Path] = None) -> list[Path]:
 
 def find_checkpoint(explicit: Optional[str] = None, cwd: Optional[Path] = None) -> Path:
     """--checkpoint, else $XPORTRAIT_CHECKPOINT, else the one checkpoint file in the first model folder holding any."""
+    from .model.checkpoint import CHECKPOINT_SUFFIXES
+
     for source, value in (("--checkpoint", explicit), (f"${CHECKPOINT_ENV}", os.environ.get(CHECKPOINT_ENV))):
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise CheckpointNotFound(f"{source} points at {path}, which is not a file")
             return path
-    from .model.checkpoint import CHECKPOINT_SUFFIXES
 
     folders = model_folders(cwd)
     for folder in folders:
@@ -130,14 +135,16 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[
                         "'evenly' exactly --steps timesteps from 999 down")
     g.add_argument("--init", choices=("reference", "noise"), default="reference",
                    help="initial latents: the reference noised to t=999 (official) or pure noise")
-    g.add_argument("--global-strength", type=float, default=1.0, help="global motion ControlNet strength")
-    g.add_argument("--local-strength", type=float, default=1.0, help="local (eyes/mouth) ControlNet strength")
+    g.add_argument("--global-strength", type=float, default=1.0,
+                   help="global motion ControlNet strength, 0..2 (default 1; 0 turns it off)")
+    g.add_argument("--local-strength", type=float, default=1.0,
+                   help="local (eyes/mouth) ControlNet strength, 0..2 (default 1; 0 turns it off)")
     g.add_argument("--frames", type=int, default=frames,
                    help="use at most this many driving frames" + (f" (default {frames})" if frames else ""))
     g.add_argument("--best-frame", type=int, default=-1,
                    help="driving frame aligned onto the reference: -1 search (default), -2 no alignment")
     g.add_argument("--fps", type=float, default=None, help="output frame rate (default: the driving video's)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, notes or warnings (errors still show)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -148,19 +155,25 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", *PRECISIONS), default="auto",
                    help="weights dtype (auto: fp16 on GPU, fp32 on CPU)")
     g.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK,
-                   help=f"frames per VAE decode batch (default {DECODE_CHUNK}; the official 16 needs ~7 GB more at 512; "
-                        "frames are identical either way)")
+                   help=f"frames per VAE decode batch (default {DECODE_CHUNK}; larger batches need more GPU memory, "
+                        "as the official 16 does; frames are identical either way)")
     g.add_argument("--low-vram", action="store_true",
-                   help="keep the reference net and VAE in system memory except while they work: peak 6.3 GiB "
-                        "instead of 8.1 at 512 (bf16, 16 frames, H100), 11.5 s instead of 8.0 s; same frames")
+                   help="keep the reference net and VAE in system memory except while they work: a lower GPU "
+                        "memory peak for a slower run; same frames (README, 'Speed and memory')")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks' repeated blocks (CUDA): ~2 min of compiling the first time (~20 s "
-                        "once Inductor's cache has them), then 16 frames at 512 took 5.6 s instead of 8.0 s (H100)")
+                   help="torch.compile the networks' repeated blocks (CUDA): minutes of compiling on first use "
+                        "(less once Inductor's cache has them), then faster steps (README, 'Speed and memory')")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else one per physical core this process "
+                        "may use)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="python -m xportrait_core",
                                      description="X-Portrait: animate a portrait with the motion of a driving video.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = commands.add_parser("animate", help="animate a reference portrait with a driving video",
@@ -170,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--checkpoint", default=None,
                    help=f"X-Portrait weights ({OFFICIAL_CHECKPOINT_NAME} or its safetensors conversion); default: "
                         f"${CHECKPOINT_ENV}, ${MODELS_DIR_ENV}, ComfyUI's models/xportrait, ./models/xportrait")
-    a.add_argument("-o", "--output", required=True, help="output mp4")
+    a.add_argument("-o", "--output", required=True,
+                   help="output video (.mp4, or .mkv / .mov); written under a temporary name and renamed when "
+                        "complete, so an interrupted run leaves an existing file as it was")
     a.add_argument("--resolution", type=int, default=512, help="square working resolution, multiple of 64 (512)")
     a.add_argument("--reference-mode", choices=("resize", "crop"), default="resize",
                    help="'resize' stretches the whole image (official); 'crop' takes a square around the face")
@@ -190,40 +205,64 @@ def build_parser() -> argparse.ArgumentParser:
     c = commands.add_parser("convert", help="convert an official checkpoint to safetensors",
                             description="Validate an official checkpoint and write it as one safetensors file.")
     c.add_argument("input", help="official checkpoint (.th / .ckpt)")
-    c.add_argument("output", help="destination .safetensors")
+    c.add_argument("output", help="destination .safetensors (not the input; written whole or not at all)")
     c.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp16", help="stored dtype (fp16)")
     return parser
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
 
-def _device_and_dtype(device: str, dtype: str):
-    import torch
-
+def _dtype_for(device, dtype: str):
     from .model.dtypes import dtype_named
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
     if dtype == "auto":
         dtype = "fp16" if device.type == "cuda" else "fp32"
-    return device, dtype_named(dtype)
+    return dtype_named(dtype)
 
 
-def read_image(path: str):
-    import numpy as np
-    from PIL import Image
+@dataclass(frozen=True)
+class CheckedRun:
+    """What the checks before any model work found: the inputs opened, the output's path, whether it gets sound."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    device: object
+    dtype: object
+    reference_image: object  # uint8 (H, W, 3)
+    driving: object  # media.video_io.VideoFrames
+    output: Path
+    keep_sound: bool
+
+
+def check_run(args, checkpoint: Path, say) -> CheckedRun:
+    """Every argument and path of `animate` / `demo`, checked before the model loads (cli_checks.py)."""
+    from . import cli_checks as checks
+
+    checks.check_sampling_numbers(args)
+    device = checks.check_device(args.device)
+    reference_image = checks.read_image(args.reference)
+    output = checks.check_output_path(args.output, [("--driving", args.driving), ("--reference", args.reference),
+                                                    ("the checkpoint", str(checkpoint))])
+    driving = checks.open_driving_video(args.driving, args.frames)
+    if args.best_frame >= len(driving):
+        raise checks.UsageError(f"--best-frame {args.best_frame} is out of range: the run animates {len(driving)} "
+                                f"driving frames (use 0..{len(driving) - 1}, -1 to search, -2 for none)")
+    # The driving video's sound goes under the animation (one frame per driving frame, from its first): unless the
+    # frame rate is changed, when it would no longer be in sync.
+    keep_sound = driving.info.has_audio and (args.fps is None or abs(args.fps - driving.fps) < 1e-3)
+    if driving.info.has_audio and not keep_sound:
+        say(f"--fps {args.fps:g} differs from the driving video's {driving.fps:g}: the output has no sound")
+    checks.check_video_format(output, with_sound=keep_sound)
+    return CheckedRun(device, _dtype_for(device, args.dtype), reference_image, driving, output, keep_sound)
 
 
 def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, config=None, context_fn=None) -> int:
-    import numpy as np
+    show = not args.quiet
+    say = (lambda msg: print(msg, file=sys.stderr)) if show else (lambda msg: None)
+    run = check_run(args, checkpoint, say)
 
+    import numpy as np
+    import torch
+
+    from . import cli_checks as checks
     from .fast.operations import fast_operations
     from .fast.prepare import prepare_model
     from .model.checkpoint import load_xportrait
@@ -231,18 +270,12 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     from .media.image_formats import to_uint8
     from .sampling.pipeline import animate_latents, iter_frames
     from .faces.reference_crop import prepare_reference
-    from .media.video_io import read_video, write_video
+    from .media.video_io import write_video
 
-    show = not args.quiet
-    say = (lambda msg: print(msg, file=sys.stderr)) if show else (lambda msg: None)
-    if args.frames is not None and args.frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {args.frames}")
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-
-    reference = prepare_reference(read_image(args.reference), resolution, mode=reference_mode,
+    torch.set_num_threads(checks.torch_threads(getattr(args, "threads", None)))
+    device, dtype = run.device, run.dtype
+    reference = prepare_reference(run.reference_image, resolution, mode=reference_mode,
                                   where=f"the reference image {args.reference}")
-    if not Path(args.driving).is_file():
-        raise FileNotFoundError(f"driving video not found: {args.driving}")
 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device, operations=fast_operations())
@@ -255,36 +288,41 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
     context = context_fn(model) if context_fn else model.empty_prompt_context()
 
-    frames, fps = read_video(args.driving, max_frames=args.frames)
-    say(f"driving video: {len(frames)} frames at {fps:g} fps")
-    motion = extract_motion(frames, reference.image, resolution, best_frame=args.best_frame,
-                            progress=ProgressBar("faces", enabled=show))
-    del frames
-    for warning in motion.warnings:
-        say(f"warning: {warning}")
+    # The driving video is decoded frame by frame (twice when the best frame is searched), never held whole; the
+    # hints are kept at the working resolution in float16, half the memory of float32 (windows are cast to the
+    # model's dtype as they are denoised).
+    motion = extract_motion(run.driving, reference.image, resolution, best_frame=args.best_frame,
+                            progress=ProgressBar("faces", enabled=show), hint_dtype=np.float16)
+    say(f"driving video: {motion.num_frames} frames at {run.driving.fps:g} fps")
 
+    hints = [torch.from_numpy(hint) for hint in (motion.global_hint, motion.local_hint)]
+    if device.type == "cuda":
+        # Pinned here, once: the denoiser would otherwise pin a second copy while these are still held.
+        hints = [hint.pin_memory() for hint in hints]
+    del motion
     latents = animate_latents(
-        model, reference, motion, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, window=args.window,
-        overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
+        model, reference, global_hint=hints[0], local_hint=hints[1], steps=args.steps, guidance_scale=args.guidance,
+        eta=args.eta, window=args.window, overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
         uncond_context=context, global_strength=args.global_strength, local_strength=args.local_strength,
         callback=ProgressBar("sampling", enabled=show),
     )
+    del hints
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(checks.explain_non_finite(checkpoint, dtype, "sampling"))
     decode_bar = ProgressBar("decoding", enabled=show)
 
     def decoded_frames():
         # Decoded a chunk at a time and encoded as they come: no video-length buffer of frames.
         done = 0
         for chunk in iter_frames(model, latents, chunk=args.decode_chunk):
+            if not np.isfinite(chunk).all():
+                raise ValueError(checks.explain_non_finite(checkpoint, dtype, "the VAE's decoding"))
             yield from to_uint8(chunk)
             done += len(chunk)
             decode_bar(done, latents.shape[0])
 
-    # The driving video's sound goes under the animation (one frame per driving frame, from its first): unless the
-    # frame rate is changed, when it would no longer be in sync.
-    keep_sound = args.fps is None or abs(args.fps - fps) < 1e-3
-    if not keep_sound:
-        say(f"--fps {args.fps:g} differs from the driving video's {fps:g}: the output has no sound")
-    path = write_video(args.output, decoded_frames(), args.fps or fps, audio_from=args.driving if keep_sound else None)
+    path = write_video(run.output, decoded_frames(), args.fps or run.driving.fps,
+                       audio_from=args.driving if run.keep_sound else None)
     say(f"wrote {path} ({latents.shape[0]} frames, {resolution}x{resolution})")
     return 0
 
@@ -322,15 +360,18 @@ def _cmd_demo(args) -> int:
 
         strip = write_png(strip_path(args.output), demo_strip(args.reference, args.driving, args.output,
                                                               config.image_size, args.frames, args.best_frame))
-        print(f"wrote {strip} (reference, driving frames, motion hints, output frames, identity plot)",
-              file=sys.stderr)
+        if not args.quiet:
+            print(f"wrote {strip} (reference, driving frames, motion hints, output frames, identity plot)",
+                  file=sys.stderr)
     return status
 
 
 def _cmd_convert(args) -> int:
+    from .cli_checks import check_output_path
     from .model.checkpoint import convert_checkpoint
     from .model.dtypes import dtype_named
 
+    check_output_path(args.output, [("the input", args.input)], flag="the output")
     report = convert_checkpoint(args.input, args.output, dtype=dtype_named(args.dtype))
     print(f"wrote {args.output}", file=sys.stderr)
     if report is not None and hasattr(report, "describe"):
@@ -356,14 +397,45 @@ def default_cuda_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF)
 
 
+class _WarningLines(logging.Handler):
+    """The pack's log warnings as `warning: ...` lines on stderr, once each (the core logs every warning it
+    keeps, e.g. a face missed on a driving frame)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        for prefix in ("X-Portrait: ", "X-Portrait "):
+            message = message[len(prefix):] if message.startswith(prefix) else message
+        label = "warning" if record.levelno < logging.ERROR else "error"
+        sys.stderr.write(f"{label}: {message}\n")
+
+
+# The pack's loggers: the core's modules log under their module names, the model and sampling code as "xportrait".
+PACK_LOGGERS = ("xportrait_core", "xportrait")
+
+
+def _route_warnings(quiet: bool) -> logging.Handler:
+    handler = _WarningLines(level=logging.ERROR if quiet else logging.WARNING)
+    for name in PACK_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     default_cuda_allocator()
     args = build_parser().parse_args(argv)
+    from .cli_checks import UsageError
+    from .media.atomic import Terminated, terminate_on_sigterm
     from .sampling.sampler import SamplingCancelled
 
+    handler = _route_warnings(getattr(args, "quiet", False))
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so outputs being written are removed and existing ones kept (media/atomic.py).
+        previous_sigterm = signal.getsignal(signal.SIGTERM)
+        terminate_on_sigterm()
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (UsageError, FileNotFoundError, ValueError, ImportError) as error:
         # User-facing problems (missing files or weights, bad arguments, checkpoints that do not fit, no face,
         # no CLIP weights): the message, not a traceback.
         print(f"error: {error}", file=sys.stderr)
@@ -371,3 +443,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, SamplingCancelled):
         print("\ncancelled", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143
+    finally:
+        for name in PACK_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)

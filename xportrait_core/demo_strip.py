@@ -9,6 +9,8 @@ frame as missing).
 """
 from __future__ import annotations
 
+import logging
+
 import os
 import tempfile
 from pathlib import Path
@@ -105,21 +107,27 @@ def demo_strip(reference_path: str, driving_path: str, video_path: str, resoluti
     from .faces.identity import measure_identity, plot_identity
     from .faces.motion_hints import extract_motion
     from .faces.reference_crop import prepare_reference
-    from .media.video_io import read_video
+    from .media.video_io import VideoFrames, iter_video
 
     with Image.open(reference_path) as opened:
         source = np.asarray(opened.convert("RGB"))
     reference = prepare_reference(source, resolution, mode="resize", where=f"the reference image {reference_path}")
-    driving, _ = read_video(driving_path, max_frames=max_frames)
-    motion = extract_motion(driving, reference.image, resolution, best_frame=best_frame)
-    output, _ = read_video(video_path)
+    # The run already reported the inputs' problems (a short video, frames without a face): computed again here
+    # quietly, and streamed like the run, so the strip adds no memory that grows with the video's length.
+    logging.disable(logging.WARNING)
+    try:
+        driving = VideoFrames(driving_path, max_frames)
+        motion = extract_motion(driving, reference.image, resolution, best_frame=best_frame, hint_dtype=np.float16)
+    finally:
+        logging.disable(logging.NOTSET)
+    output = np.stack(list(iter_video(video_path)))  # frames at the model's resolution
     count = min(len(output), len(driving))
-    output, driving = output[:count], driving[:count]
+    output = output[:count]
     shown = pick_frames(count)
     report = measure_identity(source, output)  # (against the driving frames too would cost a face descriptor each)
     global_hints, local_hints = hint_images(motion.global_hint), hint_images(motion.local_hint)
     rows = [
-        ("driving frames " + ", ".join(str(i) for i in shown), [driving[i] for i in shown]),
+        ("driving frames " + ", ".join(str(i) for i in shown), [driving[i] for i in shown]),  # in order
         ("global hints: driving frames aligned onto the reference's face"
          + ("" if motion.best_frame is None else f" (best frame {motion.best_frame})"), [global_hints[i] for i in shown]),
         ("local hints: eye and mouth patches", [local_hints[i] for i in shown]),

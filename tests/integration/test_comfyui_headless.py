@@ -35,7 +35,7 @@ RUN_TIMEOUT = 300
 NUM_FRAMES = 6
 NODE_TYPES = {"XPortraitLoadModel", "XPortraitLoadReference", "XPortraitExtractMotion",
               "XPortraitHierarchicalMotionAttention", "XPortraitSampler", "XPortraitIdentityCheck",
-              "XPortraitPasteBack"}
+              "XPortraitPasteBack", "XPortraitWriteVideo"}
 
 
 def _free_port() -> int:
@@ -279,6 +279,40 @@ def test_the_saved_animation_carries_the_driving_videos_sound(server):
         container.seek(0)
         frames = sum(1 for _ in container.decode(container.streams.video[0]))
     assert frames == NUM_FRAMES
+    assert abs(sound - duration) < 0.1, (sound, duration)
+
+
+def test_the_streaming_writer_pastes_back_with_the_driving_videos_rate_and_sound(server):
+    """X-Portrait Write Video takes the Sampler's LATENT and Load Video's VIDEO: the full photo's frames, one per
+    driving frame, at the driving video's frame rate and with its voice, in ComfyUI's output folder."""
+    import av
+
+    duration = video_with_sound(server.base / "input" / "xportrait_driving.mp4",
+                                server.base / "input" / "talking_streamed.mp4", NUM_FRAMES)
+    prompt = tiny_prompt("xportrait_basic_animation")
+    for node in prompt.values():
+        if node["class_type"] == "LoadVideo":
+            node["inputs"]["file"] = "talking_streamed.mp4"
+        elif node["class_type"] == "SaveVideo":
+            node["inputs"]["filename_prefix"] = "tests/before_streamed"
+    loader, reference, video, sampler = (next(k for k, n in prompt.items() if n["class_type"] == kind) for kind in
+                                         ("XPortraitLoadModel", "XPortraitLoadReference", "LoadVideo",
+                                          "XPortraitSampler"))
+    prompt["streamed"] = {"class_type": "XPortraitWriteVideo", "inputs": {
+        "xportrait_model": [loader, 0], "latent": [sampler, 1], "filename_prefix": "tests/streamed", "fps": 25.0,
+        "paste_back": True, "decode_chunk": 4, "reference": [reference, 0], "driving_video": [video, 0]}}
+    entry = server.run(prompt)
+    _assert_succeeded(server, entry, "Write Video")
+    item = entry["outputs"]["streamed"]["images"][0]
+    path = server.base / "output" / item["subfolder"] / item["filename"]
+    assert item["type"] == "output" and path.is_file()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert float(stream.average_rate) == pytest.approx(12000 / 1001, abs=0.01)
+        frames = [f for f in container.decode(stream)]
+        container.seek(0)
+        sound = sum(f.samples for f in container.decode(container.streams.audio[0])) / 44100
+    assert len(frames) == NUM_FRAMES and (frames[0].height, frames[0].width) == (512, 512)  # the photo's size
     assert abs(sound - duration) < 0.1, (sound, duration)
 
 

@@ -51,7 +51,7 @@ def test_png_is_written_under_a_temporary_name_then_renamed(tmp_path):
 def test_demo_writes_the_strip_beside_its_video(tmp_path, golden_state_dict_path, source_image_path,
                                                 driving_video_path, capsys):
     out = tmp_path / "demo.mp4"
-    code = cli.main(["demo", "-o", str(out), "--weights", str(golden_state_dict_path), "--quiet",
+    code = cli.main(["demo", "-o", str(out), "--weights", str(golden_state_dict_path),
                      "--reference", str(source_image_path), "--driving", str(driving_video_path),
                      "--frames", "6", "--steps", "1"])
     err = capsys.readouterr().err

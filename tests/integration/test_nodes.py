@@ -27,6 +27,7 @@ NODE_NAMES = {
     "XPortraitSampler": "X-Portrait Sampler",
     "XPortraitIdentityCheck": "X-Portrait Identity Check",
     "XPortraitPasteBack": "X-Portrait Paste Back",
+    "XPortraitWriteVideo": "X-Portrait Write Video (streaming)",
 }
 
 

@@ -305,3 +305,20 @@ def test_frame_ranges_are_readable():
 
     assert frame_ranges([0, 1, 2, 3, 7, 9, 10]) == "0-3, 7, 9-10"
     assert frame_ranges([4]) == "4" and frame_ranges([]) == ""
+
+
+def test_motion_from_a_streamed_video_matches_motion_from_its_frames(driving_video_path, portrait):
+    """The command line's path: the video decoded as it is read (twice, with the best-frame search), hints kept in
+    float16; the same hints, rounded, as from the frames held in memory."""
+    from xportrait_core.faces.motion_hints import extract_motion
+    from xportrait_core.media.video_io import VideoFrames, read_video
+
+    frames, _ = read_video(driving_video_path, max_frames=4)
+    held = extract_motion(frames, portrait, 64)
+    streamed = extract_motion(VideoFrames(driving_video_path, max_frames=4), portrait, 64, hint_dtype=np.float16)
+    assert streamed.global_hint.dtype == np.float16 and streamed.num_frames == 4
+    assert streamed.best_frame == held.best_frame
+    np.testing.assert_array_equal(streamed.local_boxes, held.local_boxes)
+    np.testing.assert_array_equal(streamed.faces_found, held.faces_found)
+    np.testing.assert_array_equal(streamed.global_hint, held.global_hint.astype(np.float16))
+    np.testing.assert_array_equal(streamed.local_hint, held.local_hint.astype(np.float16))

@@ -121,3 +121,83 @@ def test_the_driving_videos_sound_goes_under_the_frames_for_as_long_as_they_last
     # A source without sound adds none.
     silent = write_video(tmp_path / "silent.mp4", frames, fps=12.0, audio_from=driving_video_path)
     assert sound_of(silent) is None
+
+
+def test_a_truncated_file_warns_with_both_counts_and_gives_the_frames_that_decode(tmp_path, driving_video_path,
+                                                                                  caplog):
+    from xportrait_core.media.video_io import VideoFrames, iter_video
+
+    data = driving_video_path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    with caplog.at_level("WARNING"):
+        frames = list(iter_video(cut))
+    assert 0 < len(frames) < 60
+    [record] = [r for r in caplog.records if "declares" in r.getMessage()]
+    assert f"declares 60 frames but only {len(frames)} could be decoded" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        list(iter_video(driving_video_path))  # a whole file says nothing
+        source = VideoFrames(cut)
+        assert len(source) == len(frames)  # the frames that decode, not the 60 declared
+        assert sum(1 for _ in source) == sum(1 for _ in source) == len(frames)  # re-iterable
+        np.testing.assert_array_equal(source[len(frames) - 1], frames[-1])
+    assert len([r for r in caplog.records if "declares" in r.getMessage()]) == 1  # warned once per source
+
+
+def test_video_frames_decode_in_order_anew_each_pass_and_match_read_video(driving_video_path):
+    from xportrait_core.media.video_io import VideoFrames
+
+    whole, fps = read_video(driving_video_path, max_frames=5)
+    source = VideoFrames(driving_video_path, max_frames=5)
+    assert len(source) == 5 and source.fps == fps
+    for _ in range(2):
+        np.testing.assert_array_equal(np.stack(list(source)), whole)
+    # Indexed in order, the current frame again, then back to an earlier one (decoded from the start again).
+    for index in (0, 1, 1, 3, 2, 4, -1):
+        np.testing.assert_array_equal(source[index], whole[index])
+    with pytest.raises(IndexError):
+        source[5]
+    source.close()
+
+
+def test_an_error_while_writing_leaves_the_previous_file_and_no_partial(tmp_path):
+    target = tmp_path / "clip.mp4"
+    target.write_bytes(b"previous")
+
+    def breaks_after_two():
+        yield from _moving_square(2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_video(target, breaks_after_two(), fps=12)
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    write_video(target, _moving_square(3), fps=12)
+    assert read_video(target)[0].shape[0] == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_sound_from_samples_goes_under_the_frames(tmp_path):
+    from media import sound_of
+
+    from xportrait_core.media.video_io import AudioSamples
+
+    rate = 22050
+    tone = 0.4 * np.sin(2 * np.pi * 330 * np.arange(3 * rate) / rate)
+    stereo = np.stack([tone, tone]).astype(np.float32)
+    out = write_video(tmp_path / "s.mp4", _moving_square(10), fps=10.0, audio_from=AudioSamples(stereo, rate))
+    samples, out_rate = sound_of(out)
+    assert abs(len(samples) / out_rate - 1.0) < 0.03  # as long as the 10 frames at 10 fps, not the 3 s given
+    spectrum = np.abs(np.fft.rfft(samples[int(0.05 * out_rate):]))
+    freqs = np.fft.rfftfreq(len(samples) - int(0.05 * out_rate), 1 / out_rate)
+    assert freqs[spectrum.argmax()] == pytest.approx(330, abs=5)
+
+
+def test_video_frames_count_a_container_that_declares_no_frames(tmp_path):
+    from xportrait_core.media.video_io import VideoFrames, probe_video
+
+    path = write_video(tmp_path / "clip.mkv", _moving_square(7), fps=12)  # Matroska declares no frame count
+    assert probe_video(path).declared_frames == 0
+    source = VideoFrames(path)
+    assert len(source) == 7 and len(list(source)) == 7
+    assert len(VideoFrames(path, max_frames=3)) == 3

@@ -238,19 +238,27 @@ def extract_motion(
     progress: Callable[[int, int], None] | None = None,
     face_index: int = 0,
     face_order: str = LARGEST_FIRST,
+    hint_dtype=np.float32,
 ) -> MotionHints:
     """Global and local motion hints for every driving frame, aligned onto the reference's face.
 
     driving_frames: (N, H, W, C) array or a sequence of (H, W, C) images, float in [0, 1] (ComfyUI IMAGE as numpy)
-        or uint8; any size (stretched to R x R as the official does), gray/RGB/RGBA.
+        or uint8; any size (stretched to R x R as the official does), gray/RGB/RGBA. Or a `media.video_io.
+        VideoFrames`, which decodes the file as its frames are asked for in order (from the start again for each
+        pass), so a long video is never held whole: only its hints are kept.
     reference_image: the reference as the model sees it (e.g. PreparedReference.image), any size and layout.
     best_frame: -1 search, -2 no alignment, >= 0 that frame.
     progress: called as progress(done, total) while frames are processed.
     face_index, face_order: which driving face to follow when frames show several people (0: the largest).
     Raises FaceIndexError when the first frame with faces has fewer than `face_index + 1`.
+    hint_dtype: the hints' numpy dtype; float16 halves their memory (the model casts each window to its own
+        dtype), rounding the hint images finer than an 8-bit video's steps.
     """
+    from ..media.video_io import VideoFrames
+
     resolution = check_resolution(resolution)
-    frames = as_frame_batch(driving_frames, "driving frames")
+    streamed = isinstance(driving_frames, VideoFrames)  # indexed in order: never listed whole
+    frames = driving_frames if streamed else as_frame_batch(driving_frames, "driving frames")
     num_frames = len(frames)
     best_frame = _validate_best_frame(best_frame, num_frames)
     backend = backend or default_face_backend()
@@ -332,8 +340,8 @@ def extract_motion(
         if reference_face is not None:
             reference_face = reference_face.scaled(scale)
 
-    global_hint = np.empty((num_frames, 3, resolution, resolution), np.float32)
-    local_hint = np.full((num_frames, 3, resolution, resolution), -1.0, np.float32)
+    global_hint = np.empty((num_frames, 3, resolution, resolution), hint_dtype)
+    local_hint = np.full((num_frames, 3, resolution, resolution), -1.0, hint_dtype)
     faces_found = np.zeros(num_frames, bool)
     tracked = np.zeros(num_frames, bool)
     local_boxes = np.full((num_frames, len(LOCAL_REGIONS), 4), -1, np.int32)

@@ -356,9 +356,23 @@ def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPort
 
 def convert_checkpoint(source: Union[str, os.PathLike], destination: Union[str, os.PathLike],
                        dtype: torch.dtype = torch.float16) -> KeyReport:
-    """Write an official checkpoint as one safetensors file in our key format (validated before writing)."""
+    """Write an official checkpoint as one safetensors file in our key format (validated before writing).
+
+    The destination must end in .safetensors (what the loader reads by) and must not be the source; it is written
+    under a temporary name beside it and renamed once complete, so an interruption leaves no partial file."""
     from safetensors.torch import save_file
 
+    from ..media.atomic import atomic_output
+
+    source, destination = Path(source), Path(destination)
+    if destination.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"convert writes safetensors: name the output *.safetensors, not {destination.name} "
+                              "(the loader tells formats apart by the suffix)")
+    if destination.exists() and source.exists() and os.path.samefile(source, destination):
+        raise CheckpointError(f"the output {destination} is the input checkpoint: converting it in place would "
+                              "replace the original; choose another output name")
+    if not destination.parent.is_dir():
+        raise CheckpointError(f"the output folder {destination.parent} does not exist; create it first")
     raw = read_state_dict(source)
     state, ignored = to_our_keys(raw)
     config = infer_config(state)
@@ -375,5 +389,6 @@ def convert_checkpoint(source: Union[str, os.PathLike], destination: Union[str, 
     # The positional-encoding tables are sinusoids, not trained weights: keep them exact.
     out = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("pos_encoder.pe") else v).contiguous()
            for k, v in state.items()}
-    save_file(out, str(destination), metadata={"format": FORMAT_TAG, "config": preset, "dtype": str(dtype)})
+    with atomic_output(destination) as partial:
+        save_file(out, str(partial), metadata={"format": FORMAT_TAG, "config": preset, "dtype": str(dtype)})
     return report

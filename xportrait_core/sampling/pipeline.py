@@ -79,11 +79,15 @@ def images_to_tensor(images, what: str) -> torch.Tensor:
 
 
 def hints_to_tensor(hint: ArrayLike, what: str) -> torch.Tensor:
-    """A motion hint (N, 3, R, R) in [-1, 1] (numpy or torch) -> float32 CPU tensor, without copying numpy."""
+    """A motion hint (N, 3, R, R) in [-1, 1] (numpy or torch) -> CPU tensor, without copying numpy.
+
+    float16 / bfloat16 hints stay so (a long video's hints at half the memory: the model casts each window to its
+    own dtype); other dtypes become float32."""
     tensor = torch.as_tensor(hint).detach()
     if tensor.ndim != 4 or tensor.shape[1] != 3:
         raise ValueError(f"{what} must be (frames, 3, R, R) in [-1, 1], got {tuple(tensor.shape)}")
-    return tensor.to("cpu", torch.float32)
+    compact = tensor.dtype in (torch.float16, torch.bfloat16)
+    return tensor.to("cpu", tensor.dtype if compact else torch.float32)
 
 
 def _resolve_hints(motion, global_hint, local_hint):
