@@ -47,3 +47,18 @@ def tiny_checkpoint_with_text_encoder(golden_state_dict_path, destination: Path,
     state.update({f"text_encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()})
     save_file(state, str(destination))
     return destination
+
+
+def run_node(name: str, **inputs):
+    """The node's outputs, as the next node receives them (its UI text, if any, is in `run_node_ui`)."""
+    return run_node_ui(name, **inputs)[0]
+
+
+def run_node_ui(name: str, **inputs):
+    """(outputs, UI dict): a node returns either its outputs or {"ui": ..., "result": outputs}, as ComfyUI allows."""
+    cls = node_classes()[name]
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    if isinstance(out, dict):
+        assert set(out) == {"ui", "result"} and len(out["result"]) == len(cls.RETURN_TYPES)
+        return out["result"], out["ui"]
+    return out, {}

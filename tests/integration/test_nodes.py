@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pack_loader import ROOT, load_pack, node_classes, tiny_checkpoint_with_text_encoder
+from pack_loader import ROOT, load_pack, node_classes, run_node, run_node_ui, tiny_checkpoint_with_text_encoder
 
 RESOLUTION = 64
 NUM_FRAMES = 8
@@ -29,21 +29,6 @@ NODE_NAMES = {
     "XPortraitPasteBack": "X-Portrait Paste Back",
     "XPortraitWriteVideo": "X-Portrait Write Video (streaming)",
 }
-
-
-def run_node(name: str, **inputs):
-    """The node's outputs, as the next node receives them (its UI text, if any, is in `run_node_ui`)."""
-    return run_node_ui(name, **inputs)[0]
-
-
-def run_node_ui(name: str, **inputs):
-    """(outputs, UI dict): a node returns either its outputs or {"ui": ..., "result": outputs}, as ComfyUI allows."""
-    cls = node_classes()[name]
-    out = getattr(cls(), cls.FUNCTION)(**inputs)
-    if isinstance(out, dict):
-        assert set(out) == {"ui", "result"} and len(out["result"]) == len(cls.RETURN_TYPES)
-        return out["result"], out["ui"]
-    return out, {}
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from pack_loader import load_pack, node_classes
+from pack_loader import load_pack, node_classes, run_node, run_node_ui
 
 RESOLUTION = 64
 NUM_FRAMES = 5
-
-
-def run_node(name: str, **inputs):
-    cls = node_classes()[name]
-    return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +66,11 @@ def test_the_streamed_video_is_the_samplers_frames_pasted_back(sampled, output_d
     from xportrait_core.media.video_io import read_video, write_video
 
     tiny, reference, images, latent = sampled
-    result = run_node("XPortraitWriteVideo", xportrait_model=tiny, latent=latent, filename_prefix="clips/xp",
-                      fps=10.0, paste_back=True, decode_chunk=2, reference=reference)
+    result, ui = run_node_ui("XPortraitWriteVideo", xportrait_model=tiny, latent=latent, filename_prefix="clips/xp",
+                             fps=10.0, paste_back=True, decode_chunk=2, reference=reference)
     path = output_dir / "clips" / "xp_00001_.mp4"
-    assert result["result"] == (str(path),)
-    assert result["ui"] == {"images": [{"filename": "xp_00001_.mp4", "subfolder": "clips", "type": "output"}],
+    assert result == (str(path),)
+    assert ui == {"images": [{"filename": "xp_00001_.mp4", "subfolder": "clips", "type": "output"}],
                             "animated": (True,)}
     pasted = run_node("XPortraitPasteBack", frames=images, reference=reference, feather=-1)[0]
     expected = write_video(output_dir / "expected.mp4", pasted.numpy(), fps=10.0)
@@ -85,8 +80,8 @@ def test_the_streamed_video_is_the_samplers_frames_pasted_back(sampled, output_d
     # A second video is numbered after the first; square frames without paste back.
     again = run_node("XPortraitWriteVideo", xportrait_model=tiny, latent=latent, filename_prefix="clips/xp",
                      fps=10.0, paste_back=False, decode_chunk=4)
-    assert again["result"] == (str(output_dir / "clips" / "xp_00002_.mp4"),)
-    assert read_video(again["result"][0])[0].shape == (NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
+    assert again == (str(output_dir / "clips" / "xp_00002_.mp4"),)
+    assert read_video(again[0])[0].shape == (NUM_FRAMES, RESOLUTION, RESOLUTION, 3)
 
 
 def test_frame_rate_and_sound_come_from_the_driving_video_or_the_audio_input(sampled, output_dir, driving_video_path):
@@ -99,14 +94,14 @@ def test_frame_rate_and_sound_come_from_the_driving_video_or_the_audio_input(sam
     video_with_sound(driving_video_path, talking, frames=12)  # 1 s at the sample's 12 fps
     result = run_node("XPortraitWriteVideo", xportrait_model=tiny, latent=latent, filename_prefix="a", fps=25.0,
                       paste_back=False, decode_chunk=4, driving_video=FileVideo(talking))
-    samples, rate = sound_of(result["result"][0])
-    assert read_video(result["result"][0])[1] == pytest.approx(12000 / 1001)
+    samples, rate = sound_of(result[0])
+    assert read_video(result[0])[1] == pytest.approx(12000 / 1001)
     assert abs(len(samples) / rate - NUM_FRAMES * 1001 / 12000) < 0.03  # as long as the frames last
     tone = 0.5 * np.sin(2 * np.pi * 220 * np.arange(48000) / 48000)
     audio = {"waveform": torch.from_numpy(tone).float()[None, None], "sample_rate": 48000}
     result = run_node("XPortraitWriteVideo", xportrait_model=tiny, latent=latent, filename_prefix="b", fps=5.0,
                       paste_back=False, decode_chunk=4, audio=audio)
-    samples, rate = sound_of(result["result"][0])
+    samples, rate = sound_of(result[0])
     assert abs(len(samples) / rate - NUM_FRAMES / 5.0) < 0.03
 
 
