@@ -54,6 +54,7 @@ class LoadedXPortrait:
         self.compile = compile
         self._compiled = False
         self.patcher = None
+        self.comfy_model = None  # the MODEL output's ModelPatcher, over the same networks
         try:
             import comfy.model_patcher
         except ImportError:
@@ -82,6 +83,10 @@ class LoadedXPortrait:
         if self.patcher is not None:
             import comfy.model_management as mm
 
+            if self.comfy_model is not None:
+                from .native.adapter import unload_patched
+
+                unload_patched(self.comfy_model.model)  # LoRA patches of a KSampler run are not ours to keep
             if self.low_vram:
                 from xportrait_core.fast.offload import low_vram_memory_required
 
@@ -140,9 +145,13 @@ class LoadXPortraitModel:
                    "with a warning shown on the node.")
     CATEGORY = common.CATEGORY
     SEARCH_ALIASES = common.SEARCH_ALIASES
-    RETURN_TYPES = (common.MODEL_TYPE,)
-    RETURN_NAMES = ("xportrait_model",)
-    OUTPUT_TOOLTIPS = ("The X-Portrait network, for LoadReference and the Sampler.",)
+    RETURN_TYPES = (common.MODEL_TYPE, "MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("xportrait_model", "model", "clip", "vae")
+    OUTPUT_TOOLTIPS = ("The X-Portrait network, for LoadReference and the Sampler.",
+                       "The same network as a ComfyUI MODEL (SD1.5 key names: LoRA loaders apply to its UNet), for "
+                       "KSampler / SamplerCustom with X-Portrait Conditioning.",
+                       "The checkpoint's CLIP ViT-L text encoder, for CLIP Text Encode (None when the file has none).",
+                       "The checkpoint's SD1.5 VAE, for VAE Decode / Encode.")
     FUNCTION = "load"
 
     @classmethod
@@ -227,7 +236,12 @@ class LoadXPortraitModel:
         prepare_model(model, channels_last=compute_device.type == "cuda")
         log.info("X-Portrait: loaded %s (%s, attention %s)", model_name, weight_dtype, attention)
         loaded = LoadedXPortrait(model, model_name, attention, low_vram=vram == "low", compile=bool(compile))
-        return common.with_report((loaded,), [f"Warning: {line}" for line in warnings], unique_id)
+        from .native import comfy_outputs
+
+        comfy_model, clip, vae = comfy_outputs(loaded)
+        loaded.comfy_model = comfy_model
+        return common.with_report((loaded, comfy_model, clip, vae), [f"Warning: {line}" for line in warnings],
+                                  unique_id)
 
 
 NODE_CLASS_MAPPINGS = {"XPortraitLoadModel": LoadXPortraitModel}

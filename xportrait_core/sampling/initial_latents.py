@@ -57,6 +57,14 @@ def reference_initial_latents(model: XPortrait, reference: torch.Tensor, num_fra
                               generator: Optional[torch.Generator] = None,
                               timestep: int = INITIAL_TIMESTEP) -> torch.Tensor:
     """Official x_T: a posterior sample of the reference per frame, noised to `timestep`. reference (1|3, H, W)."""
+    return _noised(model, reference_frame_latents(model, reference, num_frames, generator), generator, timestep)
+
+
+@torch.no_grad()
+def reference_frame_latents(model: XPortrait, reference: torch.Tensor, num_frames: int,
+                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A posterior sample of the reference per frame, scaled, not noised: the official x_T before its noise (a host
+    whose sampler adds the noise itself, as ComfyUI's KSampler does, starts from these)."""
     if reference.ndim == 3:
         reference = reference[None]
     _check_images(reference, "reference")
@@ -67,8 +75,7 @@ def reference_initial_latents(model: XPortrait, reference: torch.Tensor, num_fra
     mean, logvar = model.vae.encode(reference.to(model.device, model.dtype))
     mean, std = mean.float(), torch.exp(0.5 * logvar.float())
     shape = (num_frames, *mean.shape[1:])
-    latents = (mean + std * _randn(shape, generator, mean.device)) * model.config.vae.scale_factor
-    return _noised(model, latents, generator, timestep)
+    return (mean + std * _randn(shape, generator, mean.device)) * model.config.vae.scale_factor
 
 
 @torch.no_grad()

@@ -1,0 +1,256 @@
+"""X-Portrait as a ComfyUI model: a `BaseModel` whose `diffusion_model` is our UNet, so KSampler, SamplerCustom(Advanced),
+ComfyUI's samplers and schedulers, LoRA loaders and its memory manager work on it.
+
+- Key names: our UNet already carries the LDM names (input_blocks.*, middle_block.*, output_blocks.*, time_embed.*,
+  out.*; the motion modules add input_motion_modules.* / output_motion_modules.*), and the model config is SD1.5's
+  with the UNet's layout filled in, so `comfy.lora.model_lora_keys_unet` maps kohya / diffusers / generic SD1.5 LoRA
+  keys onto it. LoRA patches only `diffusion_model` (the denoising UNet, as the official LCM path patches); the
+  reference net and the ControlNets are extra submodules that ComfyUI loads and offloads but no UNet LoRA touches.
+- Conditioning: "X-Portrait Conditioning" puts one `XPortraitBranch` in each CONDITIONING's options (key
+  "xportrait"): conditional on the positive (reference bank + ControlNets, the official `controlnet_important` mode),
+  unconditional on the negative (UNet + motion modules). `extra_conds` turns it into a model cond that ComfyUI can
+  batch (cond and uncond of one job together), and `_apply_model` hands the chunks to the core's `VideoDenoiser`,
+  which cuts the latent batch (= the frames) into 16-frame windows with seeded offsets, or runs the window a core
+  context-window node cut.
+- Sampling state (window-offset generator, the reference bank of the current timestep, encoded hints) lives for one
+  sampling run: an OUTER_SAMPLE wrapper starts it with the sampler's seed and drops it at the end.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+import comfy.conds
+import comfy.model_base
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.supported_models
+
+from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
+
+log = logging.getLogger("xportrait")
+
+WRAPPER_KEY = "xportrait"
+COND_KEY = "xportrait"
+
+
+def sd15_unet_config(unet) -> dict:
+    """SD1.5's unet_config for our UNet's layout: what ComfyUI's diffusers key map (`unet_to_diffusers`) reads."""
+    levels = len(unet.channel_mult)
+    depth = [unet.transformer_depth if 2 ** level in unet.attention_resolutions else 0 for level in range(levels)]
+    return {
+        "context_dim": unet.context_dim,
+        "model_channels": unet.model_channels,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "in_channels": unet.in_channels,
+        "out_channels": unet.out_channels,
+        "num_res_blocks": [unet.num_res_blocks] * levels,
+        "channel_mult": list(unet.channel_mult),
+        "attention_resolutions": list(unet.attention_resolutions),
+        "transformer_depth": [d for d in depth for _ in range(unet.num_res_blocks)],
+        "transformer_depth_output": [d for d in depth for _ in range(unet.num_res_blocks + 1)],
+        "transformer_depth_middle": unet.transformer_depth,
+        "num_heads": unet.num_heads,
+        "num_head_channels": -1,
+        # The network exists already (ours): BaseModel must not build ComfyUI's own UNet.
+        "disable_unet_model_creation": True,
+    }
+
+
+class XPortraitModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+    """SD1.5's discrete EPS sampling (the same scaled-linear schedule X-Portrait was trained with), with the official
+    start at full denoise.
+
+    The official x_T is the reference latent z noised to the last timestep: sqrt(a_999) z + sqrt(1 - a_999) n.
+    ComfyUI's samplers work on x = latent + sigma * n and show the network x / sqrt(1 + sigma^2) = sqrt(a) x; at
+    sigma_max = sigma(999) that is sqrt(a_999) z + sqrt(a_999) sigma_max n = sqrt(a_999) z + sqrt(1 - a_999) n:
+    exactly the official x_T when the LATENT is z and the noise is scaled by sigma_max. ComfyUI instead scales the
+    noise by sqrt(1 + sigma_max^2) when sampling starts at sigma_max (meant for empty latents: the model then sees
+    unit-variance noise), which would weaken the reference by 0.2%: here the noise is always scaled by sigma, also
+    for empty latents, where it is the DDPM forward process at t=999 (variance 1 - a_999 rather than 1).
+    A schedule that starts below sigma_max (ddim_uniform, whose first sigma is that of the official first timestep,
+    e.g. 991 at 30 steps; or denoise < 1) noises the latent to its own first sigma, as for any ComfyUI model; the
+    official code noises to 999 and then denoises from 991 as if the latents were at 991.
+    """
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return super().noise_scaling(sigma, noise, latent_image, max_denoise=False)
+
+
+@dataclass(eq=False)
+class XPortraitJob:
+    """One video's X-Portrait conditioning (from "X-Portrait Conditioning"), shared by its two branches.
+
+    reference_latents: (R, 4, h, w) scaled, not noised (the bank's input). global_hint / local_hint: (F, 3, H, W) in
+    [-1, 1] on the CPU. seed: window offsets when the sampler gives no seed.
+    """
+
+    reference_latents: torch.Tensor
+    global_hint: Optional[torch.Tensor]
+    local_hint: Optional[torch.Tensor]
+    global_strength: float = 1.0
+    local_strength: float = 1.0
+    window: int = 16
+    overlap: int = 4
+    seed: int = 0
+
+    @property
+    def num_frames(self) -> int:
+        hint = self.global_hint if self.global_hint is not None else self.local_hint
+        return len(hint)
+
+
+@dataclass(frozen=True, eq=False)
+class XPortraitBranch:
+    job: XPortraitJob
+    conditional: bool
+
+
+class XPortraitCond(comfy.conds.CONDConstant):
+    """The model cond of one branch: not a tensor, not resized; the branches of one job batch together, so the
+    conditional and unconditional passes can share one UNet batch per window."""
+
+    def process_cond(self, batch_size, **kwargs):
+        return self
+
+    def can_concat(self, other):
+        return isinstance(other, XPortraitCond) and other.cond.job is self.cond.job
+
+    def concat(self, others):
+        return [self.cond] + [other.cond for other in others]
+
+    def size(self):
+        return [1]
+
+
+class XPortraitComfyModel(comfy.model_base.BaseModel):
+    """ComfyUI's BaseModel over an `XPortrait`: `diffusion_model` is its UNet; the reference net and the two
+    ControlNets are submodules too (ComfyUI places them with the UNet). The VAE and the text encoder are not: they
+    travel as ComfyUI's own VAE and CLIP."""
+
+    def __init__(self, xportrait, device=None):
+        model_config = comfy.supported_models.SD15(sd15_unet_config(xportrait.config.unet))
+        super().__init__(model_config, model_type=comfy.model_base.ModelType.EPS, device=device)
+        self.model_sampling = XPortraitModelSampling(model_config)
+        self.diffusion_model = xportrait.unet
+        self.reference_net = xportrait.reference_net
+        self.global_control = xportrait.global_control
+        self.local_control = xportrait.local_control
+        # Not a submodule (its VAE and text encoder are not ComfyUI's to place); its methods run the networks above.
+        self.__dict__["xportrait"] = xportrait
+        self.memory_usage_factor = 1.0
+        self._denoisers: dict[int, VideoDenoiser] = {}
+        self._run_seed: Optional[int] = None
+        self._warned_control = False
+
+    def get_dtype(self):
+        return self.xportrait.dtype
+
+    # ---- conditioning ---------------------------------------------------------------------------------------
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        branch = kwargs.get(COND_KEY)
+        if branch is not None:
+            out[COND_KEY] = XPortraitCond(branch)
+        return out
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        from xportrait_core.fast.offload import sampling_working_memory
+
+        frames, height = int(input_shape[0]), int(input_shape[2])
+        window = min(16, frames)
+        # Each window call holds at most two branches' activations; the whole batch's latents are small.
+        return sampling_working_memory(height * 8, window, self.xportrait.dtype, 0,
+                                       self.xportrait.config.unet.model_channels)
+
+    # ---- sampling run ---------------------------------------------------------------------------------------
+
+    def start_run(self, seed: Optional[int]) -> None:
+        self.end_run()
+        self._run_seed = None if seed is None else int(seed)
+
+    def end_run(self) -> None:
+        for denoiser in self._denoisers.values():
+            denoiser.release()
+        self._denoisers = {}
+        self._run_seed = None
+
+    def _denoiser(self, job: XPortraitJob) -> VideoDenoiser:
+        denoiser = self._denoisers.get(id(job))
+        if denoiser is None or denoiser.job is not job:
+            seed = job.seed if self._run_seed is None else self._run_seed
+            denoiser = VideoDenoiser(self.xportrait, job.reference_latents.to(self.xportrait.device),
+                                     global_hint=job.global_hint, local_hint=job.local_hint,
+                                     global_strength=job.global_strength, local_strength=job.local_strength,
+                                     window=job.window, overlap=job.overlap, seed=seed)
+            denoiser.job = job
+            self._denoisers[id(job)] = denoiser
+        return denoiser
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        branches = kwargs.get(COND_KEY)
+        if branches is None:
+            raise ValueError("X-Portrait: this conditioning did not pass through X-Portrait Conditioning: connect both "
+                             "the positive and the negative of the sampler to its outputs")
+        if not isinstance(branches, list):
+            branches = [branches]
+        if control is not None and not self._warned_control:
+            log.warning("X-Portrait: an SD1.5 ControlNet on the conditioning is ignored; X-Portrait's own "
+                        "ControlNets read the motion of X-Portrait Conditioning")
+            self._warned_control = True
+        jobs = {id(b.job) for b in branches}
+        if len(jobs) != 1:
+            raise ValueError("X-Portrait: the positive and negative come from different X-Portrait Conditioning nodes")
+        chunks = len(branches)
+        frames = x.shape[0] // chunks
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x).float()
+        timestep = int(self.model_sampling.timestep(sigma[:1]).reshape(-1)[0])
+        denoiser = self._denoiser(branches[0].job)
+        inputs = []
+        for i, branch in enumerate(branches):
+            context = c_crossattn[i * frames:i * frames + 1]
+            inputs.append(BranchInput(xc[i * frames:(i + 1) * frames], branch.conditional, context))
+        window = transformer_options.get("context_window")
+        frame_indices = list(window.index_list) if window is not None else None
+        eps = torch.cat(denoiser(timestep, inputs, frame_indices=frame_indices))
+        return self.model_sampling.calculate_denoised(sigma, eps, x)
+
+
+def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                  disable_pbar=False, seed=None, *args, **kwargs):
+    """One sampling run: window offsets seeded by the sampler's seed; cached banks and hints dropped at the end."""
+    model = executor.class_obj.model_patcher.model
+    model.start_run(seed)
+    try:
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                        *args, **kwargs)
+    finally:
+        model.end_run()
+
+
+def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:
+    """The MODEL output of Load X-Portrait Model."""
+    model = XPortraitComfyModel(xportrait, device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
+    return patcher
+
+
+def unload_patched(model: XPortraitComfyModel) -> None:
+    """Unload a ComfyUI copy of this model whose weights carry patches (a LoRA of a KSampler run), restoring the
+    plain weights: our own Sampler shares the networks and must not run with another graph's LoRA."""
+    import comfy.model_management as mm
+
+    for loaded in list(mm.current_loaded_models):
+        patcher = loaded.model
+        if patcher is not None and patcher.model is model and patcher.patches:
+            loaded.model_unload()
+            mm.current_loaded_models.remove(loaded)
