@@ -477,7 +477,93 @@ def upscale_restore_paste_back() -> Graph:
     return g
 
 
-GRAPHS = (basic_animation, multi_reference_identity, upscale_restore_paste_back)
+LCM_LORA_FILE = "lcm-lora-sdv1-5.safetensors"
+
+
+def _native_graph(g: Graph, sampler_widgets: dict, lora: bool) -> None:
+    """X-Portrait under ComfyUI's KSampler: the loader's MODEL / CLIP / VAE, X-Portrait Conditioning, KSampler (through
+    LoraLoaderModelOnly when `lora`), VAE Decode, video."""
+    model = _model_loader(g)
+    photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360)))
+    reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
+                                                                     "mode": "crop"}, size=(320, 130)))
+    parts, driving = _driving(g, 4, 40, 620)
+    motion = g.add(Node(7, "XPortraitExtractMotion", (760, 420), {"best_frame": -1, "track_missed_faces": True},
+                        size=(320, 150)))
+    positive = g.add(Node(8, "CLIPTextEncode", (400, 380), {"text": ""}, size=(320, 100),
+                          title="Prompt (official: empty)"))
+    negative = g.add(Node(9, "CLIPTextEncode", (400, 520), {"text": ""}, size=(320, 100),
+                          title="Negative prompt (official: empty)"))
+    conditioning = g.add(Node(10, "XPortraitConditioning", (760, 40), {"seed": 999, "window_overlap": 4},
+                              size=(340, 230)))
+    sampler = g.add(Node(11, "KSampler", (1140, 40), sampler_widgets, size=(320, 270)))
+    decode = g.add(Node(12, "VAEDecode", (1500, 40), size=(220, 50)))
+    g.link(photo, "IMAGE", reference, "image")
+    g.link(reference, "reference", motion, "reference")
+    g.link(driving, "IMAGE", motion, "driving_frames")
+    g.link(model, "clip", positive, "clip")
+    g.link(model, "clip", negative, "clip")
+    g.link(model, "xportrait_model", conditioning, "xportrait_model")
+    g.link(positive, "CONDITIONING", conditioning, "positive")
+    g.link(negative, "CONDITIONING", conditioning, "negative")
+    g.link(reference, "reference", conditioning, "reference")
+    g.link(motion, "motion", conditioning, "motion")
+    if lora:
+        loader = g.add(Node(15, "LoraLoaderModelOnly", (760, 320), {"lora_name": LCM_LORA_FILE,
+                                                                    "strength_model": 1.0},
+                            title="LCM-LoRA (SD1.5)", size=(340, 110)))
+        g.link(model, "model", loader, "model")
+        g.link(loader, "MODEL", sampler, "model")
+    else:
+        g.link(model, "model", sampler, "model")
+    g.link(conditioning, "positive", sampler, "positive")
+    g.link(conditioning, "negative", sampler, "negative")
+    g.link(conditioning, "latent", sampler, "latent_image")
+    g.link(sampler, "LATENT", decode, "samples")
+    g.link(model, "vae", decode, "vae")
+    _save(g, 13, 1760, 40, (decode, "IMAGE"), parts, "xportrait/" + g.name.removeprefix("xportrait_"))
+
+
+NATIVE_NOTE = ("X-Portrait Conditioning gives the positive the reference and the motion (the negative neither, as "
+               "the official guidance) and the start latent: the reference once per driving frame, which the "
+               "sampler noises (use denoise 1.0). The latent batch is the frame axis; 16-frame windows are cut "
+               "inside the model, their offsets drawn from the sampler's seed. Any ComfyUI sampler and scheduler "
+               "works; core context-window nodes, model patches and LoRA loaders apply to the MODEL. "
+               "Load X-Portrait Model's CLIP encodes the prompts (the official ones are empty); its VAE decodes.")
+
+
+def ksampler_animation() -> Graph:
+    g = Graph("xportrait_ksampler")
+    _native_graph(g, {"seed": 999, "steps": 30, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+                      "denoise": 1.0}, lora=False)
+    g.add(Node(16, "Note", (1140, 360), size=(460, 330), title="X-Portrait under KSampler", text=(
+        "The basic animation, sampled by ComfyUI's KSampler.\n\n"
+        f"1. Put {MODEL_FILE} (or its .safetensors conversion) in ComfyUI/models/xportrait.\n"
+        "2. Load the portrait and the driving video; queue.\n\n"
+        "ddim + ddim_uniform at 30 steps, cfg 5 is the official schedule (31 timesteps, guidance 5): the frames "
+        "match the X-Portrait Sampler's but for its last step (KSampler ends at the x_0 prediction).\n\n"
+        + NATIVE_NOTE + "\n\n" + VIDEO_NOTE)))
+    return g
+
+
+def lcm_lora_animation() -> Graph:
+    g = Graph("xportrait_lcm_lora")
+    _native_graph(g, {"seed": 999, "steps": 6, "cfg": 1.0, "sampler_name": "lcm", "scheduler": "sgm_uniform",
+                      "denoise": 1.0}, lora=True)
+    g.add(Node(16, "Note", (1140, 360), size=(460, 380), title="X-Portrait with the LCM-LoRA: 6 steps", text=(
+        "Few-step X-Portrait: an SD1.5 LCM-LoRA on the X-Portrait UNet (the X-Portrait authors report that the "
+        "model works with it), sampled by KSampler's lcm sampler at 6 steps and cfg 1 (one branch: no negative "
+        "pass; the negative still has to come from X-Portrait Conditioning).\n\n"
+        f"The LoRA: latent-consistency/lcm-lora-sdv1-5 (its pytorch_lora_weights.safetensors), saved as "
+        f"ComfyUI/models/loras/{LCM_LORA_FILE}, picked in the LoRA loader. It patches the denoising UNet only; "
+        "the reference net and the ControlNets keep their weights.\n\n"
+        "4 to 8 steps, cfg 1 to 2, scheduler sgm_uniform (or simple). More steps or a higher cfg trade speed for "
+        "detail.\n\n" + NATIVE_NOTE)))
+    return g
+
+
+GRAPHS = (basic_animation, multi_reference_identity, upscale_restore_paste_back, ksampler_animation,
+          lcm_lora_animation)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:

@@ -29,30 +29,39 @@ def comfy_vae(xportrait):
 
 
 def comfy_clip(xportrait):
-    """comfy.sd.CLIP (SD1.5's clip_l) over the checkpoint's text encoder; None when the checkpoint has none, or one
-    that is not CLIP ViT-L/14 (ComfyUI's SD1 CLIP has that size only)."""
+    """comfy.sd.CLIP (SD1.5's clip_l, final layer as the official conditioning) over the checkpoint's text encoder;
+    None when the checkpoint has none. The transformer's size comes from the checkpoint's config (ViT-L/14 for
+    the released model)."""
     if xportrait.text_encoder is None:
         return None
-    config = xportrait.config.text_encoder
-    if (config.width, config.layers, config.heads) != (768, 12, 12):
-        log.info("X-Portrait: the checkpoint's text encoder is not CLIP ViT-L/14; no CLIP output")
-        return None
+    import json
+    import os
+
     import comfy.sd
+    import comfy.sd1_clip
     import comfy.supported_models
     from comfy.supported_models_base import ClipTarget
-    import comfy.sd1_clip
 
     from xportrait_core.model.checkpoint import ours_to_official
 
+    config = xportrait.config.text_encoder
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as file:
+        clip_config = json.load(file)
+    clip_config.update(hidden_size=config.width, intermediate_size=config.intermediate,
+                       num_attention_heads=config.heads, num_hidden_layers=config.layers,
+                       vocab_size=config.vocab_size, max_position_embeddings=config.max_length,
+                       projection_dim=config.width, eos_token_id=config.end_token)
     official = {ours_to_official(f"text_encoder.{k}"): v.detach().to("cpu", torch.float32)
                 for k, v in xportrait.text_encoder.state_dict().items()}
-    official["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    sd15 = comfy.supported_models.SD15({})
-    clip_state = sd15.process_clip_state_dict(official)
-    clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
-                         tokenizer_data=clip_state)
-    missing, unexpected = clip.load_sd(clip_state, full_model=True)
+    clip_state = comfy.supported_models.SD15({}).process_clip_state_dict(official)
+    target = ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    # SD1.5 checkpoints' CLIP (SD1CheckpointClipModel) with the size spelled out: no pooled projection.
+    target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": clip_config,
+                     "return_projected_pooled": False}
+    clip = comfy.sd.CLIP(target, tokenizer_data=clip_state)
+    missing, _unexpected = clip.load_sd(clip_state, full_model=True)
+    # CLIP's projection and logit scale are not part of the text transformer SD1.5 conditions on.
     missing = [k for k in missing if not k.endswith(("text_projection.weight", "logit_scale"))]
     if missing:
-        log.warning("X-Portrait: CLIP keys missing from the checkpoint: %s", ", ".join(missing[:8]))
+        raise ValueError(f"Load X-Portrait Model: the checkpoint's text encoder lacks {', '.join(missing[:8])}")
     return clip

@@ -35,7 +35,7 @@ RUN_TIMEOUT = 300
 NUM_FRAMES = 6
 NODE_TYPES = {"XPortraitLoadModel", "XPortraitLoadReference", "XPortraitExtractMotion",
               "XPortraitHierarchicalMotionAttention", "XPortraitSampler", "XPortraitIdentityCheck",
-              "XPortraitPasteBack", "XPortraitWriteVideo"}
+              "XPortraitPasteBack", "XPortraitWriteVideo", "XPortraitConditioning"}
 
 
 def _free_port() -> int:

@@ -28,6 +28,7 @@ NODE_NAMES = {
     "XPortraitIdentityCheck": "X-Portrait Identity Check",
     "XPortraitPasteBack": "X-Portrait Paste Back",
     "XPortraitWriteVideo": "X-Portrait Write Video (streaming)",
+    "XPortraitConditioning": "X-Portrait Conditioning",
 }
 
 

@@ -20,6 +20,7 @@ UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_a
 # Combos whose choices are the files of an install (models, uploads): any file name of the right kind is valid.
 FILE_COMBOS = {
     ("XPortraitLoadModel", "model_name"): (".th", ".ckpt", ".pt", ".safetensors"),
+    ("LoraLoaderModelOnly", "lora_name"): (".safetensors", ".pt", ".ckpt"),
     ("LoadImage", "image"): (".png", ".jpg", ".jpeg", ".webp"),
     ("LoadVideo", "file"): (".mp4", ".webm", ".mov", ".mkv"),
 }

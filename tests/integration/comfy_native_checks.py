@@ -1,0 +1,199 @@
+"""Checks of the native ComfyUI model that need ComfyUI imported in-process, run by test_comfyui_native.py in a
+subprocess with ComfyUI's Python (its torch may not be the test environment's): it prints one JSON line of
+measurements, which the tests assert on. Usage: python comfy_native_checks.py COMFYUI_PATH WORKDIR GOLDEN_WEIGHTS.
+
+On the CPU, with the tiny golden weights and random motion hints, reference image and text contexts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+COMFYUI_PATH, WORKDIR, GOLDEN_WEIGHTS = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+ROOT = Path(__file__).resolve().parents[2]
+# ComfyUI's own top-level `nodes` module comes before the pack's `nodes` folder.
+sys.path[:0] = [COMFYUI_PATH, str(ROOT / "tests"), str(ROOT)]
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+import comfy.model_management  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from pack_loader import load_pack  # noqa: E402
+
+RESOLUTION = 64
+CONTEXT_WIDTH = 32
+
+pack = load_pack()
+NODES = pack.NODE_CLASS_MAPPINGS
+models = WORKDIR / "xportrait"
+loras = WORKDIR / "loras"
+models.mkdir(parents=True, exist_ok=True)
+loras.mkdir(parents=True, exist_ok=True)
+if not (models / "tiny.safetensors").exists():
+    os.symlink(GOLDEN_WEIGHTS, models / "tiny.safetensors")
+folder_paths.add_model_folder_path("xportrait", str(models))
+folder_paths.add_model_folder_path("loras", str(loras))
+
+
+def run_node(name, **inputs):
+    cls = NODES[name] if name in NODES else comfy_nodes.NODE_CLASS_MAPPINGS[name]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def stand_ins(num_frames: int, seed: int):
+    """A reference and motion as the pack's nodes pass them (random image and hints: no face detection needed)."""
+    from comfyui_xportrait.nodes.motion import XPortraitMotion
+    from comfyui_xportrait.nodes.reference import XPortraitReference
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(RESOLUTION, RESOLUTION, 3, generator=g).numpy()
+    reference = XPortraitReference([types.SimpleNamespace(image=image, resolution=RESOLUTION)])
+    global_hint = (torch.rand(num_frames, 3, RESOLUTION, RESOLUTION, generator=g) * 2 - 1).numpy()
+    local_hint = (torch.rand(num_frames, 3, RESOLUTION, RESOLUTION, generator=g) * 2 - 1).numpy()
+    hints = types.SimpleNamespace(global_hint=global_hint, local_hint=local_hint, num_frames=num_frames,
+                                  resolution=RESOLUTION)
+    motion = XPortraitMotion(hints=hints, local_hint=local_hint, global_strength=1.0, local_strength=0.8)
+    contexts = torch.randn(2, 1, 77, CONTEXT_WIDTH, generator=g)
+    return reference, motion, contexts[0], contexts[1]
+
+
+def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: int) -> dict:
+    """KSampler (ddim, ddim_uniform, cfg 5) through the adapter against our DDIM on the same x_T and offsets."""
+    from xportrait_core.sampling.guidance import GuidedDenoiser
+    from xportrait_core.sampling.initial_latents import model_alphas_cumprod
+    from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
+
+    reference, motion, context, uncond_context = stand_ins(num_frames, seed)
+    positive, negative, latent = run_node("XPortraitConditioning", xportrait_model=handle,
+                                          positive=[[context, {}]], negative=[[uncond_context, {}]],
+                                          reference=reference, motion=motion, seed=seed + 1, window_overlap=4)
+    out = comfy_nodes.common_ksampler(model, seed, steps, 5.0, "ddim", "ddim_uniform", positive, negative, latent,
+                                      denoise=1.0)[0]["samples"]
+    scale = handle.config.vae.scale_factor
+    comfy_x0 = out * scale
+
+    # The same start in DDPM terms: ComfyUI samples x = z + sigma_0 * noise, the network sees x / sqrt(1 + sigma_0^2).
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps)
+    comfy_timesteps = sampling.timestep(sigmas[:-1]).flip(0).tolist()
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    sigma_0 = float(sigmas[0])
+    x_T = (latent["samples"] * scale + sigma_0 * noise) / math.sqrt(1 + sigma_0 ** 2)
+    job = positive[0][1]["xportrait"].job
+    denoiser = GuidedDenoiser(handle.model, job.reference_latents, global_hint=job.global_hint,
+                              local_hint=job.local_hint, guidance_scale=5.0, context=context,
+                              uncond_context=uncond_context, global_strength=job.global_strength,
+                              local_strength=job.local_strength)
+    timesteps = ddim_timesteps(steps)
+    last = {}
+    ours = sample_ddim(denoiser, x_T, model_alphas_cumprod(handle.model), timesteps, window=16, overlap=4,
+                       generator=torch.Generator().manual_seed(seed),
+                       on_step=lambda done, total, denoised: last.update(x0=denoised.clone()))
+    return {
+        "frames": num_frames, "steps": steps,
+        "comfy_timesteps": [int(t) for t in comfy_timesteps], "official_timesteps": timesteps.tolist(),
+        "max_abs": float(comfy_x0.abs().max()),
+        "max_diff_vs_last_prediction": float((comfy_x0 - last["x0"]).abs().max()),
+        "max_diff_vs_official_output": float((comfy_x0 - ours).abs().max()),
+        "latent_shape": list(latent["samples"].shape),
+        "reference_frames_differ": bool(not torch.equal(latent["samples"][0], latent["samples"][1])),
+    }
+
+
+# Hand-written SD1.5 diffusers names of some of the tiny UNet's weights (levels 0-2 carry attention, 3 does not):
+# the LDM name each must land on.
+DIFFUSERS_TO_LDM = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k": "input_blocks.5.1.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.proj_in": "middle_block.1.proj_in",
+    "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj":
+        "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj",
+    "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0":
+        "output_blocks.9.1.transformer_blocks.0.attn1.to_out.0",
+    "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
+}
+
+
+def write_lora(path: Path, unet_state: dict, style: str, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
+    """A LoRA file over DIFFUSERS_TO_LDM's weights; returns the expected change of each (LDM name) at strength 1:
+    up @ down * alpha / rank."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, expected = {}, {}
+    for i, (diffusers, ldm) in enumerate(DIFFUSERS_TO_LDM.items()):
+        shape = unet_state[ldm + ".weight"].shape
+        down = torch.randn((rank, *shape[1:]), generator=g) * 0.1
+        up = torch.randn((shape[0], rank) + ((1, 1) if len(shape) == 4 else ()), generator=g) * 0.1
+        if style == "kohya":  # kohya writes diffusers-style names; LDM-style names for every other module here
+            key = "lora_unet_" + (diffusers if i % 2 == 0 else ldm).replace(".", "_")
+            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                            f"{key}.alpha": torch.tensor(alpha)})
+            scale = alpha / rank
+        elif style == "diffusers":  # no alpha: alpha = rank
+            if ".to_" in diffusers:
+                # Attention projections as diffusers' attention processors name them (ComfyUI 0.3.64 maps these;
+                # it has no map for peft's `attn1.to_q.lora_A`).
+                key = "unet." + diffusers.replace(".to_", ".processor.to_").removesuffix(".0")
+                tensors.update({f"{key}_lora.down.weight": down, f"{key}_lora.up.weight": up})
+            else:  # peft's lora_A / lora_B
+                key = "unet." + diffusers
+                tensors.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
+            scale = 1.0
+        else:
+            raise ValueError(style)
+        expected[ldm + ".weight"] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return expected
+
+
+def lora_checks(model) -> dict:
+    unet = model.model.diffusion_model
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    results = {}
+    for style in ("kohya", "diffusers"):
+        expected = write_lora(loras / f"test_{style}.safetensors", original, style)
+        for strength in (0.7, 0.0):
+            patched = run_node("LoraLoaderModelOnly", model=model, lora_name=f"test_{style}.safetensors",
+                               strength_model=strength)[0]
+            comfy.model_management.load_models_gpu([patched])
+            now = unet.state_dict()
+            changed = sorted(k for k in original if not torch.equal(now[k], original[k]))
+            worst = max((float((now[k] - original[k] - strength * expected[k]).abs().max()) for k in expected),
+                        default=0.0)
+            results[f"{style}@{strength}"] = {"changed": changed, "expected": sorted(expected),
+                                              "max_error": worst,
+                                              "delta_scale": max(float(d.abs().max()) for d in expected.values())}
+            # Back to the plain weights, as loading the unpatched model does.
+            comfy.model_management.load_models_gpu([model])
+            assert all(torch.equal(unet.state_dict()[k], original[k]) for k in original)
+    return results
+
+
+def main():
+    handle, model, clip, vae = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32",
+                                        attention="auto")
+    report = {
+        "outputs": [type(o).__name__ for o in (handle, model, clip, vae)],
+        "lora": lora_checks(model),
+        # One window a step, rotated by the drawn offset, at the official 30 steps.
+        "ksampler_30": ksampler_against_sampler(handle, model, num_frames=6, steps=30, seed=11),
+        # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).
+        "ksampler_windows": ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12),
+    }
+    print("RESULT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
