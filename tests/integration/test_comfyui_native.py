@@ -88,3 +88,52 @@ def test_lora_loader_model_only_merges_exactly(checks, style):
     assert applied["max_error"] < 1e-6 * max(1.0, applied["delta_scale"])
     unchanged = checks["lora"][f"{style}@0.0"]
     assert unchanged["changed"] == []
+
+
+# ---- the example workflows, headless in a real ComfyUI ------------------------------------------------------------
+
+from test_comfyui_headless import (  # noqa: E402  (the server fixture and helpers of the headless tests)
+    NUM_FRAMES,
+    _assert_succeeded,
+    _saved_frames,
+    server,  # noqa: F401  (a fixture)
+    tiny_prompt,
+)
+
+
+@pytest.fixture(scope="module")
+def comfy_server(request):
+    _require_comfyui()
+    return request.getfixturevalue("server")
+
+
+def _tiny_lora(server, name: str) -> None:
+    """A small random kohya LoRA for the tiny UNet's attention queries, standing in for the LCM-LoRA file."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = server.base / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for block, width in (("input_blocks_1_1", 32), ("middle_block_1", 64), ("output_blocks_5_1", 64)):
+        key = f"lora_unet_{block}_transformer_blocks_0_attn1_to_q"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, width, generator=g) * 0.1
+        tensors[f"{key}.lora_up.weight"] = torch.randn(width, 4, generator=g) * 0.1
+        tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(folder / name))
+
+
+@pytest.mark.parametrize("name", ["xportrait_ksampler", "xportrait_lcm_lora"])
+def test_native_example_workflow_runs(comfy_server, name):
+    prompt = tiny_prompt(name)
+    for node in prompt.values():
+        if node["class_type"] == "KSampler" and node["inputs"]["sampler_name"] == "ddim":
+            node["inputs"]["steps"] = 3
+        elif node["class_type"] == "LoraLoaderModelOnly":
+            _tiny_lora(comfy_server, node["inputs"]["lora_name"])
+    entry = comfy_server.run(prompt)
+    _assert_succeeded(comfy_server, entry, name)
+    frames = _saved_frames(comfy_server, entry)
+    assert frames.shape == (NUM_FRAMES, 64, 64, 3)
+    assert frames.std() > 1.0, "the frames are not flat"
