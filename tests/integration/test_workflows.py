@@ -48,10 +48,10 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_there_are_three_workflow_pairs_covering_every_node():
+def test_there_are_five_workflow_pairs_covering_every_node():
     names = [p.stem for p in UI_FILES]
-    assert names == ["xportrait_basic_animation", "xportrait_multi_reference_identity",
-                     "xportrait_upscale_restore_paste_back"]
+    assert names == ["xportrait_basic_animation", "xportrait_ksampler", "xportrait_lcm_lora",
+                     "xportrait_multi_reference_identity", "xportrait_upscale_restore_paste_back"]
     used = set()
     for path in UI_FILES:
         assert (WORKFLOWS / f"{path.stem}_api.json").is_file(), f"{path.name} has no API-format twin"
