@@ -181,11 +181,42 @@ def lora_checks(model) -> dict:
     return results
 
 
+@torch.no_grad()
+def clip_and_vae_checks() -> dict:
+    """The loader's CLIP and VAE against the model's own text encoder and VAE (checkpoint with a tiny CLIP)."""
+    from pack_loader import tiny_checkpoint_with_text_encoder
+
+    if not (models / "tiny_with_clip.safetensors").exists():
+        tiny_checkpoint_with_text_encoder(GOLDEN_WEIGHTS, models / "tiny_with_clip.safetensors")
+    handle, _model, clip, vae = run_node("XPortraitLoadModel", model_name="tiny_with_clip.safetensors",
+                                         dtype="fp32", attention="auto")
+    ours = handle.model
+    (conditioning,) = run_node("CLIPTextEncode", clip=clip, text="")
+    empty = ours.empty_prompt_context().float()
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, RESOLUTION // 8, RESOLUTION // 8, generator=g)
+    scale = ours.config.vae.scale_factor
+    (decoded,) = run_node("VAEDecode", vae=vae, samples={"samples": latents})
+    our_decoded = ours.decode_latents(latents * scale).clamp(-1, 1).add(1).mul(0.5).permute(0, 2, 3, 1)
+    images = torch.rand(2, RESOLUTION, RESOLUTION, 3, generator=g)
+    (encoded,) = run_node("VAEEncode", vae=vae, pixels=images)
+    our_mean = ours.encode_images(images.permute(0, 3, 1, 2) * 2 - 1, sample=False) / scale
+    return {
+        "clip_shape": list(conditioning[0][0].shape),
+        "clip_max_diff": float((conditioning[0][0].float() - empty).abs().max()),
+        "clip_scale": float(empty.abs().max()),
+        "vae_decode_max_diff": float((decoded - our_decoded).abs().max()),
+        "vae_encode_max_diff": float((encoded["samples"] - our_mean).abs().max()),
+        "vae_encode_scale": float(our_mean.abs().max()),
+    }
+
+
 def main():
     handle, model, clip, vae = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32",
                                         attention="auto")
     report = {
         "outputs": [type(o).__name__ for o in (handle, model, clip, vae)],
+        "clip_vae": clip_and_vae_checks(),
         "lora": lora_checks(model),
         # One window a step, rotated by the drawn offset, at the official 30 steps.
         "ksampler_30": ksampler_against_sampler(handle, model, num_frames=6, steps=30, seed=11),

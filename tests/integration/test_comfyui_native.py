@@ -63,6 +63,17 @@ def test_loader_gives_comfyui_model_and_vae(checks):
     assert checks["outputs"] == ["LoadedXPortrait", "ModelPatcher", "NoneType", "VAE"]
 
 
+def test_loader_clip_and_vae_are_the_checkpoints(checks):
+    """CLIP Text Encode with the loader's CLIP on "" is the model's own empty-prompt context (ComfyUI keeps text
+    encoder weights in fp16 on this CPU: 1e-3 of the scale), and VAE Decode / VAE Encode are our VAE's decode and
+    posterior mean (float32 rounding)."""
+    result = checks["clip_vae"]
+    assert result["clip_shape"] == [1, 77, 32]
+    assert result["clip_max_diff"] < 1e-3 * result["clip_scale"]
+    assert result["vae_decode_max_diff"] < 1e-4
+    assert result["vae_encode_max_diff"] < 1e-4 * max(1.0, result["vae_encode_scale"])
+
+
 def test_ddim_uniform_gives_the_official_timesteps(checks):
     run = checks["ksampler_30"]
     assert run["comfy_timesteps"] == run["official_timesteps"]
