@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Speed and memory of X-Portrait sampled by ComfyUI's KSampler (the native-model adapter), beside our Sampler in
+the same process: what a ComfyUI user gets.
+
+Runs inside ComfyUI's Python with its source at COMFYUI_PATH (imported in-process, no server). The full-size
+`official()` model is built with random weights unless --checkpoint is given (speed does not depend on the weight
+values); 16 frames at 512 with random reference, hints and text contexts. Measured per run, median of --runs after
+one warm-up:
+
+  sampler      our X-Portrait Sampler's path (animate_latents: official 30-step DDIM, guidance 5), no decode
+  ksampler     KSampler ddim + ddim_uniform, 30 steps, cfg 5 through X-Portrait Conditioning and the MODEL output
+  lcm          KSampler lcm + sgm_uniform, 6 steps, cfg 1 (one branch) + VAE Decode (the LCM-LoRA path; a LoRA
+               does not change the cost: --lora FILE applies one through LoraLoaderModelOnly all the same)
+  decode       VAE Decode of the frames by the loader's VAE
+
+ComfyUI's default allocator (cudaMallocAsync, as its main.py sets) unless --allocator says otherwise; ComfyUI's
+own flags go through --comfy-args, e.g. --comfy-args="--lowvram" (partial loading needs the networks built from
+comfy.ops layer classes; see README). Prints one JSON object per measurement.
+
+    COMFYUI_PATH=~/ComfyUI python benchmarks/bench_comfy.py --runs 3
+    COMFYUI_PATH=... python benchmarks/bench_comfy.py --device cpu --config tiny --frames 4 --steps 2 --runs 1
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOCATORS = {"async": "backend:cudaMallocAsync", "native": "", "expandable": "expandable_segments:True"}
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI source folder")
+    parser.add_argument("--comfy-args", default="", help="ComfyUI command-line flags, e.g. '--lowvram'")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="X-Portrait weights (default: random)")
+    parser.add_argument("--config", choices=["official", "tiny"], default="official")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu (with --config tiny) for a smoke test")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512, or 64 with --config tiny")
+    parser.add_argument("--steps", type=int, default=30, help="DDIM steps of sampler and ksampler")
+    parser.add_argument("--lcm-steps", type=int, default=6)
+    parser.add_argument("--lora", type=Path, default=None, help="an SD1.5 LoRA file for the lcm run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--measure", nargs="+", default=["sampler", "ksampler", "lcm", "decode"],
+                        choices=["sampler", "ksampler", "lcm", "decode"])
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="async")
+    parser.add_argument("--json", type=Path, default=None, help="also write the records to this file")
+    args = parser.parse_args(argv)
+    if not args.comfyui or not Path(args.comfyui, "comfy").is_dir():
+        parser.error("give ComfyUI's source folder with --comfyui or COMFYUI_PATH")
+    if args.resolution is None:
+        args.resolution = 64 if args.config == "tiny" else 512
+    return args
+
+
+def import_comfyui(args):
+    """ComfyUI's modules in-process, configured as its main.py would be with these flags."""
+    if args.device == "cuda":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATORS[args.allocator])
+    # ComfyUI's own `nodes` module must win over the pack's `nodes` folder.
+    sys.path[:0] = [str(Path(args.comfyui).resolve()), str(ROOT)]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    saved, sys.argv = sys.argv, ["main.py", *shlex.split(args.comfy_args)] + (["--cpu"] if args.device == "cpu" else [])
+    try:
+        import comfy.cli_args  # noqa: F401  (parses the flags above)
+    finally:
+        sys.argv = saved
+    import comfy.model_management  # noqa: F401
+    import nodes  # noqa: F401
+
+
+def load_pack():
+    name = "comfyui_xportrait"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def main(argv=None):
+    args = parse(argv)
+    import_comfyui(args)
+    import torch
+
+    import comfy.model_management as mm
+    import nodes as comfy_nodes
+
+    pack = load_pack()
+    from comfyui_xportrait.nodes.loader import LoadedXPortrait
+    from comfyui_xportrait.nodes.motion import XPortraitMotion
+    from comfyui_xportrait.nodes.native import comfy_outputs
+    from comfyui_xportrait.nodes.reference import XPortraitReference
+    from xportrait_core.model.checkpoint import load_xportrait
+    from xportrait_core.model.config import XPortraitConfig
+    from xportrait_core.model.xportrait import XPortrait
+    from xportrait_core.sampling.pipeline import animate_latents
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = mm.get_torch_device()
+    config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
+    if args.checkpoint is not None:
+        model = load_xportrait(args.checkpoint, dtype=dtype, device="cpu")
+    else:
+        torch.manual_seed(0)
+        model = XPortrait(config, with_text_encoder=False).to(dtype).eval().requires_grad_(False)
+    handle = LoadedXPortrait(model, "bench", "auto")
+    comfy_model, _clip, vae = comfy_outputs(handle)
+    handle.comfy_model = comfy_model
+    records = []
+
+    def emit(**record):
+        record.update(device=str(device), dtype=args.dtype, frames=args.frames, resolution=args.resolution,
+                      comfy_args=args.comfy_args, allocator=args.allocator if args.device == "cuda" else None)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    res, frames = args.resolution, args.frames
+    g = torch.Generator().manual_seed(999)
+    image = torch.rand(res, res, 3, generator=g).numpy()
+    global_hint = (torch.rand(frames, 3, res, res, generator=g) * 2 - 1).numpy()
+    local_hint = (torch.rand(frames, 3, res, res, generator=g) * 2 - 1).numpy()
+    context = torch.randn(1, 77, config.unet.context_dim, generator=g)
+    reference = XPortraitReference([types.SimpleNamespace(image=image, resolution=res)])
+    motion = XPortraitMotion(hints=types.SimpleNamespace(global_hint=global_hint, local_hint=local_hint,
+                                                         num_frames=frames, resolution=res), local_hint=local_hint)
+    node = pack.NODE_CLASS_MAPPINGS["XPortraitConditioning"]()
+    positive, negative, latent = node.encode(handle, [[context, {}]], [[context, {}]], reference, motion, 999, 4)
+
+    lcm_model = comfy_model
+    if args.lora is not None:
+        import comfy.sd
+        import comfy.utils
+
+        lcm_model, _ = comfy.sd.load_lora_for_models(comfy_model, None, comfy.utils.load_torch_file(str(args.lora)),
+                                                     1.0, 0)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(name, fn, **extra):
+        fn()  # warm-up (and, for the ComfyUI runs, the model loading)
+        times, peaks = [], []
+        for _ in range(args.runs):
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+        emit(measure=name, seconds=round(statistics.median(times), 4), runs=[round(t, 4) for t in times],
+             peak_gib=round(max(peaks), 2) if peaks else None, **extra)
+
+    def ours():
+        prepared = handle.ready()
+        animate_latents(prepared, image, global_hint=torch.as_tensor(global_hint),
+                        local_hint=torch.as_tensor(local_hint), steps=args.steps, guidance_scale=5.0, overlap=4,
+                        seed=999, context=context, uncond_context=context)
+
+    def ksampler(model, steps, cfg, sampler, scheduler, decode=False):
+        def run():
+            samples = comfy_nodes.common_ksampler(model, 999, steps, cfg, sampler, scheduler, positive, negative,
+                                                  latent, denoise=1.0)[0]
+            if decode:
+                comfy_nodes.VAEDecode().decode(vae, samples)
+        return run
+
+    if "sampler" in args.measure:
+        timed("sampler", ours, steps=args.steps, guidance=5.0)
+    if "ksampler" in args.measure:
+        timed("ksampler", ksampler(comfy_model, args.steps, 5.0, "ddim", "ddim_uniform"), steps=args.steps,
+              cfg=5.0, sampler="ddim", scheduler="ddim_uniform")
+    if "lcm" in args.measure:
+        timed("lcm", ksampler(lcm_model, args.lcm_steps, 1.0, "lcm", "sgm_uniform", decode=True),
+              steps=args.lcm_steps, cfg=1.0, sampler="lcm", scheduler="sgm_uniform", vae_decode=True,
+              lora=str(args.lora) if args.lora else None)
+    if "decode" in args.measure:
+        timed("decode", lambda: comfy_nodes.VAEDecode().decode(vae, latent))
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    main()
