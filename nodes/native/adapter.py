@@ -186,7 +186,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         denoiser = self._denoisers.get(id(job))
         if denoiser is None or denoiser.job is not job:
             seed = job.seed if self._run_seed is None else self._run_seed
-            denoiser = VideoDenoiser(self.xportrait, job.reference_latents.to(self.xportrait.device),
+            denoiser = VideoDenoiser(self.xportrait, job.reference_latents,
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
                                      window=job.window, overlap=job.overlap, seed=seed)
@@ -220,7 +220,12 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
             inputs.append(BranchInput(xc[i * frames:(i + 1) * frames], branch.conditional, context))
         window = transformer_options.get("context_window")
         frame_indices = list(window.index_list) if window is not None else None
-        eps = torch.cat(denoiser(timestep, inputs, frame_indices=frame_indices))
+        # Under partial loading some layers' weights stay in system memory: the inputs' device is the compute one.
+        self.xportrait.compute_device = x.device
+        try:
+            eps = torch.cat(denoiser(timestep, inputs, frame_indices=frame_indices))
+        finally:
+            self.xportrait.compute_device = None
         return self.model_sampling.calculate_denoised(sigma, eps, x)
 
 

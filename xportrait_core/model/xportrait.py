@@ -49,13 +49,17 @@ class XPortrait(nn.Module):
         self._empty_prompt: Optional[torch.Tensor] = None
         self.memory_format = torch.contiguous_format
 
+    # Where the networks compute: where their weights are, unless a host that keeps some weights elsewhere
+    # (ComfyUI's partial loading casts each offloaded layer's weights onto the inputs' device as it runs) says so.
+    compute_device: Optional[torch.device] = None
+
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.time_embed[0].weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.time_embed[0].weight.device
+        return self.compute_device or self.unet.time_embed[0].weight.device
 
     def _timesteps(self, t, batch: int) -> torch.Tensor:
         if isinstance(t, int):
