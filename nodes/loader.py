@@ -86,7 +86,8 @@ class LoadedXPortrait:
             if self.comfy_model is not None:
                 from .native.adapter import unload_patched
 
-                unload_patched(self.comfy_model.model)  # LoRA patches of a KSampler run are not ours to keep
+                # Another handle's LoRA (a KSampler run's) on the shared UNet is not this model's to keep.
+                unload_patched(self.model.unet, keep_model=self.patcher.model)
             if self.low_vram:
                 from xportrait_core.fast.offload import low_vram_memory_required
 

@@ -233,6 +233,7 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
                   disable_pbar=False, seed=None, *args, **kwargs):
     """One sampling run: window offsets seeded by the sampler's seed; cached banks and hints dropped at the end."""
     model = executor.class_obj.model_patcher.model
+    unload_patched(model.xportrait.unet, keep_model=model)
     model.start_run(seed)
     try:
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
@@ -249,13 +250,17 @@ def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher
     return patcher
 
 
-def unload_patched(model: XPortraitComfyModel) -> None:
-    """Unload a ComfyUI copy of this model whose weights carry patches (a LoRA of a KSampler run), restoring the
-    plain weights: our own Sampler shares the networks and must not run with another graph's LoRA."""
+def unload_patched(unet, keep_model) -> None:
+    """Unload every ComfyUI model other than `keep_model` that holds patched weights (a LoRA) of this UNet,
+    restoring its plain weights: the MODEL output, our own Sampler and any other handle share the networks, and
+    ComfyUI takes off a LoRA only when it loads another copy of the same model object. Copies of `keep_model`
+    itself are ComfyUI's to re-patch as it loads them."""
     import comfy.model_management as mm
 
     for loaded in list(mm.current_loaded_models):
         patcher = loaded.model
-        if patcher is not None and patcher.model is model and patcher.patches:
+        if patcher is None or patcher.model is keep_model or not patcher.patches:
+            continue
+        if any(module is unet for module in patcher.model.modules()):
             loaded.model_unload()
             mm.current_loaded_models.remove(loaded)

@@ -158,7 +158,7 @@ def write_lora(path: Path, unet_state: dict, style: str, rank: int = 4, alpha: f
     return expected
 
 
-def lora_checks(model) -> dict:
+def lora_checks(handle, model) -> dict:
     unet = model.model.diffusion_model
     original = {k: v.clone() for k, v in unet.state_dict().items()}
     results = {}
@@ -175,6 +175,11 @@ def lora_checks(model) -> dict:
             results[f"{style}@{strength}"] = {"changed": changed, "expected": sorted(expected),
                                               "max_error": worst,
                                               "delta_scale": max(float(d.abs().max()) for d in expected.values())}
+            if strength:
+                # Our Sampler's handle shares the UNet: making it ready takes the MODEL's LoRA off.
+                handle.ready()
+                results[f"{style}@{strength}"]["plain_after_sampler_ready"] = all(
+                    torch.equal(unet.state_dict()[k], original[k]) for k in original)
             # Back to the plain weights, as loading the unpatched model does.
             comfy.model_management.load_models_gpu([model])
             assert all(torch.equal(unet.state_dict()[k], original[k]) for k in original)
@@ -217,7 +222,7 @@ def main():
     report = {
         "outputs": [type(o).__name__ for o in (handle, model, clip, vae)],
         "clip_vae": clip_and_vae_checks(),
-        "lora": lora_checks(model),
+        "lora": lora_checks(handle, model),
         # One window a step, rotated by the drawn offset, at the official 30 steps.
         "ksampler_30": ksampler_against_sampler(handle, model, num_frames=6, steps=30, seed=11),
         # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).

@@ -97,6 +97,8 @@ def test_lora_loader_model_only_merges_exactly(checks, style):
     applied = checks["lora"][f"{style}@0.7"]
     assert applied["changed"] == applied["expected"]
     assert applied["max_error"] < 1e-6 * max(1.0, applied["delta_scale"])
+    # The X-Portrait Sampler shares the UNet: when it runs next, the MODEL's LoRA is taken off first.
+    assert applied["plain_after_sampler_ready"]
     unchanged = checks["lora"][f"{style}@0.0"]
     assert unchanged["changed"] == []
 
