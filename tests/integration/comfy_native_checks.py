@@ -228,6 +228,13 @@ def main():
         # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).
         "ksampler_windows": ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12),
     }
+    # benchmarks/bench_comfy.py as a CPU smoke test, in this process (ComfyUI is imported already).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_comfy
+
+    report["bench"] = bench_comfy.main(["--comfyui", COMFYUI_PATH, "--device", "cpu", "--config", "tiny",
+                                        "--dtype", "fp32", "--frames", "4", "--steps", "2", "--lcm-steps", "2",
+                                        "--runs", "1"])
     print("RESULT " + json.dumps(report))
 
 
