@@ -70,7 +70,8 @@ def stand_ins(num_frames: int, seed: int):
     return reference, motion, contexts[0], contexts[1]
 
 
-def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: int) -> dict:
+def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: int,
+                             with_custom_samplers: bool = False) -> dict:
     """KSampler (ddim, ddim_uniform, cfg 5) through the adapter against our DDIM on the same x_T and offsets."""
     from xportrait_core.sampling.guidance import GuidedDenoiser
     from xportrait_core.sampling.initial_latents import model_alphas_cumprod
@@ -102,7 +103,22 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     ours = sample_ddim(denoiser, x_T, model_alphas_cumprod(handle.model), timesteps, window=16, overlap=4,
                        generator=torch.Generator().manual_seed(seed),
                        on_step=lambda done, total, denoised: last.update(x0=denoised.clone()))
+    custom = {}
+    if with_custom_samplers:
+        # The same run through SamplerCustom and SamplerCustomAdvanced (their seed reaches the window offsets too).
+        from comfy_extras import nodes_custom_sampler as custom_nodes
+
+        (sigmas_out,) = custom_nodes.BasicScheduler().get_sigmas(model, "ddim_uniform", steps, 1.0)
+        (sampler,) = custom_nodes.KSamplerSelect().get_sampler("ddim")
+        (noise_source,) = custom_nodes.RandomNoise().get_noise(seed)
+        (guider,) = custom_nodes.CFGGuider().get_guider(model, positive, negative, 5.0)
+        advanced = custom_nodes.SamplerCustomAdvanced().sample(noise_source, guider, sampler, sigmas_out, latent)[0]
+        plain = custom_nodes.SamplerCustom().sample(model, True, seed, 5.0, positive, negative, sampler, sigmas_out,
+                                                    latent)[0]
+        custom = {"sampler_custom_advanced_max_diff": float((advanced["samples"] - out).abs().max()),
+                  "sampler_custom_max_diff": float((plain["samples"] - out).abs().max())}
     return {
+        **custom,
         "frames": num_frames, "steps": steps,
         "comfy_timesteps": [int(t) for t in comfy_timesteps], "official_timesteps": timesteps.tolist(),
         "max_abs": float(comfy_x0.abs().max()),
@@ -226,7 +242,8 @@ def main():
         # One window a step, rotated by the drawn offset, at the official 30 steps.
         "ksampler_30": ksampler_against_sampler(handle, model, num_frames=6, steps=30, seed=11),
         # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).
-        "ksampler_windows": ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12),
+        "ksampler_windows": ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
+                                                     with_custom_samplers=True),
     }
     # benchmarks/bench_comfy.py as a CPU smoke test, in this process (ComfyUI is imported already).
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -92,6 +92,14 @@ def test_ksampler_matches_our_sampler(checks, run):
     assert 1e-3 < result["max_diff_vs_official_output"] < 0.1
 
 
+def test_sampler_custom_and_sampler_custom_advanced_give_ksamplers_result(checks):
+    """Same sigmas, sampler, cfg and seed: the same frames (the seed reaches the window offsets through every
+    sampler node)."""
+    result = checks["ksampler_windows"]
+    assert result["sampler_custom_max_diff"] == 0.0
+    assert result["sampler_custom_advanced_max_diff"] == 0.0
+
+
 @pytest.mark.parametrize("style", ["kohya", "diffusers"])
 def test_lora_loader_model_only_merges_exactly(checks, style):
     applied = checks["lora"][f"{style}@0.7"]
