@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+
 def comfy_operations(weight_dtype, compute_device):
     """The pack's operations (its CUDA kernels where they apply) with ComfyUI's Linear, Conv2d, GroupNorm and
     LayerNorm, as ComfyUI picks them for this weight dtype on this device."""
