@@ -232,6 +232,35 @@ def clip_and_vae_checks() -> dict:
     }
 
 
+def partial_loading_check(handle, model) -> dict:
+    """KSampler with ComfyUI's --novram partial loading (every comfy.ops layer left offloaded and cast onto the
+    compute device as it runs) against a full load. ComfyUI never loads partially on a CPU device, so it is told
+    this CPU is a GPU with no memory (restored afterwards)."""
+    import comfy.model_management as mm
+
+    reference, motion, context, uncond_context = stand_ins(6, 3)
+    positive, negative, latent = run_node("XPortraitConditioning", xportrait_model=handle,
+                                          positive=[[context, {}]], negative=[[uncond_context, {}]],
+                                          reference=reference, motion=motion, seed=1, window_overlap=4)
+
+    def sample():
+        return comfy_nodes.common_ksampler(model, 5, 3, 5.0, "ddim", "ddim_uniform", positive, negative, latent)[0]
+
+    full = sample()["samples"]
+    mm.unload_all_models()
+    saved = mm.is_device_cpu, mm.vram_state, mm.lowvram_available
+    mm.is_device_cpu, mm.vram_state, mm.lowvram_available = (lambda device: False), mm.VRAMState.NO_VRAM, True
+    try:
+        partial = sample()["samples"]
+        cast = sum(1 for m in model.model.modules() if getattr(m, "comfy_cast_weights", False))
+        lowvram = bool(model.model.model_lowvram)
+    finally:
+        mm.unload_all_models()
+        mm.is_device_cpu, mm.vram_state, mm.lowvram_available = saved
+    return {"lowvram": lowvram, "layers_cast_on_the_fly": cast, "max_diff": float((partial - full).abs().max()),
+            "max_abs": float(full.abs().max())}
+
+
 def main():
     handle, model, clip, vae = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32",
                                         attention="auto")
@@ -245,6 +274,7 @@ def main():
         "ksampler_windows": ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
                                                      with_custom_samplers=True),
     }
+    report["partial_loading"] = partial_loading_check(handle, model)
     # benchmarks/bench_comfy.py as a CPU smoke test, in this process (ComfyUI is imported already).
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_comfy

@@ -92,6 +92,15 @@ def test_ksampler_matches_our_sampler(checks, run):
     assert 1e-3 < result["max_diff_vs_official_output"] < 0.1
 
 
+def test_comfyui_partial_loading_runs_x_portrait(checks):
+    """The networks are built from comfy.ops layers: under ComfyUI's partial loading (here --novram: every such
+    layer stays offloaded and is cast in as it runs) KSampler gives the fully loaded model's frames (up to the
+    rounding of running the two branches as separate batches, which ComfyUI does when memory is short)."""
+    result = checks["partial_loading"]
+    assert result["lowvram"] and result["layers_cast_on_the_fly"] > 100
+    assert result["max_diff"] < 1e-5 * result["max_abs"] + 1e-4
+
+
 def test_sampler_custom_and_sampler_custom_advanced_give_ksamplers_result(checks):
     """Same sigmas, sampler, cfg and seed: the same frames (the seed reaches the window offsets through every
     sampler node)."""
