@@ -194,11 +194,13 @@ def lora_checks(handle, model) -> dict:
             if strength:
                 # Our Sampler's handle shares the UNet: making it ready takes the MODEL's LoRA off.
                 handle.ready()
+                plain = unet.state_dict()
                 results[f"{style}@{strength}"]["plain_after_sampler_ready"] = all(
-                    torch.equal(unet.state_dict()[k], original[k]) for k in original)
+                    torch.equal(plain[k], original[k]) for k in original)
             # Back to the plain weights, as loading the unpatched model does.
             comfy.model_management.load_models_gpu([model])
-            assert all(torch.equal(unet.state_dict()[k], original[k]) for k in original)
+            plain = unet.state_dict()
+            assert all(torch.equal(plain[k], original[k]) for k in original)
     return results
 
 
@@ -262,19 +264,25 @@ def partial_loading_check(handle, model) -> dict:
 
 
 def main():
+    import time
+
     handle, model, clip, vae = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype="fp32",
                                         attention="auto")
-    report = {
-        "outputs": [type(o).__name__ for o in (handle, model, clip, vae)],
-        "clip_vae": clip_and_vae_checks(),
-        "lora": lora_checks(handle, model),
+    report = {"outputs": [type(o).__name__ for o in (handle, model, clip, vae)], "seconds": {}}
+    checks = {
+        "clip_vae": clip_and_vae_checks,
+        "lora": lambda: lora_checks(handle, model),
         # One window a step, rotated by the drawn offset, at the official 30 steps.
-        "ksampler_30": ksampler_against_sampler(handle, model, num_frames=6, steps=30, seed=11),
+        "ksampler_30": lambda: ksampler_against_sampler(handle, model, num_frames=6, steps=30, seed=11),
         # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).
-        "ksampler_windows": ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
-                                                     with_custom_samplers=True),
+        "ksampler_windows": lambda: ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
+                                                             with_custom_samplers=True),
+        "partial_loading": lambda: partial_loading_check(handle, model),
     }
-    report["partial_loading"] = partial_loading_check(handle, model)
+    for name, check in checks.items():
+        start = time.perf_counter()
+        report[name] = check()
+        report["seconds"][name] = round(time.perf_counter() - start, 1)
     # benchmarks/bench_comfy.py as a CPU smoke test, in this process (ComfyUI is imported already).
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_comfy
