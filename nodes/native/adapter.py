@@ -145,7 +145,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         # Not a submodule (its VAE and text encoder are not ComfyUI's to place); its methods run the networks above.
         self.__dict__["xportrait"] = xportrait
         self.memory_usage_factor = 1.0
-        self._denoisers: dict[int, VideoDenoiser] = {}
+        self._denoisers: dict[int, tuple[XPortraitJob, VideoDenoiser]] = {}
         self._run_seed: Optional[int] = None
         self._warned_control = False
 
@@ -177,22 +177,22 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self._run_seed = None if seed is None else int(seed)
 
     def end_run(self) -> None:
-        for denoiser in self._denoisers.values():
+        for _job, denoiser in self._denoisers.values():
             denoiser.release()
         self._denoisers = {}
         self._run_seed = None
 
     def _denoiser(self, job: XPortraitJob) -> VideoDenoiser:
-        denoiser = self._denoisers.get(id(job))
-        if denoiser is None or denoiser.job is not job:
+        """This run's denoiser of a job (made on its first call): its offsets seeded by the sampler's seed."""
+        entry = self._denoisers.get(id(job))
+        if entry is None or entry[0] is not job:
             seed = job.seed if self._run_seed is None else self._run_seed
             denoiser = VideoDenoiser(self.xportrait, job.reference_latents,
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
                                      window=job.window, overlap=job.overlap, seed=seed)
-            denoiser.job = job
-            self._denoisers[id(job)] = denoiser
-        return denoiser
+            entry = self._denoisers[id(job)] = (job, denoiser)
+        return entry[1]
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         branches = kwargs.get(COND_KEY)

@@ -5,11 +5,7 @@ under ComfyUI's key names (`clip_l.*`, LDM `encoder.*` / `decoder.*`), so every 
 """
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger("xportrait")
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
