@@ -344,7 +344,7 @@ PREVIEW_NOTE = ("Every output of these examples comes after the Sampler, so a mi
 def basic_animation() -> Graph:
     g = Graph("xportrait_basic_animation")
     model = _model_loader(g)
-    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360)))
+    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 320), {"image": REFERENCE_FILE}, size=(320, 360)))
     reference = g.add(Node(3, "XPortraitLoadReference", (COLUMNS[1], 300), REFERENCE_WIDGETS, size=(320, 200)))
     parts, driving = _driving(g, 5, 720)
     motion = g.add(Node(8, "XPortraitExtractMotion", (COLUMNS[2], 560), MOTION_WIDGETS, size=(330, 200)))
@@ -375,7 +375,7 @@ def basic_animation() -> Graph:
 def multi_reference_identity() -> Graph:
     g = Graph("xportrait_multi_reference_identity")
     model = _model_loader(g)
-    first = g.add(Node(2, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360),
+    first = g.add(Node(2, "LoadImage", (COLUMNS[0], 320), {"image": REFERENCE_FILE}, size=(320, 360),
                        title="Reference 1 (animated)"))
     second = g.add(Node(3, "LoadImage", (COLUMNS[0], 720), {"image": SECOND_REFERENCE_FILE}, size=(320, 360),
                         title="Reference 2 (extra appearance)"))
@@ -423,7 +423,7 @@ def multi_reference_identity() -> Graph:
 def upscale_restore_paste_back() -> Graph:
     g = Graph("xportrait_upscale_restore_paste_back")
     model = _model_loader(g)
-    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360),
+    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 320), {"image": REFERENCE_FILE}, size=(320, 360),
                        title="Full photo"))
     reference = g.add(Node(3, "XPortraitLoadReference", (COLUMNS[1], 300), REFERENCE_WIDGETS, size=(320, 200)))
     parts, driving = _driving(g, 4, 720)
@@ -484,20 +484,18 @@ def _native_graph(g: Graph, sampler_widgets: dict, lora: bool) -> None:
     """X-Portrait under ComfyUI's KSampler: the loader's MODEL / CLIP / VAE, X-Portrait Conditioning, KSampler (through
     LoraLoaderModelOnly when `lora`), VAE Decode, video."""
     model = _model_loader(g)
-    photo = g.add(Node(2, "LoadImage", (40, 200), {"image": REFERENCE_FILE}, size=(320, 360)))
-    reference = g.add(Node(3, "XPortraitLoadReference", (400, 200), {"crop_margin": 0.5, "resolution": 512,
-                                                                     "mode": "crop"}, size=(320, 130)))
-    parts, driving = _driving(g, 4, 40, 620)
-    motion = g.add(Node(7, "XPortraitExtractMotion", (760, 420), {"best_frame": -1, "track_missed_faces": True},
-                        size=(320, 150)))
-    positive = g.add(Node(8, "CLIPTextEncode", (400, 380), {"text": ""}, size=(320, 100),
+    photo = g.add(Node(2, "LoadImage", (COLUMNS[0], 320), {"image": REFERENCE_FILE}, size=(320, 360)))
+    reference = g.add(Node(3, "XPortraitLoadReference", (COLUMNS[1], 320), REFERENCE_WIDGETS, size=(320, 200)))
+    parts, driving = _driving(g, 4, 720)
+    motion = g.add(Node(7, "XPortraitExtractMotion", (COLUMNS[2], 560), MOTION_WIDGETS, size=(330, 200)))
+    positive = g.add(Node(8, "CLIPTextEncode", (COLUMNS[2], TOP), {"text": ""}, size=(330, 100),
                           title="Prompt (official: empty)"))
-    negative = g.add(Node(9, "CLIPTextEncode", (400, 520), {"text": ""}, size=(320, 100),
+    negative = g.add(Node(9, "CLIPTextEncode", (COLUMNS[2], TOP + 170), {"text": ""}, size=(330, 100),
                           title="Negative prompt (official: empty)"))
-    conditioning = g.add(Node(10, "XPortraitConditioning", (760, 40), {"seed": 999, "window_overlap": 4},
-                              size=(340, 230)))
-    sampler = g.add(Node(11, "KSampler", (1140, 40), sampler_widgets, size=(320, 270)))
-    decode = g.add(Node(12, "VAEDecode", (1500, 40), size=(220, 50)))
+    conditioning = g.add(Node(10, "XPortraitConditioning", (COLUMNS[3], TOP), {"seed": 999, "window_overlap": 4},
+                              size=(330, 200)))
+    sampler = g.add(Node(11, "KSampler", (COLUMNS[4], TOP), sampler_widgets, size=(320, 280)))
+    decode = g.add(Node(12, "VAEDecode", (COLUMNS[4], TOP + 340), size=(320, 60)))
     g.link(photo, "IMAGE", reference, "image")
     g.link(reference, "reference", motion, "reference")
     g.link(driving, "IMAGE", motion, "driving_frames")
@@ -509,9 +507,9 @@ def _native_graph(g: Graph, sampler_widgets: dict, lora: bool) -> None:
     g.link(reference, "reference", conditioning, "reference")
     g.link(motion, "motion", conditioning, "motion")
     if lora:
-        loader = g.add(Node(15, "LoraLoaderModelOnly", (760, 320), {"lora_name": LCM_LORA_FILE,
-                                                                    "strength_model": 1.0},
-                            title="LCM-LoRA (SD1.5)", size=(340, 110)))
+        loader = g.add(Node(15, "LoraLoaderModelOnly", (COLUMNS[3], TOP + 280), {"lora_name": LCM_LORA_FILE,
+                                                                                 "strength_model": 1.0},
+                            title="LCM-LoRA (SD1.5)", size=(330, 110)))
         g.link(model, "model", loader, "model")
         g.link(loader, "MODEL", sampler, "model")
     else:
@@ -521,7 +519,7 @@ def _native_graph(g: Graph, sampler_widgets: dict, lora: bool) -> None:
     g.link(conditioning, "latent", sampler, "latent_image")
     g.link(sampler, "LATENT", decode, "samples")
     g.link(model, "vae", decode, "vae")
-    _save(g, 13, 1760, 40, (decode, "IMAGE"), parts, "xportrait/" + g.name.removeprefix("xportrait_"))
+    _save(g, 13, 5, (decode, "IMAGE"), parts, "xportrait/" + g.name.removeprefix("xportrait_"))
 
 
 NATIVE_NOTE = ("X-Portrait Conditioning gives the positive the reference and the motion (the negative neither, as "
@@ -529,14 +527,14 @@ NATIVE_NOTE = ("X-Portrait Conditioning gives the positive the reference and the
                "sampler noises (use denoise 1.0). The latent batch is the frame axis; 16-frame windows are cut "
                "inside the model, their offsets drawn from the sampler's seed. Any ComfyUI sampler and scheduler "
                "works; core context-window nodes, model patches and LoRA loaders apply to the MODEL. "
-               "Load X-Portrait Model's CLIP encodes the prompts (the official ones are empty); its VAE decodes.")
+               "X-Portrait Load Model's CLIP encodes the prompts (the official ones are empty); its VAE decodes.")
 
 
 def ksampler_animation() -> Graph:
     g = Graph("xportrait_ksampler")
     _native_graph(g, {"seed": 999, "steps": 30, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
                       "denoise": 1.0}, lora=False)
-    g.add(Node(16, "Note", (1140, 360), size=(460, 330), title="X-Portrait under KSampler", text=(
+    g.add(Node(16, "Note", (COLUMNS[3], 560), size=(330, 520), title="X-Portrait under KSampler", text=(
         "The basic animation, sampled by ComfyUI's KSampler.\n\n"
         f"1. Put {MODEL_FILE} (or its .safetensors conversion) in ComfyUI/models/xportrait.\n"
         "2. Load the portrait and the driving video; queue.\n\n"
@@ -550,7 +548,8 @@ def lcm_lora_animation() -> Graph:
     g = Graph("xportrait_lcm_lora")
     _native_graph(g, {"seed": 999, "steps": 6, "cfg": 1.0, "sampler_name": "lcm", "scheduler": "sgm_uniform",
                       "denoise": 1.0}, lora=True)
-    g.add(Node(16, "Note", (1140, 360), size=(460, 380), title="X-Portrait with the LCM-LoRA: 6 steps", text=(
+    g.add(Node(16, "Note", (COLUMNS[3], 560), size=(330, 560), title="X-Portrait with the LCM-LoRA: 6 steps",
+               text=(
         "Few-step X-Portrait: an SD1.5 LCM-LoRA on the X-Portrait UNet (the X-Portrait authors report that the "
         "model works with it), sampled by KSampler's lcm sampler at 6 steps and cfg 1 (one branch: no negative "
         "pass; the negative still has to come from X-Portrait Conditioning).\n\n"
