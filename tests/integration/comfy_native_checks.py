@@ -74,7 +74,6 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
                              with_custom_samplers: bool = False) -> dict:
     """KSampler (ddim, ddim_uniform, cfg 5) through the adapter against our DDIM on the same x_T and offsets."""
     from xportrait_core.sampling.guidance import GuidedDenoiser
-    from xportrait_core.sampling.initial_latents import model_alphas_cumprod
     from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
     reference, motion, context, uncond_context = stand_ins(num_frames, seed)
@@ -94,13 +93,13 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     sigma_0 = float(sigmas[0])
     x_T = (latent["samples"] * scale + sigma_0 * noise) / math.sqrt(1 + sigma_0 ** 2)
     job = positive[0][1]["xportrait"].job
-    denoiser = GuidedDenoiser(handle.model, job.reference_latents, global_hint=job.global_hint,
-                              local_hint=job.local_hint, guidance_scale=5.0, context=context,
-                              uncond_context=uncond_context, global_strength=job.global_strength,
-                              local_strength=job.local_strength)
+    denoiser = GuidedDenoiser.for_model(handle.model, job.reference_latents, global_hint=job.global_hint,
+                                        local_hint=job.local_hint, guidance_scale=5.0, context=context,
+                                        uncond_context=uncond_context, global_strength=job.global_strength,
+                                        local_strength=job.local_strength)
     timesteps = ddim_timesteps(steps)
     last = {}
-    ours = sample_ddim(denoiser, x_T, model_alphas_cumprod(handle.model), timesteps, window=16, overlap=4,
+    ours = sample_ddim(denoiser, x_T, handle.model.alphas_cumprod, timesteps, window=16, overlap=4,
                        generator=torch.Generator().manual_seed(seed),
                        on_step=lambda done, total, denoised: last.update(x0=denoised.clone()))
     custom = {}

@@ -1,19 +1,12 @@
 """X-Portrait as a plain noise predictor over a whole video, for samplers that are not ours (ComfyUI's KSampler).
 
-A host's sampler asks for eps of every frame at one timestep, for one or both official branches:
-
-    conditional   = model.eps_cond(window, t, context, reference bank, hints)    reference + both ControlNets
-    unconditional = model.eps_uncond(window, t, uncond_context)                 UNet + motion modules only
-
-(the official `controlnet_important` mode). The video is cut into windows of `window` frames overlapping by
-`overlap`, exactly as `sampler.window_indices` cuts it for our own DDIM, with one start offset drawn per timestep
-from a CPU generator seeded by the caller; eps is averaged over the windows covering each frame. Guidance is the
-host's: both branches come back separately. When both are asked for the same latents, each window runs them as
-one UNet batch (`XPortrait.eps_guided`), as our Sampler does.
-
-The reference latents are not noised (official), so the reference bank depends only on the timestep and the
-conditional text: it is computed once per timestep and shared by every window and both calls of that timestep.
-The ControlNets' hint features are computed once per video where they fit on the device (guidance.py's rule).
+A host's sampler asks for eps of every frame at one timestep, for one or both official branches, and applies
+guidance itself. This puts together the pieces our own Sampler runs on, so the math lives in one place:
+`branches.XPortraitBranches` (conditional: reference bank + both ControlNets; unconditional: UNet + motion
+modules; both in one UNet batch; the bank cached per timestep, the hint features encoded once) and
+`windows.windowed_eps` over `windows.window_indices` (16-frame windows overlapping by `overlap`, eps averaged per
+frame). One window start offset is drawn per timestep from a CPU generator seeded by the caller, as `sample_ddim`
+draws it, so the same seed gives the same offsets as our Sampler.
 """
 from __future__ import annotations
 
@@ -22,10 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..model.reference_bank import ReferenceBank
 from ..model.xportrait import XPortrait
-from .guidance import resident_hint_bytes
-from .sampler import effective_window, window_indices
+from .branches import XPortraitBranches
+from .windows import effective_window, window_indices, windowed_eps
 
 
 @dataclass(frozen=True)
@@ -37,13 +29,16 @@ class BranchInput:
     context: torch.Tensor
 
 
+def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape
+                      and torch.equal(a.to(b.device, b.dtype), b))
+
+
 class VideoDenoiser:
-    """eps of every frame for the requested branches at one integer timestep; see the module docstring.
+    """eps of every frame for the requested branches at one timestep; see the module docstring.
 
     reference_latents: (R, 4, h, w) scaled, not noised. global_hint / local_hint: (F, 3, H, W) in [-1, 1]
-    (None, or a strength of 0, skips that ControlNet). seed: seeds the window offsets, drawn as our sampler
-    draws them (`torch.randint(0, F, (1,))` per timestep), so the same seed gives the same offsets as
-    `sample_ddim(generator=torch.Generator().manual_seed(seed))` at eta 0.
+    (None, or a strength of 0, skips that ControlNet). seed: the window offsets' generator.
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
@@ -54,44 +49,26 @@ class VideoDenoiser:
             raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
         self.model = model
         self.reference_latents = reference_latents
-        self.global_strength = float(global_strength)
-        self.local_strength = float(local_strength)
-        self.global_hint = global_hint if global_hint is not None and self.global_strength != 0 else None
-        self.local_hint = local_hint if local_hint is not None and self.local_strength != 0 else None
+        self.hints = dict(global_hint=global_hint, local_hint=local_hint, global_strength=float(global_strength),
+                          local_strength=float(local_strength))
+        hint = global_hint if global_hint is not None else local_hint
+        self.num_frames = None if hint is None else len(hint)
         self.window = int(window)
         self.overlap = int(overlap)
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.hints_encoded = False
-        self._hints_ready = False
-        self._offset_t: Optional[int] = None
+        self._offset_t = None
         self._offset = 0
-        self._bank_key = None
-        self._bank: Optional[ReferenceBank] = None
-
-    @property
-    def num_frames(self) -> Optional[int]:
-        hint = self.global_hint if self.global_hint is not None else self.local_hint
-        return None if hint is None else len(hint)
+        self._branches: Optional[XPortraitBranches] = None
+        self._contexts: tuple = (None, None)
 
     def release(self) -> None:
         """Drop the cached bank and hint features (the end of a sampling run)."""
-        self._bank = self._bank_key = None
-        if self.hints_encoded:
-            self.global_hint = self.local_hint = None
-            self._hints_ready = False
+        if self._branches is not None:
+            self._branches.release()
+        self._branches = None
+        self._contexts = (None, None)
 
-    def _prepare_hints(self) -> None:
-        if self._hints_ready:
-            return
-        model = self.model
-        shown = [h for h in (self.global_hint, self.local_hint) if h is not None]
-        if shown and resident_hint_bytes(len(shown[0]), shown[0].shape[-1], model.dtype,
-                                         model.config.unet.model_channels, len(shown)) > 0:
-            self.global_hint, self.local_hint = model.encode_motion_hints(self.global_hint, self.local_hint)
-            self.hints_encoded = True
-        self._hints_ready = True
-
-    def window_offset(self, t: int, num_frames: int) -> int:
+    def window_offset(self, t, num_frames: int) -> int:
         """The start offset of timestep t's windows: drawn when t differs from the previous call's timestep (the
         conditional and unconditional calls of one step share it)."""
         if self._offset_t != t:
@@ -100,88 +77,74 @@ class VideoDenoiser:
             self._offset_t = t
         return self._offset
 
-    def reference_bank(self, t: int, context: torch.Tensor) -> ReferenceBank:
-        # A host may hand over a new tensor of the same text at every call: compared by value (77 tokens).
-        if (self._bank_key is None or self._bank_key[0] != t or self._bank_key[1].shape != context.shape
-                or not torch.equal(self._bank_key[1], context)):
-            self._bank = None
-            self._bank = self.model.reference_bank(self.reference_latents, t, context)
-            self._bank_key = (t, context)
-        return self._bank
-
-    def _hint_frames(self, hint: Optional[torch.Tensor], indices: torch.Tensor) -> Optional[torch.Tensor]:
-        if hint is None:
-            return None
-        return hint.index_select(0, indices.to(hint.device))
+    def _branches_for(self, context: torch.Tensor, uncond_context: Optional[torch.Tensor]) -> XPortraitBranches:
+        """The branches for these texts, made on first use (on the model's device, where the hint features are
+        encoded) and kept while the texts stay the same."""
+        cached_context, cached_uncond = self._contexts
+        if (self._branches is None or not _same(context, cached_context)
+                or (uncond_context is not None and not _same(uncond_context, cached_uncond))):
+            self.release()
+            self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
+                                               uncond_context=uncond_context, **self.hints)
+            self._contexts = (context, uncond_context)
+        return self._branches
 
     @torch.no_grad()
-    def __call__(self, t: int, branches: Sequence[BranchInput],
+    def __call__(self, t, branches: Sequence[BranchInput],
                  frame_indices: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
-        """eps (float32, like each branch's latents) per branch, in order.
+        """eps (float32, on each branch's latents' device) per branch, in order.
 
         frame_indices: the latents are already one window, of these frames of the video (a host that cuts the
-        windows itself, e.g. ComfyUI's context-window nodes): run that window as it is, with its frames' hints.
+        windows itself, e.g. ComfyUI's context-window nodes): that window runs as it is, with its frames' hints.
         """
         if not branches:
             return []
         num_frames = branches[0].latents.shape[0]
-        for branch in branches:
-            if branch.latents.shape != branches[0].latents.shape:
-                raise ValueError("every branch must hold the same video: got latents of shapes "
-                                 f"{[tuple(b.latents.shape) for b in branches]}")
-        video_frames = self.num_frames
+        if any(b.latents.shape != branches[0].latents.shape for b in branches):
+            raise ValueError("every branch must hold the same video: got latents of shapes "
+                             f"{[tuple(b.latents.shape) for b in branches]}")
         if frame_indices is not None:
             frame_indices = torch.as_tensor(list(frame_indices), dtype=torch.int64)
             if len(frame_indices) != num_frames:
                 raise ValueError(f"{len(frame_indices)} frame indices for a window of {num_frames} latents")
-            if video_frames is not None and (frame_indices.min() < 0 or frame_indices.max() >= video_frames):
-                raise ValueError(f"window frames {frame_indices.tolist()} outside the motion's {video_frames} frames")
-        elif video_frames is not None and video_frames != num_frames:
-            raise ValueError(f"the latents hold {num_frames} frames but the motion has {video_frames}: give the "
+            if self.num_frames is not None and (frame_indices.min() < 0 or frame_indices.max() >= self.num_frames):
+                raise ValueError(f"window frames {frame_indices.tolist()} outside the motion's {self.num_frames}")
+        elif self.num_frames is not None and self.num_frames != num_frames:
+            raise ValueError(f"the latents hold {num_frames} frames but the motion has {self.num_frames}: give the "
                              "sampler one latent per driving frame")
         window = num_frames if frame_indices is not None else min(self.window, num_frames)
         if window > self.model.config.motion.max_frames:
             raise ValueError(f"a window of {window} frames is longer than the motion modules' "
                              f"{self.model.config.motion.max_frames}")
-        self._prepare_hints()
-        t = int(t)
-        if frame_indices is not None:
-            plan = [(torch.arange(num_frames), frame_indices)]
-        else:
-            offset = self.window_offset(t, num_frames)
-            plan = [(indices, indices) for indices in window_indices(num_frames, self.window, self.overlap, offset)]
         conditional = [b for b in branches if b.conditional]
-        bank = self.reference_bank(t, conditional[0].context) if conditional else None
+        unconditional = [b for b in branches if not b.conditional]
+        # The reference net reads the conditional text; with no conditional branch asked for, no bank is made.
+        context = (conditional or unconditional)[0].context
+        parts = self._branches_for(context, unconditional[0].context if unconditional else None)
+
+        def single(branch: BranchInput):
+            return parts.cond if branch.conditional else parts.uncond
+
         # Both branches on the same latents (classifier-free guidance): one UNet batch per window.
-        pair = None
-        if len(branches) == 2 and branches[0].conditional != branches[1].conditional:
-            cond_index = 0 if branches[0].conditional else 1
-            if torch.equal(branches[0].latents, branches[1].latents):
-                pair = (cond_index, 1 - cond_index)
-        device = branches[0].latents.device
-        sums = [torch.zeros(b.latents.shape, dtype=torch.float32, device=device) for b in branches]
-        counts = torch.zeros(num_frames, dtype=torch.float32, device=device)
-        strengths = dict(global_strength=self.global_strength, local_strength=self.local_strength,
-                         hints_encoded=self.hints_encoded)
-        for positions, frames in plan:
-            idx = positions.to(device)
-            hints = dict(global_hint=self._hint_frames(self.global_hint, frames),
-                         local_hint=self._hint_frames(self.local_hint, frames), **strengths)
-            eps = [None] * len(branches)
-            if pair is not None:
-                cond, uncond = pair
-                x = branches[cond].latents.index_select(0, idx)
-                eps[cond], eps[uncond] = self.model.eps_guided(x, t, branches[cond].context,
-                                                               branches[uncond].context, bank, **hints)
-            else:
-                for i, branch in enumerate(branches):
-                    x = branch.latents.index_select(0, idx)
-                    if branch.conditional:
-                        eps[i] = self.model.eps_cond(x, t, branch.context, bank, **hints)
-                    else:
-                        eps[i] = self.model.eps_uncond(x, t, branch.context)
-            for total, part in zip(sums, eps):
-                total.index_add_(0, idx, part.to(device=device, dtype=torch.float32))
-            counts.index_add_(0, idx, torch.ones(len(positions), device=device))
-            del eps
-        return [total / counts.reshape(-1, 1, 1, 1) for total in sums]
+        pair = (len(branches) == 2 and len(conditional) == 1
+                and torch.equal(branches[0].latents, branches[1].latents)
+                and _same(conditional[0].context, parts.context))
+        if frame_indices is not None:  # one window, cut by the host
+            if pair:
+                both = parts.both(conditional[0].latents, t, frame_indices)
+                by_kind = {True: both[0], False: both[1]}
+                return [by_kind[b.conditional].float() for b in branches]
+            return [single(b)(b.latents, t, frame_indices).float() for b in branches]
+        windows = window_indices(num_frames, self.window, self.overlap, self.window_offset(t, num_frames))
+        if pair:
+            # windowed_eps averages one tensor: the two branches travel side by side on the channel axis.
+            channels = conditional[0].latents.shape[1]
+
+            def both(x2, t_, indices):
+                return torch.cat(parts.both(x2[:, :channels], t_, indices), dim=1)
+
+            x = conditional[0].latents
+            eps = windowed_eps(both, torch.cat([x, x], dim=1), t, windows)
+            by_kind = {True: eps[:, :channels], False: eps[:, channels:]}
+            return [by_kind[b.conditional] for b in branches]
+        return [windowed_eps(single(b), b.latents, t, windows) for b in branches]
