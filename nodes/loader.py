@@ -224,12 +224,10 @@ class LoadXPortraitModel:
             raise ValueError(f"{node}: {exc}") from None
         from xportrait_core.model.checkpoint import CheckpointError
 
-        operations = fast_operations()
-        if common.comfy_available():
-            from .native.operations import comfy_operations
+        from .native.operations import comfy_operations
 
-            # ComfyUI's layer classes: its partial loading and weight casting apply to every network.
-            operations = comfy_operations(weight_dtype, compute_device)
+        # Inside ComfyUI its layer classes, so its partial loading and weight casting apply to every network.
+        operations = comfy_operations(weight_dtype, compute_device) or fast_operations()
         warnings: list[str] = []
         try:
             model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device(),

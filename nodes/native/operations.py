@@ -9,9 +9,12 @@ import dataclasses
 
 def comfy_operations(weight_dtype, compute_device):
     """The pack's operations (its CUDA kernels where they apply) with ComfyUI's Linear, Conv2d, GroupNorm and
-    LayerNorm, as ComfyUI picks them for this weight dtype on this device."""
-    import comfy.model_management as mm
-    import comfy.ops
+    LayerNorm, as ComfyUI picks them for this weight dtype on this device; None outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+        import comfy.ops
+    except ImportError:
+        return None
 
     from xportrait_core.fast.operations import fast_operations
 

@@ -50,7 +50,8 @@ folder_paths.add_model_folder_path("loras", str(loras))
 
 def run_node(name, **inputs):
     cls = NODES[name] if name in NODES else comfy_nodes.NODE_CLASS_MAPPINGS[name]
-    return getattr(cls(), cls.FUNCTION)(**inputs)
+    result = getattr(cls(), cls.FUNCTION)(**inputs)
+    return result["result"] if isinstance(result, dict) else result  # a node that also shows text
 
 
 def stand_ins(num_frames: int, seed: int):
