@@ -243,7 +243,7 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
 
 
 def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:
-    """The MODEL output of Load X-Portrait Model."""
+    """The MODEL output of X-Portrait Load Model."""
     model = XPortraitComfyModel(xportrait, device=offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)

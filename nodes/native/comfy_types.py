@@ -1,4 +1,4 @@
-"""The ComfyUI types Load X-Portrait Model gives besides its own: MODEL (the adapter), CLIP and VAE.
+"""The ComfyUI types X-Portrait Load Model gives besides its own: MODEL (the adapter), CLIP and VAE.
 
 CLIP and VAE are ComfyUI's own classes, holding copies of the checkpoint's CLIP ViT-L text encoder and SD1.5 VAE
 under ComfyUI's key names (`clip_l.*`, LDM `encoder.*` / `decoder.*`), so every core node takes them.
@@ -59,5 +59,5 @@ def comfy_clip(xportrait):
     # CLIP's projection and logit scale are not part of the text transformer SD1.5 conditions on.
     missing = [k for k in missing if not k.endswith(("text_projection.weight", "logit_scale"))]
     if missing:
-        raise ValueError(f"Load X-Portrait Model: the checkpoint's text encoder lacks {', '.join(missing[:8])}")
+        raise ValueError(f"X-Portrait Load Model: the checkpoint's text encoder lacks {', '.join(missing[:8])}")
     return clip

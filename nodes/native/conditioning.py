@@ -19,7 +19,7 @@ def _with_branch(conditioning, name: str, branch):
 
 class XPortraitConditioning:
     DESCRIPTION = ("Makes X-Portrait samplable by KSampler, SamplerCustom and SamplerCustomAdvanced with the MODEL of "
-                   "Load X-Portrait Model: the positive conditioning gets the reference (attention bank) and the "
+                   "X-Portrait Load Model: the positive conditioning gets the reference (attention bank) and the "
                    "motion (both ControlNets), the negative gets neither, as the official code guides. The latent is "
                    "the reference's latent once per driving frame: sampled at denoise 1.0 it starts where the "
                    "official code starts (the reference noised to the last timestep). The latent batch is the frame "
@@ -37,7 +37,7 @@ class XPortraitConditioning:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From Load X-Portrait Model (its VAE encodes the "
+                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From X-Portrait Load Model (its VAE encodes the "
                                                                    "reference)."}),
                 "positive": ("CONDITIONING", {"tooltip": "Text of the conditional branch (CLIP Text Encode with the "
                                                          "loader's CLIP; the official prompt is empty)."}),
