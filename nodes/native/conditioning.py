@@ -26,6 +26,7 @@ class XPortraitConditioning:
                    "axis; 16-frame windows overlap by 'window_overlap' frames, their offsets seeded by the sampler's "
                    "seed, unless a context-window node cuts them.")
     CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("positive", "negative", "latent")
     OUTPUT_TOOLTIPS = ("For the sampler's positive: the text, the reference and the motion.",
