@@ -69,8 +69,8 @@ def reference(portrait):
 # ---- X-Portrait Load Model ------------------------------------------------------------------------------------
 
 def test_extra_keys_load_with_one_warning_on_the_node(models_dir):
-    (model,), text = run("XPortraitLoadModel", model_name="tiny_extra_keys.safetensors", dtype="fp32",
-                         attention="auto")
+    (model, *_comfy_types), text = run("XPortraitLoadModel", model_name="tiny_extra_keys.safetensors",
+                                       dtype="fp32", attention="auto")
     assert model.model.text_encoder is None
     # model_ema.* is a known training buffer, ignored silently; the two unknown keys are reported, once.
     assert text == ["Warning: 2 extra keys in the checkpoint are not part of X-Portrait and were ignored (e.g. "
