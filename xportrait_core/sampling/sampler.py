@@ -104,6 +104,11 @@ def _draw_noise(shape, generator: torch.Generator | None, like: torch.Tensor) ->
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device)
 
 
+# update(index, x, eps) -> (x at the next, lower timestep, predicted x_0): one step of a sampler, at
+# `timesteps[index]`, from the eps averaged over the step's windows.
+StepUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
 def sample_ddim(
     denoise: Denoiser,
@@ -133,8 +138,21 @@ def sample_ddim(
     on_step(steps_done, num_steps, denoised): after every step, with that step's prediction of x_0 for the whole
         video (float32, like x_T): what a host shows as a preview while sampling goes on.
     """
-    if x_T.ndim != 4:
-        raise ValueError(f"x_T must be (frames, channels, h, w), got {tuple(x_T.shape)}")
+    timesteps = check_timesteps(timesteps, alphas_cumprod)
+    alphas, alphas_prev, sigmas = ddim_parameters(alphas_cumprod, timesteps, eta)
+
+    def ddim_update(index: int, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = float(sigmas[index])
+        noise = _draw_noise(x.shape, generator, x) if sigma > 0 else None
+        return ddim_step(x, eps, float(alphas[index]), float(alphas_prev[index]), sigma, noise)
+
+    return sample_windowed(denoise, x_T, timesteps, ddim_update, window=window, overlap=overlap,
+                           window_offsets=window_offsets, generator=generator, callback=callback,
+                           should_cancel=should_cancel, on_step=on_step)
+
+
+def check_timesteps(timesteps: torch.Tensor | Sequence[int], alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """`timesteps` as a CPU int64 vector, refused unless strictly increasing and inside the schedule."""
     timesteps = torch.as_tensor(timesteps, dtype=torch.int64).cpu().reshape(-1)
     if timesteps.numel() == 0:
         raise ValueError("need at least one timestep")
@@ -142,6 +160,28 @@ def sample_ddim(
         raise ValueError("timesteps must be strictly increasing (sampling walks them backwards)")
     if timesteps[0] < 0 or timesteps[-1] >= alphas_cumprod.shape[0]:
         raise ValueError(f"timesteps must lie in [0, {alphas_cumprod.shape[0]})")
+    return timesteps
+
+
+def sample_windowed(
+    denoise: Denoiser,
+    x_T: torch.Tensor,
+    timesteps: torch.Tensor,
+    update: StepUpdate,
+    *,
+    window: int = 16,
+    overlap: int = 4,
+    window_offsets: torch.Tensor | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The loop every sampler shares: walk `timesteps` (checked, increasing) from the last, average eps over the
+    step's windows (`windows.windowed_eps`), and let `update` take the step. Arguments as `sample_ddim`; a sampler
+    draws its own noise from `generator` inside `update`, after the step's window offset."""
+    if x_T.ndim != 4:
+        raise ValueError(f"x_T must be (frames, channels, h, w), got {tuple(x_T.shape)}")
     num_frames = x_T.shape[0]
     num_steps = timesteps.numel()
     _, uses_offset = effective_window(num_frames, window, overlap)
@@ -150,7 +190,6 @@ def sample_ddim(
         offsets = _check_offsets(window_offsets, num_steps, num_frames)
     calls_per_step = windows_per_step(num_frames, window, overlap)
     total_calls = num_steps * calls_per_step
-    alphas, alphas_prev, sigmas = ddim_parameters(alphas_cumprod, timesteps, eta)
 
     x = x_T.to(torch.float32, copy=True)
     done = 0
@@ -174,10 +213,8 @@ def sample_ddim(
             # The traceback of the exception holds this frame: drop the partial latents before raising.
             del x
             raise SamplingCancelled(f"sampling cancelled after {done} of {total_calls} model calls")
-        sigma = float(sigmas[index])
-        noise = _draw_noise(x.shape, generator, x) if sigma > 0 else None
-        x, denoised = ddim_step(x, eps, float(alphas[index]), float(alphas_prev[index]), sigma, noise)
-        del eps, noise
+        x, denoised = update(index, x, eps)
+        del eps
         if on_step is not None:
             on_step(step + 1, num_steps, denoised)
         del denoised
