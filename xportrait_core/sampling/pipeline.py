@@ -35,6 +35,7 @@ from .initial_latents import (
     video_initial_latents,
 )
 from ..model.xportrait import XPortrait
+from .lcm import lcm_timesteps, sample_lcm
 from .sampler import UNIFORM, SamplingCancelled, ddim_timesteps, sample_ddim
 
 # Defaults of the official demo script (core/test_xportrait.py).
@@ -46,6 +47,10 @@ DEFAULT_WINDOW = 16
 # The official decodes 16 latents at a time. Frames decode independently, so the chunk changes memory, not
 # pixels: 4 frames a chunk peaked far lower than 16, at the same speed (benchmarks/NOTES.md).
 DECODE_CHUNK = 4
+# "ddim": the official sampler. "lcm": LCM multistep sampling, for a UNet with the LCM-LoRA merged (4-8 steps,
+# guidance 1-2, as the X-Portrait authors suggest).
+DDIM, LCM = "ddim", "lcm"
+SAMPLERS = (DDIM, LCM)
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -145,6 +150,7 @@ def animate_latents(
     should_cancel: Optional[CancelFn] = None,
     encode_chunk: int = DECODE_CHUNK,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    sampler: str = DDIM,
 ) -> torch.Tensor:
     """Sample the animation's latents: float32 (N, 4, R/8, R/8) on the model's device (scaled, VAE-ready).
 
@@ -159,7 +165,13 @@ def animate_latents(
     callback(done, total): after every model window call. should_cancel(): checked between model calls; raises
         sampler.SamplingCancelled. on_step(steps_done, steps, denoised): after every step, with its x_0 latents
         (for previews: see `preview_strip`).
+    sampler: "ddim" (official; `steps`, `eta` and `timestep_spacing` apply) or "lcm" (LCM multistep sampling on
+        its own schedule of `steps` timesteps, for a UNet with the LCM-LoRA merged: see `sampling/lcm.py`).
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == LCM and eta != 0:
+        raise ValueError(f"eta={eta:g} is DDIM's; the LCM sampler always draws fresh noise between steps (use eta 0)")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     g_hint, l_hint = _resolve_hints(motion, global_hint, local_hint)
@@ -177,7 +189,10 @@ def animate_latents(
         raise ValueError(f"window {window} is longer than the motion modules' {max_window} frames; "
                          f"use at most {max_window} (the model was trained on {model.config.motion.window})")
     context, uncond_context = _text_contexts(model, context, uncond_context, guidance_scale)
-    timesteps = ddim_timesteps(steps, timestep_spacing, model.config.schedule.num_timesteps)
+    if sampler == LCM:
+        timesteps = lcm_timesteps(steps, num_train_timesteps=model.config.schedule.num_timesteps)
+    else:
+        timesteps = ddim_timesteps(steps, timestep_spacing, model.config.schedule.num_timesteps)
     if generator is None:
         generator = torch.Generator()
         if seed is not None:
@@ -213,9 +228,11 @@ def animate_latents(
                 branches.banks = offload.precompute_reference_banks(
                     branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device))
         denoise = cuda_graphs.with_cuda_graphs(denoiser)
-        return sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, eta=eta, window=window,
-                           overlap=overlap, window_offsets=window_offsets, generator=generator, callback=callback,
-                           should_cancel=should_cancel, on_step=on_step)
+        windows = dict(window=window, overlap=overlap, window_offsets=window_offsets, generator=generator,
+                       callback=callback, should_cancel=should_cancel, on_step=on_step)
+        if sampler == LCM:
+            return sample_lcm(denoise, x_T, model.alphas_cumprod, timesteps, **windows)
+        return sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, eta=eta, **windows)
     except SamplingCancelled as error:
         message = str(error)
     finally:
