@@ -5,7 +5,8 @@
     python -m xportrait_core convert IN.th OUT.safetensors
 
 `animate` uses the official demo's defaults (30 DDIM steps, guidance 5, windows of 16 frames overlapping by 4,
-seed 999, best frame searched automatically, 512x512).
+seed 999, best frame searched automatically, 512x512). The few-step path: `--lora lcm-lora-sdv1-5.safetensors
+--sampler lcm` (6 steps, guidance 1.5 unless given).
 """
 from __future__ import annotations
 
@@ -120,10 +121,22 @@ class ProgressBar:
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[int]) -> None:
     from .sampling.pipeline import DEFAULT_GUIDANCE, DEFAULT_OVERLAP, DEFAULT_SEED, DEFAULT_WINDOW
 
+    from .sampling.lcm import DEFAULT_LCM_GUIDANCE, DEFAULT_LCM_STEPS
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (default {steps})")
-    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})")
+    g.add_argument("--sampler", choices=("ddim", "lcm"), default="ddim",
+                   help="'ddim' (official) or 'lcm': few-step LCM sampling, for a UNet with the SD1.5 LCM-LoRA "
+                        "merged (--lora)")
+    # Their defaults depend on --sampler: filled in after parsing (see _Parser).
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default {steps} for ddim, {DEFAULT_LCM_STEPS} for lcm)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g} for ddim, "
+                        f"{DEFAULT_LCM_GUIDANCE:g} for lcm; 1 skips the unconditional branch)")
+    p.set_defaults(ddim_steps=steps)
+    g.add_argument("--lora", action="append", default=[], type=_lora_argument, metavar="FILE[:STRENGTH]",
+                   help="merge an SD1.5 UNet LoRA (kohya or diffusers format) into the UNet at STRENGTH "
+                        "(default 1); repeatable")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     g.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
                    help=f"frames shared by neighbouring windows (default {DEFAULT_OVERLAP})")
@@ -145,6 +158,41 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[
                    help="driving frame aligned onto the reference: -1 search (default), -2 no alignment")
     g.add_argument("--fps", type=float, default=None, help="output frame rate (default: the driving video's)")
     g.add_argument("--quiet", action="store_true", help="no progress bars, notes or warnings (errors still show)")
+
+
+def _lora_argument(value: str) -> tuple[str, float]:
+    """FILE or FILE:STRENGTH -> (file, strength); a colon inside a path (C:\\...) stays part of it."""
+    path, strength = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            path, strength = head, float(tail)
+        except ValueError:
+            pass
+    if not Path(path).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"LoRA file not found: {path}")
+    return str(Path(path).expanduser()), strength
+
+
+def _fill_sampler_defaults(args: argparse.Namespace) -> None:
+    """--steps and --guidance default by --sampler: the official DDIM settings, or LCM's few steps."""
+    if getattr(args, "sampler", None) is None:
+        return
+    from .sampling.lcm import DEFAULT_LCM_GUIDANCE, DEFAULT_LCM_STEPS
+    from .sampling.pipeline import DEFAULT_GUIDANCE
+
+    lcm = args.sampler == "lcm"
+    if args.steps is None:
+        args.steps = DEFAULT_LCM_STEPS if lcm else args.ddim_steps
+    if args.guidance is None:
+        args.guidance = DEFAULT_LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE
+
+
+class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        _fill_sampler_defaults(namespace)
+        return namespace, extras
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -171,10 +219,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="python -m xportrait_core",
-                                     description="X-Portrait: animate a portrait with the motion of a driving video.")
+    parser = _Parser(prog="python -m xportrait_core",
+                     description="X-Portrait: animate a portrait with the motion of a driving video.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=argparse.ArgumentParser)
 
     a = commands.add_parser("animate", help="animate a reference portrait with a driving video",
                             description="Animate --reference with the motion of --driving; writes an mp4.")
@@ -279,6 +328,7 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device, operations=fast_operations())
+    apply_loras(model, args.lora, say)
     on_cuda = device.type == "cuda"
     if getattr(args, "compile", False) and not on_cuda:
         say(f"--compile applies on CUDA GPUs only: running uncompiled on {device}")
@@ -304,7 +354,7 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
         model, reference, global_hint=hints[0], local_hint=hints[1], steps=args.steps, guidance_scale=args.guidance,
         eta=args.eta, window=args.window, overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
         uncond_context=context, global_strength=args.global_strength, local_strength=args.local_strength,
-        callback=ProgressBar("sampling", enabled=show),
+        callback=ProgressBar("sampling", enabled=show), sampler=args.sampler,
     )
     del hints
     if not bool(torch.isfinite(latents).all()):
@@ -325,6 +375,15 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
                        audio_from=args.driving if run.keep_sound else None)
     say(f"wrote {path} ({latents.shape[0]} frames, {resolution}x{resolution})")
     return 0
+
+
+def apply_loras(model, loras, say=lambda message: None) -> None:
+    """Merge each --lora (file, strength) into the model's UNet, in order."""
+    from .model.lora import merge_lora_file
+
+    for path, strength in loras or ():
+        lora = merge_lora_file(model.unet, path, strength)
+        say(f"merged LoRA {Path(path).name} at strength {strength:g} ({len(lora.deltas)} UNet weights)")
 
 
 def _cmd_animate(args) -> int:

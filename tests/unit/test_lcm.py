@@ -131,3 +131,12 @@ def test_same_seed_same_latents_and_progress_and_cancel():
 def test_timesteps_must_increase():
     with pytest.raises(ValueError, match="increasing"):
         sample_lcm(toy_denoiser, torch.zeros(2, 4, 4, 4), ALPHAS, [999, 499], window=16, overlap=0)
+
+
+def test_pipeline_refuses_unknown_samplers_and_eta_with_lcm():
+    from xportrait_core.sampling.pipeline import animate_latents
+
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        animate_latents(None, None, sampler="euler")
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's"):
+        animate_latents(None, None, sampler="lcm", eta=0.5)

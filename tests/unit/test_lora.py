@@ -224,3 +224,67 @@ def test_files_needing_code_to_unpickle_are_refused(tmp_path, unet):
     (tmp_path / "lora.txt").write_text("x")
     with pytest.raises(LoraError, match="not a LoRA file"):
         load_unet_lora(tmp_path / "lora.txt", unet.config)
+
+
+def test_cli_lora_argument_parses_file_and_strength(tmp_path):
+    from xportrait_core import cli
+
+    path = tmp_path / "a:b.safetensors"  # a colon in the name stays part of it
+    path.write_bytes(b"")
+    argv = ["demo", "--lora", str(path), "--lora", f"{path}:0.25", "--lora", f"{path}:-1"]
+    args = cli.build_parser().parse_args(argv)
+    assert args.lora == [(str(path), 1.0), (str(path), 0.25), (str(path), -1.0)]
+    assert (args.sampler, args.steps, args.guidance) == ("ddim", 30, 5.0)
+    args = cli.build_parser().parse_args(["demo", "--sampler", "lcm"])
+    assert (args.sampler, args.steps, args.guidance, args.lora) == ("lcm", 6, 1.5, [])
+    args = cli.build_parser().parse_args(["demo", "--sampler", "lcm", "--steps", "4", "--guidance", "1"])
+    assert (args.steps, args.guidance) == (4, 1.0)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--lora", str(tmp_path / "missing.safetensors:0.5")])
+
+
+def test_cli_lora_gives_the_same_merged_weights_and_runs_lcm(tmp_path, tiny_model, golden_state_dict_path,
+                                                             source_image_path, driving_video_path, monkeypatch):
+    from xportrait_core import cli
+    from xportrait_core.sampling import pipeline
+
+    kohya, peft = tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors"
+    expected_kohya = write_kohya_lora(kohya, tiny_model.unet, rank=4, alpha=2.0, seed=6)
+    expected_peft = write_diffusers_lora(peft, tiny_model.unet, rank=2, seed=7)
+    seen = {}
+    real = pipeline.animate_latents
+
+    def recording(model, *args, **kwargs):
+        seen["unet"] = {k: v.clone() for k, v in model.unet.state_dict().items()}
+        seen["sampler"], seen["steps"] = kwargs["sampler"], kwargs["steps"]
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "animate_latents", recording)
+    out = tmp_path / "demo.mp4"
+    code = cli.main(["demo", "-o", str(out), "--weights", str(golden_state_dict_path), "--quiet",
+                     "--reference", str(source_image_path), "--driving", str(driving_video_path),
+                     "--frames", "2", "--decode-chunk", "2", "--sampler", "lcm", "--steps", "2",
+                     "--lora", f"{kohya}:0.6", "--lora", str(peft)])
+    assert code == 0 and out.is_file()
+    assert (seen["sampler"], seen["steps"]) == ("lcm", 2)
+    original = tiny_model.unet.state_dict()
+    for key, weight in original.items():
+        expected = weight + 0.6 * expected_kohya.get(key, 0) + expected_peft.get(key, 0)
+        torch.testing.assert_close(seen["unet"][key], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(seen["unet"]["input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"],
+                           original["input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"])
+
+
+def test_cli_refuses_a_file_that_is_not_a_lora(tmp_path, golden_state_dict_path, source_image_path,
+                                               driving_video_path, capsys):
+    from safetensors.torch import save_file
+
+    from xportrait_core import cli
+
+    path = tmp_path / "vae.safetensors"
+    save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(path))
+    code = cli.main(["demo", "-o", str(tmp_path / "o.mp4"), "--weights", str(golden_state_dict_path), "--quiet",
+                     "--reference", str(source_image_path), "--driving", str(driving_video_path),
+                     "--frames", "2", "--steps", "1", "--lora", str(path)])
+    assert code == 2
+    assert "vae.safetensors: not an SD1.5 UNet LoRA" in capsys.readouterr().err

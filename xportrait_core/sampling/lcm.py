@@ -27,7 +27,10 @@ ORIGINAL_INFERENCE_STEPS = 50
 # The consistency boundary condition's constants (LCM's defaults).
 TIMESTEP_SCALING = 10.0
 SIGMA_DATA = 0.5
+# Defaults of the command line and nodes for LCM: within the 4-8 steps and guidance 1-2 that the X-Portrait
+# authors give for the LCM-LoRA.
 DEFAULT_LCM_STEPS = 6
+DEFAULT_LCM_GUIDANCE = 1.5
 
 
 def lcm_timesteps(steps: int, original_inference_steps: int = ORIGINAL_INFERENCE_STEPS,
