@@ -383,7 +383,7 @@ def apply_loras(model, loras, say=lambda message: None) -> None:
 
     for path, strength in loras or ():
         lora = merge_lora_file(model.unet, path, strength)
-        say(f"merged LoRA {Path(path).name} at strength {strength:g} ({len(lora.deltas)} UNet weights)")
+        say(f"merged LoRA {Path(path).name} at strength {strength:g} ({len(lora.factors)} UNet weights)")
 
 
 def _cmd_animate(args) -> int:

@@ -137,6 +137,46 @@ def test_diffusers_lora_changes_weights_by_up_down_alpha_over_rank(tmp_path, une
     _assert_merged(before, unet.state_dict(), expected, 0.8)
 
 
+def test_other_spellings_attention_processors_comfyui_ldm_names_and_peft_default(tmp_path, unet):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(8)
+    shapes = dict(unet_weight_shapes(unet.config))
+    targets = {  # file module name -> our module
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q":
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out":
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0",
+        "diffusion_model.input_blocks.1.0.in_layers.2": "input_blocks.1.0.in_layers.2",
+        "base_model.model.up_blocks.1.attentions.0.proj_in": "output_blocks.3.1.proj_in",
+    }
+    suffixes = [("_lora.down.weight", "_lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
+                (".lora_down.weight", ".lora_up.weight"), (".lora_A.default.weight", ".lora_B.default.weight")]
+    tensors, expected = {}, {}
+    for (name, ours), suffix in zip(targets.items(), suffixes):
+        shape = shapes[ours]
+        down = torch.randn(3, *shape[1:], generator=g)
+        up = torch.randn(shape[0], 3, *([1, 1] if len(shape) == 4 else []), generator=g)
+        tensors[name + suffix[0]] = down
+        tensors[name + suffix[1]] = up
+        expected[ours + ".weight"] = (up.flatten(1) @ down.flatten(1)).reshape(shape)
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    lora = load_unet_lora(path, unet.config)
+    assert lora.file_modules == {name: ours + ".weight" for name, ours in targets.items()}
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    merge_lora_file(unet, path, 0.5)
+    _assert_merged_some(before, unet.state_dict(), expected, 0.5)
+
+
+def _assert_merged_some(before: dict, after: dict, expected: dict, strength: float):
+    for key, weight in before.items():
+        if key in expected:
+            torch.testing.assert_close(after[key], weight + strength * expected[key], rtol=1e-6, atol=1e-5)
+        else:
+            assert torch.equal(after[key], weight), key
+
+
 def test_strength_zero_changes_nothing(tmp_path, unet):
     path = tmp_path / "kohya.safetensors"
     write_kohya_lora(path, unet, rank=4, alpha=4.0, seed=3)
@@ -172,7 +212,7 @@ def test_unmatched_keys_are_reported_in_one_warning_line(tmp_path, unet, caplog)
     assert len(warnings) == 1
     assert "kohya.safetensors: 2 LoRA keys match no weight" in warnings[0].getMessage()
     assert "lora_unet_down_blocks_0_motion_modules_0_to_q" in warnings[0].getMessage()
-    assert len(lora.unmatched) == 2 and len(lora.deltas) > 250
+    assert len(lora.unmatched) == 2 and len(lora.factors) > 250
 
 
 def test_a_file_matching_nothing_is_refused_by_name(tmp_path, unet):

@@ -148,15 +148,20 @@ _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_2)?\.|te\d?\.|lora_te\d
 
 
 def _split_key(key: str) -> Optional[tuple[str, str]]:
+    """(module name as the file spells it, part) of a LoRA key; None for keys of no known part."""
     for suffix, part in _PARTS:
         if key.endswith(suffix):
-            module = key[: -len(suffix)]
-            if suffix.startswith("_lora."):
-                module = module.replace(".processor.", ".")
-                if module.endswith("to_out"):
-                    module += ".0"
-            return module, part
+            return key[: -len(suffix)], part
     return None
+
+
+def _normalise(module: str) -> str:
+    # Attention-processor LoRAs name `attn1.processor.to_q` and `attn1.processor.to_out`.
+    if ".processor." in module:
+        module = module.replace(".processor.", ".")
+        if module.endswith("to_out"):
+            module += ".0"
+    return module
 
 
 def _strip_prefixes(module: str) -> str:
@@ -196,61 +201,82 @@ def read_lora_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 # ---- LoRA -> weight deltas ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LoraFactors:
+    """One weight's LoRA: its change at strength 1 is scale * (up @ down), reshaped to the weight."""
+
+    up: torch.Tensor  # (out, rank)
+    down: torch.Tensor  # (rank, in * kernel)
+    scale: float  # alpha / rank
+    shape: torch.Size  # the weight's
+
+    def delta(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        up, down = self.up.to(device=device, dtype=dtype), self.down.to(device=device, dtype=dtype)
+        return (up @ down).reshape(self.shape) * self.scale
+
+
 @dataclass
 class UNetLora:
-    """A LoRA file as additions to UNet weights, at strength 1: `deltas[param name]` (float32, CPU), where the
-    parameter names are the UNet's own (`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`)."""
+    """A LoRA file as low-rank changes to UNet weights, `factors[param name]`, where the parameter names are the
+    UNet's own (`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`). `file_modules` gives, for each
+    module name as the file spells it (the key before `.lora_down.weight` etc.), the parameter it changes."""
 
     name: str
-    deltas: dict[str, torch.Tensor]
+    factors: dict[str, LoraFactors]
+    file_modules: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     text_encoder_keys: int = 0
 
+    def delta(self, key: str) -> torch.Tensor:
+        """The change of parameter `key` at strength 1 (float32, CPU)."""
+        return self.factors[key].delta()
+
 
 def unet_lora(state: dict[str, torch.Tensor], cfg: UNetConfig, name: str = "LoRA") -> UNetLora:
-    """The weight deltas a LoRA state dict makes to a UNet of config `cfg`; refuses one that matches nothing or
-    whose matrices do not fit the weights they name. Unmatched keys are listed (see `warn_unmatched`)."""
+    """What a LoRA state dict changes in a UNet of config `cfg`; refuses one that matches nothing or whose
+    matrices do not fit the weights they name. Unmatched keys are listed (see `warn_unmatched`)."""
     names = lora_module_names(cfg)
     shapes = unet_weight_shapes(cfg)
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    keys_of: dict[str, list[str]] = {}
+    file_modules: dict[str, str] = {}
     unmatched, text_keys = [], 0
     for key, value in state.items():
         if _TEXT_ENCODER.match(key):
             text_keys += 1
             continue
         split = _split_key(key)
-        module = names.get(_strip_prefixes(split[0])) if split else None
+        module = names.get(_strip_prefixes(_normalise(split[0]))) if split else None
         if module is None:
             unmatched.append(key)
             continue
         if split[1] in parts.setdefault(module, {}):
             raise LoraError(f"{name}: two keys give the same LoRA matrix of {module} ({split[1]}), e.g. {key}")
         parts[module][split[1]] = value
-        keys_of.setdefault(module, []).append(key)
-    deltas = {}
+        file_modules.setdefault(split[0], module)
+    first_key = {module: prefix for prefix, module in reversed(list(file_modules.items()))}
+    factors = {}
     for module, found in parts.items():
         if "down" not in found or "up" not in found:
             missing = "up" if "down" in found else "down"
-            raise LoraError(f"{name}: the LoRA of {keys_of[module][0]} has no {missing} matrix: the file is "
+            raise LoraError(f"{name}: the LoRA of {first_key[module]} has no {missing} matrix: the file is "
                             "incomplete or in a format this loader does not know")
         down, up = found["down"].float(), found["up"].float()
         rank = down.shape[0]
         shape = shapes[module]
         if up.ndim < 2 or up.shape[0] != shape[0] or up.flatten(1).shape[1] != rank or \
                 down.flatten(1).shape[1] * shape[0] != shape.numel():
-            raise LoraError(f"{name}: its LoRA for {keys_of[module][0]} has matrices {tuple(up.shape)} @ "
+            raise LoraError(f"{name}: its LoRA for {first_key[module]} has matrices {tuple(up.shape)} @ "
                             f"{tuple(down.shape)}, which do not fit the UNet weight {tuple(shape)}: "
                             "an SD1.5 LoRA is needed (SDXL and SD2 LoRAs do not fit)")
         alpha = float(found["alpha"]) if "alpha" in found else float(rank)
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(shape) * (alpha / rank)
-        deltas[module + ".weight"] = delta
-    if not deltas:
+        factors[module + ".weight"] = LoraFactors(up.flatten(1), down.flatten(1), alpha / rank, shape)
+    if not factors:
         example = f" (e.g. {unmatched[0]})" if unmatched else ""
         only_text = " it holds only text-encoder keys;" if text_keys and not unmatched else ""
         raise LoraError(f"{name}: not an SD1.5 UNet LoRA:{only_text} none of its {len(state)} keys names a weight "
                         f"of the X-Portrait UNet{example}")
-    return UNetLora(name, deltas, unmatched, text_keys)
+    file_modules = {prefix: module + ".weight" for prefix, module in file_modules.items()}
+    return UNetLora(name, factors, file_modules, unmatched, text_keys)
 
 
 def load_unet_lora(path: Union[str, os.PathLike], cfg: UNetConfig) -> UNetLora:
@@ -277,9 +303,10 @@ def merge_unet_lora(unet: torch.nn.Module, lora: UNetLora, strength: float = 1.0
     if strength == 0:
         return
     params = dict(unet.named_parameters())
-    for key, delta in lora.deltas.items():
+    for key, factors in lora.factors.items():
         weight = params[key]
-        merged = weight.float() + float(strength) * delta.to(weight.device)
+        # One weight's float32 change at a time: never a second UNet's worth of memory.
+        merged = weight.float() + float(strength) * factors.delta(device=weight.device)
         weight.copy_(merged.to(weight.dtype))
 
 
@@ -287,5 +314,5 @@ def merge_lora_file(unet: torch.nn.Module, path: Union[str, os.PathLike], streng
     """Read a LoRA file and merge it into `unet` (an X-Portrait UNet) in place; returns what was merged."""
     lora = load_unet_lora(path, unet.config)
     merge_unet_lora(unet, lora, strength)
-    log.info("merged %s into the UNet at strength %g (%d weights)", lora.name, strength, len(lora.deltas))
+    log.info("merged %s into the UNet at strength %g (%d weights)", lora.name, strength, len(lora.factors))
     return lora
