@@ -9,6 +9,9 @@ from .motion import check_motion
 from .reference import check_reference
 
 INITIAL_LATENTS = {"noised reference": "reference", "noise": "noise", "noised init frames": "video"}
+SAMPLERS = ("ddim", "lcm")
+# LCM's schedule picks its timesteps from the 50 it was distilled on.
+MAX_LCM_STEPS = 50
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 log = logging.getLogger("xportrait")
 
@@ -38,7 +41,9 @@ class Sampler:
     DESCRIPTION = ("Animates the reference with the motion: DDIM (official schedule) with classifier-free guidance "
                    "over 16-frame windows that overlap by 'window_overlap' frames. The conditional branch sees the "
                    "reference (attention bank) and both motion ControlNets; the unconditional branch neither. "
-                   "Seed 999, 30 steps, guidance 5 and overlap 4 are the official demo's settings.")
+                   "Seed 999, 30 steps, guidance 5 and overlap 4 are the official demo's settings. With the "
+                   "LCM-LoRA (X-Portrait Load LoRA), the 'lcm' sampler at 4-8 steps and guidance 1-2 is the "
+                   "few-step path.")
     CATEGORY = common.CATEGORY
     SEARCH_ALIASES = common.SEARCH_ALIASES
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -59,7 +64,8 @@ class Sampler:
                                  "tooltip": "Seeds every random draw (reference posterior, initial latents, window "
                                             "offsets): the same seed gives the same frames."}),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 1000,
-                                  "tooltip": "DDIM steps on the official uniform schedule (30 runs 31 timesteps)."}),
+                                  "tooltip": "Sampling steps: with ddim, on the official uniform schedule (30 runs 31 "
+                                             "timesteps); with lcm, 4-8."}),
                 "guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                        "tooltip": "Classifier-free guidance scale (official: 5). 1 skips the "
                                                   "unconditional branch."}),
@@ -84,12 +90,16 @@ class Sampler:
                                "frame per driving frame at the reference crop's framing (e.g. another animator's "
                                "output for the same crop, as the official face-vid2vid option); resized to the "
                                "reference's resolution."}),
+                "sampler": (list(SAMPLERS), {
+                    "default": "ddim",
+                    "tooltip": "ddim: the official sampler. lcm: few-step LCM sampling, for a model with the SD1.5 "
+                               "LCM-LoRA applied (X-Portrait Load LoRA); set steps to 4-8 and guidance to 1-2."}),
             },
         }
 
     def sample(self, xportrait_model, reference, motion, seed: int = 999, steps: int = 30, guidance: float = 5.0,
                window_overlap: int = 4, initial_latents: str = "noised reference", positive=None, negative=None,
-               init_frames=None):
+               init_frames=None, sampler: str = "ddim"):
         node = "X-Portrait Sampler"
         handle = check_model(xportrait_model, node)
         reference = check_reference(reference, node)
@@ -98,9 +108,12 @@ class Sampler:
         # inputs are not checked there at all.
         checked = common.check_widgets(type(self), {"seed": seed, "steps": steps, "guidance": guidance,
                                                     "window_overlap": window_overlap,
-                                                    "initial_latents": initial_latents}, node)
+                                                    "initial_latents": initial_latents, "sampler": sampler}, node)
         if checked is not True:
             raise ValueError(checked)
+        if sampler == "lcm" and int(steps) > MAX_LCM_STEPS:
+            raise ValueError(f"{node}: the lcm sampler takes at most {MAX_LCM_STEPS} steps (it is meant for 4-8); "
+                             f"got {steps}: lower steps, or use ddim")
         if reference.resolution != motion.resolution:
             raise ValueError(f"{node}: the reference is {reference.resolution}px but the motion was extracted at "
                              f"{motion.resolution}px: connect the same reference to Extract Motion and the Sampler")
@@ -148,7 +161,8 @@ class Sampler:
                 steps=int(steps), guidance_scale=float(guidance), overlap=int(window_overlap), seed=int(seed),
                 init=init, init_frames=init_frames, context=context, uncond_context=uncond_context,
                 global_strength=motion.global_strength, local_strength=motion.local_strength,
-                callback=on_model_call, should_cancel=should_cancel, on_step=on_step if previewer else None)
+                callback=on_model_call, should_cancel=should_cancel, on_step=on_step if previewer else None,
+                sampler=sampler)
             frames = []
             for index, chunk in enumerate(iter_frames(model, latents, decode_chunk, should_cancel)):
                 frames.append(chunk)

@@ -29,6 +29,7 @@ NODE_NAMES = {
     "XPortraitPasteBack": "X-Portrait Paste Back",
     "XPortraitWriteVideo": "X-Portrait Write Video (streaming)",
     "XPortraitConditioning": "X-Portrait Conditioning",
+    "XPortraitLoadLoRA": "X-Portrait Load LoRA",
 }
 
 
@@ -47,8 +48,16 @@ def models_dir(tmp_path_factory, golden_state_dict_path):
     save_file({"weight": torch.zeros(4, 4)}, str(folder / "not_xportrait.safetensors"))
     (folder / "garbage.ckpt").write_bytes(b"this is not a checkpoint")
     (folder / "readme.txt").write_text("not listed")
+    loras = tmp_path_factory.mktemp("models_loras")
+    from lora_files import write_kohya_lora
+    from xportrait_core.model.checkpoint import load_xportrait
+
+    # X-Portrait Load LoRA lists ComfyUI's models/loras (here XPORTRAIT_LORAS_DIR): one LoRA for the tiny UNet.
+    write_kohya_lora(loras / "tiny_lora.safetensors", load_xportrait(golden_state_dict_path).unet, rank=4, alpha=2.0,
+                     seed=9)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XPORTRAIT_MODELS_DIR", str(folder))
+        patch.setenv("XPORTRAIT_LORAS_DIR", str(loras))
         yield folder
     from xportrait_core.model.attention import set_attention_backend
 
@@ -313,6 +322,46 @@ def test_sampler_is_the_core_pipeline(tiny, reference, motion):
     other, _ = run_node("XPortraitSampler", xportrait_model=tiny, reference=ref, motion=motion_obj,
                         positive=zero_conditioning(), negative=None, **{**SAMPLER_ARGS, "seed": 8})
     assert not torch.equal(frames, other), "the seed reaches the sampler"
+
+
+def test_lora_node_and_lcm_sampler_are_the_core_path(tiny, reference, motion, models_dir, tmp_path, monkeypatch):
+    """X-Portrait Load LoRA gives a model with the LoRA merged into its own UNet copy (the input model and every
+    other network untouched and shared); the Sampler's 'lcm' choice is the pipeline's LCM sampler, bit for bit."""
+    from lora_files import write_kohya_lora
+
+    from xportrait_core.sampling.pipeline import animate_latents
+
+    monkeypatch.setenv("XPORTRAIT_LORAS_DIR", str(tmp_path))
+    expected = write_kohya_lora(tmp_path / "lcm.safetensors", tiny.model.unet, rank=4, alpha=2.0, seed=10)
+    original = {k: v.clone() for k, v in tiny.model.unet.state_dict().items()}
+    assert "lcm.safetensors" in node_classes()["XPortraitLoadLoRA"].INPUT_TYPES()["required"]["lora_name"][0]
+    (with_lora,) = run_node("XPortraitLoadLoRA", xportrait_model=tiny, lora_name="lcm.safetensors", strength=0.5)
+    (again,) = run_node("XPortraitLoadLoRA", xportrait_model=tiny, lora_name="lcm.safetensors", strength=0.5)
+    merged, base = with_lora.model.unet.state_dict(), tiny.model.unet.state_dict()
+    for key, weight in original.items():
+        assert torch.equal(base[key], weight), "the input model is unchanged"
+        torch.testing.assert_close(merged[key], weight + 0.5 * expected.get(key, 0), rtol=1e-6, atol=1e-6)
+        assert torch.equal(again.model.unet.state_dict()[key], merged[key]), "re-running merges once"
+    assert with_lora.model.reference_net is tiny.model.reference_net and with_lora.model.vae is tiny.model.vae
+    assert with_lora.model.unet is not tiny.model.unet
+    with pytest.raises(FileNotFoundError, match="X-Portrait Load LoRA: .*not found"):
+        run_node("XPortraitLoadLoRA", xportrait_model=tiny, lora_name="missing.safetensors", strength=1.0)
+
+    ref, motion_obj = reference[0], motion[0]
+    context = zero_conditioning()[0][0]
+    args = {**SAMPLER_ARGS, "guidance": 1.5}
+    _, latent = run_node("XPortraitSampler", xportrait_model=with_lora, reference=ref, motion=motion_obj,
+                         positive=zero_conditioning(), negative=None, sampler="lcm", **args)
+    latents = animate_latents(with_lora.model, ref.prepared, motion_obj.hints, steps=STEPS, guidance_scale=1.5,
+                              overlap=4, seed=7, context=context, uncond_context=context, sampler="lcm")
+    scale = tiny.config.vae.scale_factor
+    torch.testing.assert_close(latent["samples"] * scale, latents, rtol=1e-6, atol=1e-7)
+    _, ddim = run_node("XPortraitSampler", xportrait_model=with_lora, reference=ref, motion=motion_obj,
+                       positive=zero_conditioning(), negative=None, **args)
+    assert not torch.allclose(ddim["samples"], latent["samples"]), "the sampler choice reaches the pipeline"
+    with pytest.raises(ValueError, match="lcm sampler takes at most 50 steps"):
+        run_node("XPortraitSampler", xportrait_model=with_lora, reference=ref, motion=motion_obj,
+                 sampler="lcm", **{**args, "steps": 60})
 
 
 def test_sampler_starts_from_init_frames_when_asked(tiny, reference, motion, caplog):

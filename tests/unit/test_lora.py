@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ from xportrait_core.model.lora import (
     unet_weight_shapes,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_files import write_diffusers_lora, write_kohya_lora  # noqa: E402
+from lora_files import write_diffusers_lora, write_kohya_lora
 
 
 def _diffusers_unet(cfg):

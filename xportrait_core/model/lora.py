@@ -316,3 +316,18 @@ def merge_lora_file(unet: torch.nn.Module, path: Union[str, os.PathLike], streng
     merge_unet_lora(unet, lora, strength)
     log.info("merged %s into the UNet at strength %g (%d weights)", lora.name, strength, len(lora.factors))
     return lora
+
+
+def with_merged_unet(model, lora: UNetLora, strength: float = 1.0):
+    """A new X-Portrait model whose UNet is a copy of `model`'s with the LoRA merged; every other network (reference
+    net, ControlNets, VAE, text encoder) is shared with `model`, which is left unchanged."""
+    import copy
+
+    merged = copy.copy(model)
+    # nn.Module keeps its children in dicts that a shallow copy would share: give the copy its own.
+    merged._modules = dict(model._modules)
+    merged._parameters = dict(model._parameters)
+    merged._buffers = dict(model._buffers)
+    merged.unet = copy.deepcopy(model.unet)
+    merge_unet_lora(merged.unet, lora, strength)
+    return merged
