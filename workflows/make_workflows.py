@@ -561,8 +561,41 @@ def lcm_lora_animation() -> Graph:
     return g
 
 
+def lcm_lora_sampler_animation() -> Graph:
+    """The basic animation in 6 steps: the LCM-LoRA on the UNet (X-Portrait Load LoRA), the Sampler's lcm."""
+    g = Graph("xportrait_lcm_lora_sampler")
+    model = _model_loader(g)
+    lora = g.add(Node(2, "XPortraitLoadLoRA", (COLUMNS[1], TOP), {"lora_name": LCM_LORA_FILE, "strength": 1.0},
+                      title="LCM-LoRA (SD1.5)", size=(320, 110)))
+    photo = g.add(Node(3, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360)))
+    reference = g.add(Node(4, "XPortraitLoadReference", (COLUMNS[1], 300), REFERENCE_WIDGETS, size=(320, 200)))
+    parts, driving = _driving(g, 5, 720)
+    motion = g.add(Node(8, "XPortraitExtractMotion", (COLUMNS[2], 560), MOTION_WIDGETS, size=(330, 200)))
+    sampler = g.add(Node(9, "XPortraitSampler", (COLUMNS[3], TOP),
+                         {**SAMPLER_WIDGETS, "steps": 6, "guidance": 1.5, "sampler": "lcm"}, size=(320, 310)))
+    g.link(model, "xportrait_model", lora, "xportrait_model")
+    g.link(lora, "xportrait_model", sampler, "xportrait_model")
+    g.link(photo, "IMAGE", reference, "image")
+    g.link(reference, "reference", motion, "reference")
+    g.link(driving, "IMAGE", motion, "driving_frames")
+    g.link(reference, "reference", sampler, "reference")
+    g.link(motion, "motion", sampler, "motion")
+    _save(g, 10, 4, (sampler, "frames"), parts, "xportrait/lcm_animation")
+    g.add(Node(12, "Note", (COLUMNS[2], TOP), size=(330, 450), title="X-Portrait with the LCM-LoRA: 6 steps", text=(
+        "Few-step X-Portrait without KSampler: the SD1.5 LCM-LoRA merged into the X-Portrait UNet (the "
+        "X-Portrait authors report that the model works with it) and the Sampler's 'lcm' sampler.\n\n"
+        "The LoRA: latent-consistency/lcm-lora-sdv1-5 (its pytorch_lora_weights.safetensors), saved as "
+        f"ComfyUI/models/loras/{LCM_LORA_FILE} and picked in X-Portrait Load LoRA. It changes the denoising UNet "
+        "only; the reference net and the ControlNets keep their weights, and the model from X-Portrait Load "
+        "Model stays as it was for any other Sampler.\n\n"
+        "4 to 8 steps, guidance 1 to 2 (1 skips the unconditional branch). Set the Sampler back to ddim, 30 steps "
+        "and guidance 5 (and bypass the LoRA) for the official schedule.\n\n" + PREVIEW_NOTE + "\n\n"
+        + VIDEO_NOTE)))
+    return g
+
+
 GRAPHS = (basic_animation, multi_reference_identity, upscale_restore_paste_back, ksampler_animation,
-          lcm_lora_animation)
+          lcm_lora_animation, lcm_lora_sampler_animation)
 
 
 def build_all() -> dict[str, tuple[dict, dict]]:

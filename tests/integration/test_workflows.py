@@ -21,6 +21,7 @@ UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_a
 FILE_COMBOS = {
     ("XPortraitLoadModel", "model_name"): (".th", ".ckpt", ".pt", ".safetensors"),
     ("LoraLoaderModelOnly", "lora_name"): (".safetensors", ".pt", ".ckpt"),
+    ("XPortraitLoadLoRA", "lora_name"): (".safetensors", ".pt", ".ckpt", ".pth", ".bin"),
     ("LoadImage", "image"): (".png", ".jpg", ".jpeg", ".webp"),
     ("LoadVideo", "file"): (".mp4", ".webm", ".mov", ".mkv"),
 }
@@ -52,6 +53,10 @@ def test_there_are_five_workflow_pairs_covering_every_node():
     names = [p.stem for p in UI_FILES]
     assert names == ["xportrait_basic_animation", "xportrait_ksampler", "xportrait_lcm_lora",
                      "xportrait_multi_reference_identity", "xportrait_upscale_restore_paste_back"]
+def test_there_are_four_workflow_pairs_covering_every_node():
+    names = [p.stem for p in UI_FILES]
+    assert names == ["xportrait_basic_animation", "xportrait_lcm_lora_sampler", "xportrait_multi_reference_identity",
+                     "xportrait_upscale_restore_paste_back"]
     used = set()
     for path in UI_FILES:
         assert (WORKFLOWS / f"{path.stem}_api.json").is_file(), f"{path.name} has no API-format twin"
