@@ -119,9 +119,8 @@ class ProgressBar:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[int]) -> None:
-    from .sampling.pipeline import DEFAULT_GUIDANCE, DEFAULT_OVERLAP, DEFAULT_SEED, DEFAULT_WINDOW
-
     from .sampling.lcm import DEFAULT_LCM_GUIDANCE, DEFAULT_LCM_STEPS
+    from .sampling.pipeline import DEFAULT_GUIDANCE, DEFAULT_OVERLAP, DEFAULT_SEED, DEFAULT_WINDOW
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", choices=("ddim", "lcm"), default="ddim",

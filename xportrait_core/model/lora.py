@@ -177,25 +177,29 @@ def _strip_prefixes(module: str) -> str:
 def read_lora_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA file on the CPU: safetensors, or a torch file read with weights_only (never
     unpickling code)."""
-    from .checkpoint import CheckpointError, read_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
     if path.suffix.lower() not in LORA_SUFFIXES:
         raise LoraError(f"{path.name}: not a LoRA file (expected one of {', '.join(LORA_SUFFIXES)})")
-    if path.suffix.lower() == ".bin":
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise LoraError(f"{path.name}: cannot be read as a weights-only torch file ({exc})") from exc
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise LoraError(f"{path.name}: does not hold a state dict of tensors")
-        return data
     try:
-        return read_state_dict(path)
-    except CheckpointError as exc:
-        raise LoraError(str(exc).replace("checkpoint", "LoRA file")) from exc
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # torch's own message for a pickled object suggests loading it with code: name only the object.
+        needs_code = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
+        detail = needs_code.group(0) if needs_code else f"{type(exc).__name__}: {exc}"
+        raise LoraError(f"{path.name}: cannot be read as a safetensors or weights-only torch file ({detail}); "
+                        "files that need code to unpickle are refused") from exc
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise LoraError(f"{path.name}: does not hold a state dict of tensors")
+    return data
 
 
 # ---- LoRA -> weight deltas ------------------------------------------------------------------------------------
