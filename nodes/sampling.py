@@ -10,8 +10,6 @@ from .reference import check_reference
 
 INITIAL_LATENTS = {"noised reference": "reference", "noise": "noise", "noised init frames": "video"}
 SAMPLERS = ("ddim", "lcm")
-# LCM's schedule picks its timesteps from the 50 it was distilled on.
-MAX_LCM_STEPS = 50
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 log = logging.getLogger("xportrait")
 
@@ -111,9 +109,13 @@ class Sampler:
                                                     "initial_latents": initial_latents, "sampler": sampler}, node)
         if checked is not True:
             raise ValueError(checked)
-        if sampler == "lcm" and int(steps) > MAX_LCM_STEPS:
-            raise ValueError(f"{node}: the lcm sampler takes at most {MAX_LCM_STEPS} steps (it is meant for 4-8); "
-                             f"got {steps}: lower steps, or use ddim")
+        if sampler == "lcm":
+            from xportrait_core.sampling.lcm import ORIGINAL_INFERENCE_STEPS
+
+            # LCM's schedule picks its timesteps from the ones it was distilled on.
+            if int(steps) > ORIGINAL_INFERENCE_STEPS:
+                raise ValueError(f"{node}: the lcm sampler takes at most {ORIGINAL_INFERENCE_STEPS} steps (it is "
+                                 f"meant for 4-8); got {steps}: lower steps, or use ddim")
         if reference.resolution != motion.resolution:
             raise ValueError(f"{node}: the reference is {reference.resolution}px but the motion was extracted at "
                              f"{motion.resolution}px: connect the same reference to Extract Motion and the Sampler")
