@@ -79,6 +79,7 @@ class LoadLoRA:
                    "1-2. The reference net and the motion ControlNets are left as they are; the input model is "
                    "not changed, so other branches of the graph keep the plain model.")
     CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES + ["lora", "lcm"]
     RETURN_TYPES = (common.MODEL_TYPE,)
     RETURN_NAMES = ("xportrait_model",)
     OUTPUT_TOOLTIPS = ("The X-Portrait model with the LoRA on its UNet, for the Sampler.",)
@@ -88,7 +89,7 @@ class LoadLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From Load X-Portrait Model (or another "
+                "xportrait_model": (common.MODEL_TYPE, {"tooltip": "From X-Portrait Load Model (or another "
                                                                    "X-Portrait Load LoRA, to stack LoRAs)."}),
                 "lora_name": (list_lora_files(), {
                     "tooltip": "An SD1.5 LoRA in ComfyUI/models/loras, e.g. the LCM-LoRA "
@@ -101,6 +102,10 @@ class LoadLoRA:
 
     def load(self, xportrait_model, lora_name: str, strength: float = 1.0):
         handle = check_model(xportrait_model, NODE)
+        # NaN passes ComfyUI's range check, and a widget turned into an input is not checked at queue time.
+        checked = common.check_widgets(type(self), {"strength": strength}, NODE)
+        if checked is not True:
+            raise ValueError(checked)
         path = lora_file_path(lora_name)
 
         from xportrait_core.model.lora import LoraError, read_lora_file, unet_lora, warn_unmatched, with_merged_unet

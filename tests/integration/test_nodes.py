@@ -346,6 +346,8 @@ def test_lora_node_and_lcm_sampler_are_the_core_path(tiny, reference, motion, mo
     assert with_lora.model.unet is not tiny.model.unet
     with pytest.raises(FileNotFoundError, match="X-Portrait Load LoRA: .*not found"):
         run_node("XPortraitLoadLoRA", xportrait_model=tiny, lora_name="missing.safetensors", strength=1.0)
+    with pytest.raises(ValueError, match="X-Portrait Load LoRA: strength must be a finite number"):
+        run_node("XPortraitLoadLoRA", xportrait_model=tiny, lora_name="lcm.safetensors", strength=float("nan"))
 
     ref, motion_obj = reference[0], motion[0]
     context = zero_conditioning()[0][0]
