@@ -567,7 +567,7 @@ def lcm_lora_sampler_animation() -> Graph:
     model = _model_loader(g)
     lora = g.add(Node(2, "XPortraitLoadLoRA", (COLUMNS[1], TOP), {"lora_name": LCM_LORA_FILE, "strength": 1.0},
                       title="LCM-LoRA (SD1.5)", size=(320, 110)))
-    photo = g.add(Node(3, "LoadImage", (COLUMNS[0], 300), {"image": REFERENCE_FILE}, size=(320, 360)))
+    photo = g.add(Node(3, "LoadImage", (COLUMNS[0], 320), {"image": REFERENCE_FILE}, size=(320, 360)))
     reference = g.add(Node(4, "XPortraitLoadReference", (COLUMNS[1], 300), REFERENCE_WIDGETS, size=(320, 200)))
     parts, driving = _driving(g, 5, 720)
     motion = g.add(Node(8, "XPortraitExtractMotion", (COLUMNS[2], 560), MOTION_WIDGETS, size=(330, 200)))

@@ -49,13 +49,10 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_there_are_five_workflow_pairs_covering_every_node():
+def test_there_are_six_workflow_pairs_covering_every_node():
     names = [p.stem for p in UI_FILES]
     assert names == ["xportrait_basic_animation", "xportrait_ksampler", "xportrait_lcm_lora",
-                     "xportrait_multi_reference_identity", "xportrait_upscale_restore_paste_back"]
-def test_there_are_four_workflow_pairs_covering_every_node():
-    names = [p.stem for p in UI_FILES]
-    assert names == ["xportrait_basic_animation", "xportrait_lcm_lora_sampler", "xportrait_multi_reference_identity",
+                     "xportrait_lcm_lora_sampler", "xportrait_multi_reference_identity",
                      "xportrait_upscale_restore_paste_back"]
     used = set()
     for path in UI_FILES:
