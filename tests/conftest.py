@@ -92,3 +92,33 @@ def driving_frames(driving_video_path):
     from xportrait_core.media.video_io import read_video
 
     return read_video(driving_video_path)[0]
+
+
+# ---- a real ComfyUI (tests/comfyui_server.py) --------------------------------------------------------------------
+from comfyui_server import comfyui  # noqa: E402,F401  (the session fixture, for every test module)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: starts a real ComfyUI (COMFYUI_PATH); see tests/comfyui_server.py")
+
+
+_PARTS: dict[str, dict[str, float]] = {}
+
+
+def pytest_runtest_logreport(report):
+    part = _PARTS.setdefault("ComfyUI tests" if "comfyui" in report.keywords else "pack tests",
+                             dict.fromkeys(("seconds", "passed", "failed", "error", "skipped"), 0))
+    part["seconds"] += report.duration
+    if report.when == "call" and report.passed:
+        part["passed"] += 1
+    elif report.failed:
+        part["failed" if report.when == "call" else "error"] += 1
+    elif report.skipped:
+        part["skipped"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per part of the suite with its time and counts, so that the CI log shows what ran where."""
+    for name, part in sorted(_PARTS.items()):
+        counts = ", ".join(f"{int(part[k])} {k}" for k in ("passed", "failed", "error", "skipped"))
+        terminalreporter.write_line(f"{name}: {counts} in {part['seconds']:.0f}s")

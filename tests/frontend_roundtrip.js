@@ -1,6 +1,6 @@
 // Loads UI-format workflows into a running ComfyUI's real frontend (headless Chromium via playwright-core) and
 // prints, per file, the node types the frontend does not know, the API-format prompt the UI would queue
-// (app.graphToPrompt) and the graph as the frontend saves it again. Used by tests/test_comfyui_headless.py.
+// (app.graphToPrompt) and the graph as the frontend saves it again. Used by tests/integration/test_comfyui_headless.py.
 //   node frontend_roundtrip.js http://127.0.0.1:PORT/ a.json b.json ...
 const { chromium } = require('playwright-core');
 const fs = require('fs');
