@@ -102,6 +102,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: starts a real ComfyUI (COMFYUI_PATH); see tests/comfyui_server.py")
 
 
+def pytest_collection_modifyitems(items):
+    # Every test module named test_comfyui_* starts a real ComfyUI, with this fixture or its own.
+    for item in items:
+        if item.path.name.startswith("test_comfyui"):
+            item.add_marker(pytest.mark.comfyui)
+
+
 _PARTS: dict[str, dict[str, float]] = {}
 
 

@@ -105,8 +105,8 @@ def _refusal(comfyui, prompt: dict, node_id: str) -> list[dict]:
     node = answer.get("node_errors", {}).get(node_id)
     assert node, f"ComfyUI accepted node {node_id}: {json.dumps(answer)[:2000]}"
     assert node["class_type"] == prompt[node_id]["class_type"]
-    return [{"type": e["type"], "message": e["message"], "input": e["extra_info"].get("input_name")}
-            for e in node["errors"]]
+    return [{"type": e["type"], "message": e["message"], "input": e["extra_info"].get("input_name"),
+             "details": e.get("details", "")} for e in node["errors"]]
 
 
 @pytest.mark.parametrize("node_type", PACK_NODES)
@@ -117,6 +117,7 @@ def test_comfyui_validates_each_input_the_node_declares(comfyui, node_type):
     workflows = [path for path in example_workflows() if nodes_of(load_workflow(path), node_type)]
     assert workflows, f"{node_type} is in no example workflow (workflows/*_api.json): add one that uses it"
     declared = comfyui.object_info[node_type]["input"]
+    display_name = comfyui.object_info[node_type]["display_name"]
     checked = []
     for group in ("required", "optional"):
         for name, spec in declared.get(group, {}).items():
@@ -125,14 +126,22 @@ def test_comfyui_validates_each_input_the_node_declares(comfyui, node_type):
                 node_id = next(k for k, n in prompt.items() if n["class_type"] == node_type)
                 prompt[node_id]["inputs"][name] = value
                 errors = _refusal(comfyui, prompt, node_id)
-                assert {"type": error_type, "message": message, "input": name} in errors, (name, value, errors)
+                own = [e for e in errors if e["type"] == "custom_validation_failed" and e["input"] == name]
+                if own:  # the node's VALIDATE_INPUTS takes this input (ComfyUI then leaves its range to it)
+                    # ComfyUI shows "<input> - <the node's message>"; the message names the node and the value.
+                    assert own[0]["details"].startswith(f"{name} - {display_name}: "), (name, value, own)
+                    assert str(value) in own[0]["details"], (name, value, own)
+                else:
+                    assert {"type": error_type, "message": message, "input": name} in [
+                        {k: e[k] for k in ("type", "message", "input")} for e in errors], (name, value, errors)
                 checked.append(name)
     for name in declared["required"]:
         prompt = tiny_prompt(workflows[0])  # cached nodes: the outputs ComfyUI still runs are quick
         node_id = next(k for k, n in prompt.items() if n["class_type"] == node_type)
         del prompt[node_id]["inputs"][name]
         errors = _refusal(comfyui, prompt, node_id)
-        assert {"type": "required_input_missing", "message": "Required input is missing", "input": name} in errors
+        assert {"type": "required_input_missing", "message": "Required input is missing", "input": name} in [
+            {k: e[k] for k in ("type", "message", "input")} for e in errors], (name, errors)
         checked.append(name)
     assert set(declared["required"]) <= set(checked)
     comfyui.assert_serving()
@@ -299,22 +308,22 @@ def _model(name):
 # case: (how the tiny basic prompt is spoilt, the node that fails, the start of its message)
 BAD_INPUTS = {
     "portrait_without_a_face": (
-        _no_face, "XPortraitLoadReference", "No face was found in reference image 0 of 1"),
+        _no_face, "XPortraitLoadReference",
+        "X-Portrait Load Reference: No face was found in the reference image (searched the whole 256x256 image)."),
     "empty_driving_batch": (
         _no_driving_frames, "XPortraitExtractMotion",
         "X-Portrait Extract Motion: driving_frames: the image batch is empty (0 images)"),
     "not_an_xportrait_checkpoint": (
         _model("not_xportrait.safetensors"), "XPortraitLoadModel",
-        "Load X-Portrait Model: not_xportrait.safetensors could not be loaded: not an X-Portrait checkpoint of a "
-        "known size"),
+        "X-Portrait Load Model: not_xportrait.safetensors is not an X-Portrait checkpoint of a known size"),
     "truncated_official_checkpoint": (
         _model("truncated.th"), "XPortraitLoadModel",
-        "Load X-Portrait Model: truncated.th could not be loaded: truncated.th: cannot be read as a weights-only "
-        "torch checkpoint"),
+        "X-Portrait Load Model: truncated.th is incomplete or damaged (a download that stopped early?): download it "
+        "again"),
     "truncated_safetensors_checkpoint": (
         _model("truncated.safetensors"), "XPortraitLoadModel",
-        "Load X-Portrait Model: truncated.safetensors could not be loaded: truncated.safetensors: not a readable "
-        "safetensors file"),
+        "X-Portrait Load Model: truncated.safetensors is not a complete safetensors file (damaged, or the download "
+        "stopped early): download it again"),
     "checkpoint_without_its_text_encoder": (
         _model("official_format.th"), "XPortraitSampler",
         "this X-Portrait checkpoint has no CLIP text encoder weights"),
