@@ -199,6 +199,34 @@ def test_the_saved_animation_carries_the_driving_videos_sound(comfyui):
     assert abs(sound - duration) < 0.1, (sound, duration)
 
 
+def test_the_streaming_writer_pastes_back_with_the_driving_videos_rate_and_sound(comfyui):
+    """X-Portrait Write Video takes the Sampler's LATENT and Load Video's VIDEO: the full photo's frames, one per
+    driving frame, at the driving video's frame rate and with its voice, in ComfyUI's output folder."""
+    import av
+
+    duration = video_with_sound(comfyui.base / "input" / "xportrait_driving.mp4",
+                                comfyui.base / "input" / "talking_streamed.mp4", NUM_FRAMES)
+    prompt = basic()
+    nodes_of(prompt, "LoadVideo")[0]["inputs"]["file"] = "talking_streamed.mp4"
+    loader, reference, video, sampler = (node_id_of(prompt, kind) for kind in (
+        "XPortraitLoadModel", "XPortraitLoadReference", "LoadVideo", "XPortraitSampler"))
+    prompt["streamed"] = {"class_type": "XPortraitWriteVideo", "inputs": {
+        "xportrait_model": [loader, 0], "latent": [sampler, 1], "filename_prefix": "tests/streamed", "fps": 25.0,
+        "paste_back": True, "decode_chunk": 4, "reference": [reference, 0], "driving_video": [video, 0]}}
+    entry = comfyui.run_ok(prompt, "Write Video")
+    item = entry["outputs"]["streamed"]["images"][0]
+    path = comfyui.base / "output" / item["subfolder"] / item["filename"]
+    assert item["type"] == "output" and path.is_file()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert float(stream.average_rate) == pytest.approx(12000 / 1001, abs=0.01)
+        frames = [f for f in container.decode(stream)]
+        container.seek(0)
+        sound = sum(f.samples for f in container.decode(container.streams.audio[0])) / 44100
+    assert len(frames) == NUM_FRAMES and (frames[0].height, frames[0].width) == (512, 512)  # the photo's size
+    assert abs(sound - duration) < 0.1, (sound, duration)
+
+
 def test_a_second_sampler_can_start_from_the_first_ones_frames(comfyui):
     """Chaining: Sampler -> (frames as init_frames, 'noised init frames') -> Sampler -> Create Video runs in
     ComfyUI, e.g. to refine another animator's output of the same crop."""
