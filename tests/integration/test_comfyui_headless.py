@@ -51,6 +51,22 @@ def basic(**sampler_inputs) -> dict:
     return prompt
 
 
+# ---- names tests/integration/test_comfyui_native.py imports from here (new tests: use comfyui_server's helpers)
+
+@pytest.fixture(scope="module")
+def server(comfyui):
+    return comfyui
+
+
+def _assert_succeeded(server, entry: dict, what: str = "") -> None:
+    status = entry["status"]
+    assert status["status_str"] == "success", f"{what} failed: {json.dumps(status['messages'])[:3000]}"
+
+
+def _saved_frames(server, entry: dict):
+    return server.saved_frames(entry)
+
+
 # ---- the pack as ComfyUI sees it ------------------------------------------------------------------------------
 
 def test_the_pack_loads_and_lists_its_models(comfyui):
@@ -173,7 +189,9 @@ def test_low_vram_mode_runs_under_comfyui_model_management_and_gives_the_same_fr
     frames = {}
     prompt = basic()
     for vram in ("normal", "low"):
-        nodes_of(prompt, "XPortraitLoadModel")[0]["inputs"]["vram"] = vram
+        # dtype fp32 (= auto on CPU) is a load no earlier test cached: see the report on a model reused after the
+        # LoRA workflows giving other frames.
+        nodes_of(prompt, "XPortraitLoadModel")[0]["inputs"].update(vram=vram, dtype="fp32")
         nodes_of(prompt, "SaveVideo")[0]["inputs"]["filename_prefix"] = f"tests/vram_{vram}"
         frames[vram] = comfyui.saved_frames(comfyui.run_ok(prompt, f"vram {vram}")).astype(int)
     assert frames["low"].shape == frames["normal"].shape == (NUM_FRAMES, TINY_RESOLUTION, TINY_RESOLUTION, 3)
@@ -385,7 +403,7 @@ def _playwright_dir() -> Path | None:
 def test_ui_workflows_load_in_the_frontend_and_what_it_queues_runs(comfyui):
     """In ComfyUI's own frontend (headless Chromium): each UI-format workflow loads with no missing node types,
     graphToPrompt gives exactly its API-format file, that prompt runs, and the graph saves back with the same
-    inputs, links and widget values."""
+    inputs and links."""
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     folder = _playwright_dir()
     if shutil.which("node") is None or not Path(chromium).exists() or folder is None:
@@ -409,9 +427,11 @@ def test_ui_workflows_load_in_the_frontend_and_what_it_queues_runs(comfyui):
         comfyui.run_ok(fresh(shrink(result["output"], tag=f"frontend_{path.stem}")), f"{path.name} as queued")
         mine = json.loads(path.read_text())
 
+        # Inputs and links; the widget values are checked above through graphToPrompt (what gets queued). Saved
+        # widget lists can differ: the frontend adds a "control after generate" value to any INT named seed
+        # (X-Portrait Conditioning's, which does not declare one: [999, 4] is saved back as [999, 4, 4]).
         def shape(graph):
-            return ({n["id"]: ([(i["name"], i["type"], i["link"]) for i in n.get("inputs", [])],
-                               n.get("widgets_values")) for n in graph["nodes"]},
-                    sorted(map(tuple, graph["links"])))
+            return ({n["id"]: [(i["name"], i["type"], i["link"]) for i in n.get("inputs", [])]
+                     for n in graph["nodes"]}, sorted(map(tuple, graph["links"])))
 
         assert shape(result["saved"]) == shape(mine), f"{path.name}: the frontend saves a different graph"
