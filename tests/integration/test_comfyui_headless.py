@@ -435,3 +435,23 @@ def test_ui_workflows_load_in_the_frontend_and_what_it_queues_runs(comfyui):
                      for n in graph["nodes"]}, sorted(map(tuple, graph["links"])))
 
         assert shape(result["saved"]) == shape(mine), f"{path.name}: the frontend saves a different graph"
+
+
+def test_the_lcm_lora_sampler_workflow_runs(server, golden_state_dict_path):
+    """X-Portrait Load LoRA and the Sampler's lcm in a real ComfyUI; a LoRA written for the tiny UNet stands in for
+    the LCM-LoRA file in models/loras."""
+    from lora_files import write_kohya_lora
+
+    from xportrait_core.model.checkpoint import load_xportrait
+
+    prompt = tiny_prompt("xportrait_lcm_lora_sampler")
+    (lora_name,) = [n["inputs"]["lora_name"] for n in prompt.values() if n["class_type"] == "XPortraitLoadLoRA"]
+    assert [n["inputs"]["sampler"] for n in prompt.values() if n["class_type"] == "XPortraitSampler"] == ["lcm"]
+    folder = server.base / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_kohya_lora(folder / lora_name, load_xportrait(golden_state_dict_path).unet, rank=4, alpha=4.0, seed=0)
+    entry = server.run(prompt)
+    _assert_succeeded(server, entry, "xportrait_lcm_lora_sampler")
+    frames = _saved_frames(server, entry)
+    assert frames.shape == (NUM_FRAMES, 64, 64, 3)
+    assert frames.std() > 1.0, "the frames are not flat"
