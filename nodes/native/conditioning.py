@@ -46,7 +46,7 @@ class XPortraitConditioning:
                 "reference": (common.REFERENCE_TYPE, {"tooltip": "From X-Portrait Load Reference."}),
                 "motion": (common.MOTION_TYPE, {"tooltip": "From X-Portrait Extract Motion or Hierarchical Motion "
                                                            "Attention (its strengths apply)."}),
-                "seed": ("INT", {"default": 999, "min": 0, "max": MAX_SEED,
+                "seed": ("INT", {"default": 999, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seeds the reference's VAE posterior samples (as the official code draws "
                                             "them). The sampler's seed draws the noise and the window offsets."}),
                 "window_overlap": ("INT", {"default": 4, "min": 0, "max": 15,
