@@ -37,6 +37,7 @@ from .initial_latents import (
 from ..model.xportrait import XPortrait
 from .lcm import lcm_timesteps, sample_lcm
 from .sampler import UNIFORM, SamplingCancelled, ddim_timesteps, sample_ddim
+from .windows import current_spread
 
 # Defaults of the official demo script (core/test_xportrait.py).
 DEFAULT_STEPS = 30
@@ -211,6 +212,11 @@ def animate_latents(
         else:
             frames = _video_frames(init_frames, num_frames, resolution)
             x_T = video_initial_latents(model, frames, generator, init_timestep, encode_chunk)
+    spread = current_spread()
+    if spread is not None:
+        # Several processes sample together (distributed.py): each drew the same numbers from the same seed, but
+        # their VAEs need not round alike, and the sums they add up must be of one x.
+        reference_latents, x_T = spread.same_everywhere(reference_latents), spread.same_everywhere(x_T)
 
     low_vram = offload.is_low_vram(model)
     denoiser = GuidedDenoiser.for_model(model, reference_latents, global_hint=g_hint, local_hint=l_hint,

@@ -19,7 +19,9 @@ whole video's eps at some timestep (ComfyUI's KSampler) can call it the same way
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -65,22 +67,71 @@ def windows_per_step(num_frames: int, window: int, overlap: int) -> int:
     return math.ceil((num_frames - overlap) / (window - overlap))
 
 
-def windowed_eps(denoise_window: WindowDenoiser, x: torch.Tensor, t, windows: Sequence[torch.Tensor], *,
-                 should_cancel: Optional[Callable[[], bool]] = None,
-                 after_window: Optional[Callable[[], None]] = None):
-    """eps of every frame of `x` (F, C, h, w) at timestep `t`: `denoise_window` on each window's frames, averaged
-    over the windows covering each frame (float32, on x's device). `windows` must cover every frame.
+class WindowSpread(Protocol):
+    """How one step's windows are spread over several processes (sampling/distributed.py has the one in use).
 
-    t goes to `denoise_window` as given (an int in the DDIM sampler; any timestep the denoiser accepts).
-    A denoiser that returns a tuple of eps per window (`XPortraitBranches.both`: conditional and unconditional)
-    gets the tuple of their averages.
-    should_cancel(): checked before every window; when it returns True nothing partial is kept and None is
-        returned (the caller raises, with no latents held by this frame).
-    after_window(): called after every window (progress).
-    """
-    sums: Optional[list[torch.Tensor]] = None
+    Every process runs the same sampler on the same latents and windows; each denoises `share(windows)` and
+    `combine` sums every process's per-frame sums and counts in place, so all processes get the whole average."""
+
+    def share(self, windows: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """This process's windows of `windows` (the same list on every process)."""
+
+    def combine(self, totals: Optional["WindowTotals"], returns_tuple: bool, x: torch.Tensor,
+                num_windows: int) -> tuple["WindowTotals", bool]:
+        """Every process's totals added together (in place where this process has some) and whether the denoiser
+        returns a tuple; `totals` is None where this process had no window of the step's `num_windows`."""
+
+    def same_everywhere(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as the first process holds it (inputs every process must agree on bit for bit)."""
+
+
+_SPREAD: ContextVar[Optional[WindowSpread]] = ContextVar("xportrait_window_spread", default=None)
+
+
+@contextmanager
+def spreading_windows(spread: Optional[WindowSpread]) -> Iterator[None]:
+    """Within this block every `windowed_eps` (whichever sampler calls it) denoises only `spread.share` of its
+    windows and combines the sums with the other processes; None leaves it single-process."""
+    token = _SPREAD.set(spread)
+    try:
+        yield
+    finally:
+        _SPREAD.reset(token)
+
+
+def current_spread() -> Optional[WindowSpread]:
+    """The spread set by `spreading_windows`, or None in a single process."""
+    return _SPREAD.get()
+
+
+class WindowTotals:
+    """Per-frame sums of the eps parts and the number of windows covering each frame, in one flat float32 buffer
+    (counts first) so that several processes add theirs together with one collective."""
+
+    def __init__(self, x: torch.Tensor, num_parts: int):
+        frames, frame_size = x.shape[0], x[0].numel()
+        self.buffer = torch.zeros(frames * (1 + num_parts * frame_size), dtype=torch.float32, device=x.device)
+        self.counts = self.buffer[:frames]
+        self.sums = [self.buffer[frames + i * frames * frame_size:frames + (i + 1) * frames * frame_size].view(x.shape)
+                     for i in range(num_parts)]
+
+    def add(self, idx: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
+        # index_add counts a frame once per occurrence, so any repeated index is averaged correctly.
+        for total, eps in zip(self.sums, parts):
+            total.index_add_(0, idx, eps.to(torch.float32))
+        self.counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float32, device=idx.device))
+
+    def averages(self) -> tuple[torch.Tensor, ...]:
+        return tuple(total.div_(self.counts.reshape(-1, 1, 1, 1)) for total in self.sums)
+
+
+def window_sums(denoise_window: WindowDenoiser, x: torch.Tensor, t, windows: Sequence[torch.Tensor], *,
+                should_cancel: Optional[Callable[[], bool]] = None,
+                after_window: Optional[Callable[[], None]] = None) -> Optional[tuple[Optional[WindowTotals], bool]]:
+    """(totals of `windows`, whether the denoiser returns a tuple), or None when cancelled; totals is None when
+    `windows` is empty. See `windowed_eps`."""
+    totals: Optional[WindowTotals] = None
     returns_tuple = False
-    counts = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     for indices in windows:
         if should_cancel is not None and should_cancel():
             return None
@@ -94,16 +145,42 @@ def windowed_eps(denoise_window: WindowDenoiser, x: torch.Tensor, t, windows: Se
             if eps.shape != (len(indices), *x.shape[1:]):
                 raise ValueError(f"denoise returned eps of shape {tuple(eps.shape)} for a window of "
                                  f"{len(indices)} frames of {tuple(x.shape[1:])}")
-        if sums is None:
-            sums = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in parts]
-        # index_add counts a frame once per occurrence, so any repeated index is averaged correctly.
-        for total, eps in zip(sums, parts):
-            total.index_add_(0, idx, eps.to(torch.float32))
-        counts.index_add_(0, idx, torch.ones(len(indices), device=x.device))
+        if totals is None:
+            totals = WindowTotals(x, len(parts))
+        totals.add(idx, parts)
         del parts
         if after_window is not None:
             after_window()
-    if sums is None:
+    return totals, returns_tuple
+
+
+def windowed_eps(denoise_window: WindowDenoiser, x: torch.Tensor, t, windows: Sequence[torch.Tensor], *,
+                 should_cancel: Optional[Callable[[], bool]] = None,
+                 after_window: Optional[Callable[[], None]] = None):
+    """eps of every frame of `x` (F, C, h, w) at timestep `t`: `denoise_window` on each window's frames, averaged
+    over the windows covering each frame (float32, on x's device). `windows` must cover every frame.
+
+    t goes to `denoise_window` as given (an int in the DDIM sampler; any timestep the denoiser accepts).
+    A denoiser that returns a tuple of eps per window (`XPortraitBranches.both`: conditional and unconditional)
+    gets the tuple of their averages.
+    should_cancel(): checked before every window; when it returns True nothing partial is kept and None is
+        returned (the caller raises, with no latents held by this frame).
+    after_window(): called after every window (progress); under `spreading_windows` after each of this process's
+        windows, then once for each window the other processes ran, when their sums have arrived.
+    """
+    if not windows:
         raise ValueError("no windows to denoise")
-    averages = tuple(total.div_(counts.reshape(-1, 1, 1, 1)) for total in sums)
+    spread = current_spread()
+    mine = windows if spread is None else spread.share(windows)
+    result = window_sums(denoise_window, x, t, mine, should_cancel=should_cancel, after_window=after_window)
+    if result is None:
+        return None
+    totals, returns_tuple = result
+    if spread is not None:
+        # Every process reaches this point once a step, whatever its share: one collective adds all the sums.
+        totals, returns_tuple = spread.combine(totals, returns_tuple, x, len(windows))
+        if after_window is not None:
+            for _ in range(len(windows) - len(mine)):
+                after_window()
+    averages = totals.averages()
     return averages if returns_tuple else averages[0]

@@ -1,0 +1,148 @@
+"""Windows spread over processes (sampling/distributed.py): gloo on CPU processes gives one process's latents.
+
+The processes are started with torch.multiprocessing (spawn) on 127.0.0.1 at a free port, as torchrun would start
+them; each loads the tiny model from the golden weights and samples a 20-frame video whose windows do not divide
+evenly among the ranks.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from xportrait_core.sampling.distributed import Ranks, idle_ranks_note, window_share
+from xportrait_core.sampling.windows import windows_per_step
+
+FRAMES = 20
+RESOLUTION = 64
+STEPS = 2
+# (window, overlap) -> windows a step for 20 frames: (6, 2) -> 5, split 3+2 on two ranks and 2+2+1 on three;
+# (16, 4) -> 2: fewer windows than three ranks, so one rank has none.
+PLANS = ((6, 2), (16, 4))
+# Measured: the largest difference between one process and two or three was below 1e-6 (float summation order of
+# the same window sums); the latents are of order 1.
+TOLERANCE = 1e-5
+TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(3)
+    hints = torch.rand(2, FRAMES, 3, RESOLUTION, RESOLUTION, generator=generator) * 2 - 1
+    reference = torch.rand(RESOLUTION, RESOLUTION, 3, generator=generator)
+    return reference, hints[0], hints[1]
+
+
+def _sample(model, window: int, overlap: int) -> torch.Tensor:
+    from xportrait_core.sampling.pipeline import animate_latents
+
+    reference, global_hint, local_hint = _inputs()
+    context = torch.zeros(1, model.config.text_encoder.max_length, model.config.unet.context_dim)
+    return animate_latents(model, reference, global_hint=global_hint, local_hint=local_hint, steps=STEPS,
+                           guidance_scale=5.0, window=window, overlap=overlap, seed=11, context=context,
+                           uncond_context=context)
+
+
+def _load_tiny(weights: str):
+    from xportrait_core.model.checkpoint import load_xportrait
+    from xportrait_core.model.config import XPortraitConfig
+
+    return load_xportrait(weights, XPortraitConfig.tiny(), dtype=torch.float32, device="cpu").eval()
+
+
+def _rank_main(rank: int, world_size: int, port: int, weights: str, out_dir: str, fail_rank: int) -> None:
+    """One rank: join the group, sample every plan inside the spread, save its latents (rank 0) or fail on purpose."""
+    torch.set_num_threads(1)
+    from xportrait_core.sampling import distributed
+    from xportrait_core.sampling.guidance import GuidedDenoiser
+    from xportrait_core.sampling.windows import spreading_windows
+
+    ranks = Ranks(rank, world_size)
+    distributed.start(ranks, torch.device("cpu"), timeout_s=TIMEOUT_S, init_method=f"tcp://127.0.0.1:{port}")
+    if rank == fail_rank:
+        # The failure seam: this rank's denoiser raises on its first window, as a crashed GPU would.
+        def broken(self, x, t, frame_indices):
+            raise RuntimeError(f"injected failure on rank {rank}")
+
+        GuidedDenoiser.__call__ = broken
+    model = _load_tiny(weights)
+    try:
+        with spreading_windows(distributed.SpreadWindows(ranks)):
+            results = {f"{w}_{o}": _sample(model, w, o) for w, o in PLANS}
+    except Exception as error:  # noqa: BLE001 - the test reads what each rank reports
+        Path(out_dir, f"error_{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+        raise
+    if rank == 0:
+        torch.save(results, Path(out_dir, f"latents_{world_size}.pt"))
+    distributed.stop()
+
+
+def _spawn(world_size: int, weights: Path, out_dir: Path, fail_rank: int = -1) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank_main, args=(world_size, _free_port(), str(weights), str(out_dir), fail_rank),
+             nprocs=world_size, join=True)
+
+
+def test_window_share_is_balanced_and_covers_every_window():
+    for num in range(0, 12):
+        for world in range(1, 6):
+            shares = [window_share(num, world, rank) for rank in range(world)]
+            assert [i for share in shares for i in share] == list(range(num))  # consecutive, each once, in order
+            sizes = [len(share) for share in shares]
+            assert max(sizes) - min(sizes) <= 1
+    assert [len(window_share(5, 2, r)) for r in range(2)] == [3, 2]
+    assert [len(window_share(5, 3, r)) for r in range(3)] == [2, 2, 1]
+    assert [len(window_share(2, 3, r)) for r in range(3)] == [1, 1, 0]
+
+
+def test_idle_ranks_are_named():
+    assert idle_ranks_note(5, 3) is None
+    note = idle_ranks_note(2, 3)
+    assert "2 windows for 3 processes" in note and "ranks 2..2" in note
+
+
+def test_ranks_from_torchrun_environment():
+    assert Ranks.from_environment({}) is None
+    assert Ranks.from_environment({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    ranks = Ranks.from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (ranks.rank, ranks.world_size, ranks.local_rank, ranks.is_first) == (3, 4, 1, False)
+
+
+def test_plans_split_unevenly():
+    assert [windows_per_step(FRAMES, w, o) for w, o in PLANS] == [5, 2]
+
+
+def test_two_and_three_processes_give_one_process_latents(tiny_model, golden_state_dict_path, tmp_path):
+    single = {f"{w}_{o}": _sample(tiny_model, w, o) for w, o in PLANS}
+    for world_size in (2, 3):
+        _spawn(world_size, golden_state_dict_path, tmp_path)
+        spread = torch.load(tmp_path / f"latents_{world_size}.pt", weights_only=True)
+        for plan, expected in single.items():
+            assert spread[plan].shape == expected.shape == (FRAMES, 4, RESOLUTION // 8, RESOLUTION // 8)
+            difference = (spread[plan] - expected).abs().max().item()
+            assert difference <= TOLERANCE, (world_size, plan, difference)
+    # Not a vacuous comparison: the plans differ from each other, and from the starting noise.
+    assert (single["6_2"] - single["16_4"]).abs().max() > 1e-3
+
+
+def test_a_failing_rank_stops_the_job_with_its_name(golden_state_dict_path, tmp_path):
+    began = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException) as info:
+        _spawn(2, golden_state_dict_path, tmp_path, fail_rank=1)
+    assert time.monotonic() - began < TIMEOUT_S  # the other rank did not wait out the timeout, let alone hang
+    assert "injected failure on rank 1" in str(info.value)
+    assert (tmp_path / "error_1.txt").read_text() == "RuntimeError: injected failure on rank 1"
+    # Rank 0 saw its collective fail and says so, without saving latents.
+    if (tmp_path / "error_0.txt").exists():
+        assert "RankLost: rank 0 stopped while adding up a step's windows" in (tmp_path / "error_0.txt").read_text()
+    assert not (tmp_path / "latents_2.pt").exists()
