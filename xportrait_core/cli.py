@@ -3,6 +3,7 @@
     python -m xportrait_core animate --reference IMG --driving VIDEO [--checkpoint PATH] -o OUT.mp4
     python -m xportrait_core demo -o demo.mp4          # tiny golden weights + sample assets, 64x64 (developers)
     python -m xportrait_core convert IN.th OUT.safetensors
+    torchrun --nproc-per-node N -m xportrait_core animate ...   # each step's windows spread over N processes/GPUs
 
 `animate` uses the official demo's defaults (30 DDIM steps, guidance 5, windows of 16 frames overlapping by 4,
 seed 999, best frame searched automatically, 512x512). The few-step path: `--lora lcm-lora-sdv1-5.safetensors
@@ -213,6 +214,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else one per physical core this process "
                         "may use)")
+    g.add_argument("--rank-timeout", type=float, default=None,
+                   help="under torchrun (several processes): seconds a process waits for the others before the "
+                        "job fails (default 1800: rank 0 reads the video and finds the faces while the others wait)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,27 +307,45 @@ def check_run(args, checkpoint: Path, say) -> CheckedRun:
 
 
 def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, config=None, context_fn=None) -> int:
-    show = not args.quiet
+    from .sampling import distributed
+
+    # Under torchrun every process runs this; rank 0 alone reads the inputs, shows progress and writes the output.
+    ranks = distributed.Ranks.from_environment()
+    first = ranks is None or ranks.is_first
+    show = not args.quiet and first
     say = (lambda msg: print(msg, file=sys.stderr)) if show else (lambda msg: None)
-    run = check_run(args, checkpoint, say)
+    from . import cli_checks as checks
+
+    if first:
+        run = check_run(args, checkpoint, say)
+        device, dtype = run.device, run.dtype
+    else:
+        checks.check_sampling_numbers(args)
+        device = checks.check_device(args.device)
+        dtype = _dtype_for(device, args.dtype)
 
     import numpy as np
     import torch
 
-    from . import cli_checks as checks
     from .fast.operations import fast_operations
     from .fast.prepare import prepare_model
     from .model.checkpoint import load_xportrait
     from .faces.motion_hints import extract_motion
     from .media.image_formats import to_uint8
     from .sampling.pipeline import animate_latents, iter_frames
+    from .sampling.windows import spreading_windows, windows_per_step
     from .faces.reference_crop import prepare_reference
     from .media.video_io import write_video
 
     torch.set_num_threads(checks.torch_threads(getattr(args, "threads", None)))
-    device, dtype = run.device, run.dtype
-    reference = prepare_reference(run.reference_image, resolution, mode=reference_mode,
-                                  where=f"the reference image {args.reference}")
+    if ranks is not None:
+        timeout = getattr(args, "rank_timeout", None) or distributed.DEFAULT_TIMEOUT_S
+        device = distributed.start(ranks, device, timeout)
+        say(f"{ranks.world_size} processes ({distributed.backend_for(device)}): each step's windows are shared "
+            "among them")
+    if first:
+        reference = prepare_reference(run.reference_image, resolution, mode=reference_mode,
+                                      where=f"the reference image {args.reference}")
 
     say(f"loading {checkpoint} on {device} as {str(dtype).replace('torch.', '')}")
     model = load_xportrait(checkpoint, config, dtype=dtype, device=device, operations=fast_operations())
@@ -337,42 +359,82 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
     # Text conditioning before the long steps, so a checkpoint without CLIP weights fails at once.
     context = context_fn(model) if context_fn else model.empty_prompt_context()
 
-    # The driving video is decoded frame by frame (twice when the best frame is searched), never held whole; the
-    # hints are kept at the working resolution in float16, half the memory of float32 (windows are cast to the
-    # model's dtype as they are denoised).
-    motion = extract_motion(run.driving, reference.image, resolution, best_frame=args.best_frame,
-                            progress=ProgressBar("faces", enabled=show), hint_dtype=np.float16)
-    say(f"driving video: {motion.num_frames} frames at {run.driving.fps:g} fps")
+    if first:
+        # The driving video is decoded frame by frame (twice when the best frame is searched), never held whole;
+        # the hints are kept at the working resolution in float16, half the memory of float32 (windows are cast to
+        # the model's dtype as they are denoised).
+        motion = extract_motion(run.driving, reference.image, resolution, best_frame=args.best_frame,
+                                progress=ProgressBar("faces", enabled=show), hint_dtype=np.float16)
+        say(f"driving video: {motion.num_frames} frames at {run.driving.fps:g} fps")
+        hints = [torch.from_numpy(hint) for hint in (motion.global_hint, motion.local_hint)]
+        reference_image = reference.image
+        del motion
+    else:
+        hints, reference_image = [None, None], None
+    if ranks is not None:
+        # The other ranks get rank 0's prepared reference and hints: they never open the inputs.
+        hints = [distributed.broadcast_tensor(hint, device) for hint in hints]
+        reference_image = distributed.broadcast_tensor(
+            None if reference_image is None else torch.from_numpy(np.ascontiguousarray(reference_image)),
+            device).numpy()
+        note = distributed.idle_ranks_note(windows_per_step(hints[0].shape[0], args.window, args.overlap),
+                                           ranks.world_size)
+        if note:
+            say(f"note: {note}")
 
-    hints = [torch.from_numpy(hint) for hint in (motion.global_hint, motion.local_hint)]
     if device.type == "cuda":
         # Pinned here, once: the denoiser would otherwise pin a second copy while these are still held.
         hints = [hint.pin_memory() for hint in hints]
-    del motion
-    latents = animate_latents(
-        model, reference, global_hint=hints[0], local_hint=hints[1], steps=args.steps, guidance_scale=args.guidance,
-        eta=args.eta, window=args.window, overlap=args.overlap, seed=args.seed, timestep_spacing=args.spacing, init=args.init, context=context,
-        uncond_context=context, global_strength=args.global_strength, local_strength=args.local_strength,
-        callback=ProgressBar("sampling", enabled=show), sampler=args.sampler,
-    )
+    with spreading_windows(distributed.SpreadWindows(ranks) if ranks is not None else None):
+        latents = animate_latents(
+            model, reference_image, global_hint=hints[0], local_hint=hints[1], steps=args.steps,
+            guidance_scale=args.guidance, eta=args.eta, window=args.window, overlap=args.overlap, seed=args.seed,
+            timestep_spacing=args.spacing, init=args.init, context=context, uncond_context=context,
+            global_strength=args.global_strength, local_strength=args.local_strength,
+            callback=ProgressBar("sampling", enabled=show), sampler=args.sampler,
+        )
     del hints
     if not bool(torch.isfinite(latents).all()):
         raise ValueError(checks.explain_non_finite(checkpoint, dtype, "sampling"))
+    num_frames = latents.shape[0]
     decode_bar = ProgressBar("decoding", enabled=show)
 
-    def decoded_frames():
-        # Decoded a chunk at a time and encoded as they come: no video-length buffer of frames.
-        done = 0
-        for chunk in iter_frames(model, latents, chunk=args.decode_chunk):
+    def decoded(frames_latents):
+        for chunk in iter_frames(model, frames_latents, chunk=args.decode_chunk):
             if not np.isfinite(chunk).all():
                 raise ValueError(checks.explain_non_finite(checkpoint, dtype, "the VAE's decoding"))
-            yield from to_uint8(chunk)
+            yield to_uint8(chunk)
+
+    if ranks is not None and not first:
+        # Each rank decodes its share of the frames and hands them to rank 0, which writes the file.
+        mine = distributed.window_share(num_frames, ranks.world_size, ranks.rank)
+        if len(mine):
+            frames = np.concatenate(list(decoded(latents[mine.start:mine.stop])))
+            distributed.send_to_first(torch.from_numpy(frames), device)
+        distributed.stop()
+        return 0
+    shares = [range(num_frames)] if ranks is None else \
+        [distributed.window_share(num_frames, ranks.world_size, rank) for rank in range(ranks.world_size)]
+
+    def decoded_frames():
+        # Decoded a chunk at a time and encoded as they come: no video-length buffer of frames (the other ranks'
+        # shares arrive whole, in frame order, once this rank's own frames are written).
+        done = 0
+        for chunk in decoded(latents[shares[0].start:shares[0].stop]):
+            yield from chunk
             done += len(chunk)
-            decode_bar(done, latents.shape[0])
+            decode_bar(done, num_frames)
+        for rank, share in enumerate(shares[1:], start=1):
+            if len(share):
+                yield from distributed.receive_from(rank, (len(share), resolution, resolution, 3), device).numpy()
+                done += len(share)
+                decode_bar(done, num_frames)
 
     path = write_video(run.output, decoded_frames(), args.fps or run.driving.fps,
                        audio_from=args.driving if run.keep_sound else None)
-    say(f"wrote {path} ({latents.shape[0]} frames, {resolution}x{resolution})")
+    if ranks is not None:
+        distributed.stop()
+    say(f"wrote {path} ({num_frames} frames, {resolution}x{resolution})")
     return 0
 
 
@@ -412,7 +474,7 @@ def _cmd_demo(args) -> int:
     # stand-in for CLIP("").
     zeros = lambda model: torch.zeros(1, config.text_encoder.max_length, config.unet.context_dim)  # noqa: E731
     status = _run_pipeline(args, Path(args.weights), config.image_size, "resize", config=config, context_fn=zeros)
-    if status == 0:
+    if status == 0 and _is_first_rank():
         # The video of random tiny weights is noise: the strip shows what the run did compute from the inputs.
         from .demo_strip import demo_strip, strip_path, write_png
 
@@ -422,6 +484,13 @@ def _cmd_demo(args) -> int:
             print(f"wrote {strip} (reference, driving frames, motion hints, output frames, identity plot)",
                   file=sys.stderr)
     return status
+
+
+def _is_first_rank() -> bool:
+    from .sampling.distributed import Ranks
+
+    ranks = Ranks.from_environment()
+    return ranks is None or ranks.is_first
 
 
 def _cmd_convert(args) -> int:
@@ -485,7 +554,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .media.atomic import Terminated, terminate_on_sigterm
     from .sampling.sampler import SamplingCancelled
 
-    handler = _route_warnings(getattr(args, "quiet", False))
+    from .sampling.distributed import Ranks, RankLost
+
+    # Under torchrun each process prints its own errors, named by rank; warnings and progress come from rank 0.
+    ranks = Ranks.from_environment() if args.command in ("animate", "demo") else None
+    who = f"{ranks.label}: " if ranks is not None else ""
+    handler = _route_warnings(getattr(args, "quiet", False) or (ranks is not None and not ranks.is_first))
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so outputs being written are removed and existing ones kept (media/atomic.py).
@@ -496,14 +570,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, FileNotFoundError, ValueError, ImportError) as error:
         # User-facing problems (missing files or weights, bad arguments, checkpoints that do not fit, no face,
         # no CLIP weights): the message, not a traceback.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {who}{error}", file=sys.stderr)
         return 2
+    except RankLost as error:
+        # Another process of the job failed: its own error (above, or in torchrun's summary) is the cause.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, SamplingCancelled):
         print("\ncancelled", file=sys.stderr)
         return 130
     except Terminated:
         print("\nterminated", file=sys.stderr)
         return 143
+    except Exception as error:
+        if ranks is not None:
+            # The traceback follows; this line says which process of the job it is.
+            print(f"error: {who}failed: {type(error).__name__}: {error}", file=sys.stderr)
+        raise
     finally:
         for name in PACK_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
