@@ -208,6 +208,9 @@ def send_to_first(frames: torch.Tensor, device: torch.device) -> None:
 
     with _collective("sending decoded frames to rank 0"):
         dist.send(frames.to(device).contiguous(), dst=0)
+        if device.type == "cuda":
+            # NCCL returns once the send is queued; this rank leaves the group right after.
+            torch.cuda.synchronize(device)
 
 
 def receive_from(rank: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
