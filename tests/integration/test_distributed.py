@@ -2,7 +2,7 @@
 
 The processes are started with torch.multiprocessing (spawn) on 127.0.0.1 at a free port, as torchrun would start
 them; each loads the tiny model from the golden weights and samples a 20-frame video whose windows do not divide
-evenly among the ranks.
+evenly among the ranks. The command line runs under torchrun itself (2 processes), and with a rank that fails.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -63,36 +62,25 @@ def _load_tiny(weights: str):
     return load_xportrait(weights, XPortraitConfig.tiny(), dtype=torch.float32, device="cpu").eval()
 
 
-def _rank_main(rank: int, world_size: int, port: int, weights: str, out_dir: str, fail_rank: int) -> None:
-    """One rank: join the group, sample every plan inside the spread, save its latents (rank 0) or fail on purpose."""
+def _rank_main(rank: int, world_size: int, port: int, weights: str, out_dir: str) -> None:
+    """One rank: join the group, sample every plan inside the spread, save its latents (rank 0)."""
     torch.set_num_threads(1)
     from xportrait_core.sampling import distributed
-    from xportrait_core.sampling.guidance import GuidedDenoiser
     from xportrait_core.sampling.windows import spreading_windows
 
     ranks = Ranks(rank, world_size)
     distributed.start(ranks, torch.device("cpu"), timeout_s=TIMEOUT_S, init_method=f"tcp://127.0.0.1:{port}")
-    if rank == fail_rank:
-        # The failure seam: this rank's denoiser raises on its first window, as a crashed GPU would.
-        def broken(self, x, t, frame_indices):
-            raise RuntimeError(f"injected failure on rank {rank}")
-
-        GuidedDenoiser.__call__ = broken
     model = _load_tiny(weights)
-    try:
-        with spreading_windows(distributed.SpreadWindows(ranks)):
-            results = {f"{w}_{o}": _sample(model, w, o) for w, o in PLANS}
-    except Exception as error:  # noqa: BLE001 - the test reads what each rank reports
-        Path(out_dir, f"error_{rank}.txt").write_text(f"{type(error).__name__}: {error}")
-        raise
+    with spreading_windows(distributed.SpreadWindows(ranks)):
+        results = {f"{w}_{o}": _sample(model, w, o) for w, o in PLANS}
     if rank == 0:
         torch.save(results, Path(out_dir, f"latents_{world_size}.pt"))
     distributed.stop()
 
 
-def _spawn(world_size: int, weights: Path, out_dir: Path, fail_rank: int = -1) -> None:
+def _spawn(world_size: int, weights: Path, out_dir: Path) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_main, args=(world_size, _free_port(), str(weights), str(out_dir), fail_rank),
+    mp.spawn(_rank_main, args=(world_size, _free_port(), str(weights), str(out_dir)),
              nprocs=world_size, join=True)
 
 
@@ -138,19 +126,6 @@ def test_two_and_three_processes_give_one_process_latents(tiny_model, golden_sta
                 assert torch.equal(spread[plan], expected), (world_size, plan, difference)
     # Not a vacuous comparison: the plans differ from each other, and from the starting noise.
     assert (single["6_2"] - single["16_4"]).abs().max() > 1e-3
-
-
-def test_a_failing_rank_stops_the_job_with_its_name(golden_state_dict_path, tmp_path):
-    began = time.monotonic()
-    with pytest.raises(mp.ProcessRaisedException) as info:
-        _spawn(2, golden_state_dict_path, tmp_path, fail_rank=1)
-    assert time.monotonic() - began < TIMEOUT_S  # the other rank did not wait out the timeout, let alone hang
-    assert "injected failure on rank 1" in str(info.value)
-    assert (tmp_path / "error_1.txt").read_text() == "RuntimeError: injected failure on rank 1"
-    # Rank 0 saw its collective fail and says so, without saving latents.
-    if (tmp_path / "error_0.txt").exists():
-        assert "RankLost: rank 0 stopped while adding up a step's windows" in (tmp_path / "error_0.txt").read_text()
-    assert not (tmp_path / "latents_2.pt").exists()
 
 
 # ---- the command line under torchrun ----------------------------------------------------------------------------

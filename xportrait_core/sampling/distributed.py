@@ -89,8 +89,10 @@ def start(ranks: Ranks, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT
     device = rank_device(ranks, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # device_id binds NCCL's communicator to this rank's GPU at once (no guessing the device at the first barrier).
     dist.init_process_group(backend_for(device), init_method=init_method or "env://", rank=ranks.rank,
-                            world_size=ranks.world_size, timeout=timedelta(seconds=timeout_s))
+                            world_size=ranks.world_size, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -179,7 +181,7 @@ def broadcast_object(value, device: torch.device):
     import torch.distributed as dist
 
     box = [value]
-    with _collective("receiving rank 0's inputs"):
+    with _collective("sharing rank 0's inputs"):
         dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
     return box[0]
 
@@ -192,7 +194,7 @@ def broadcast_tensor(tensor: Optional[torch.Tensor], device: torch.device, chunk
     meta = broadcast_object(None if tensor is None else (tuple(tensor.shape), tensor.dtype), device)
     shape, dtype = meta
     result = tensor if tensor is not None else torch.empty(shape, dtype=dtype)
-    with _collective("receiving rank 0's inputs"):
+    with _collective("sharing rank 0's inputs"):
         for begin in range(0, shape[0], chunk_frames):
             part = result[begin:begin + chunk_frames]
             moving = part.to(device).contiguous()
