@@ -112,3 +112,24 @@ def test_sample_ddim_progress_counts_every_window_of_every_step_on_a_rank():
     torch.testing.assert_close(got, single, rtol=0, atol=1e-5)
     calls = len(timesteps) * 5
     assert seen == [(done, calls) for done in range(1, calls + 1)] and spread.combined == len(timesteps)
+
+
+def test_the_lcm_sampler_is_spread_too():
+    # It shares the window loop (sampler.sample_windowed -> windowed_eps), so the spread reaches it unchanged.
+    from xportrait_core.sampling.lcm import lcm_timesteps, sample_lcm
+
+    x_T = torch.randn(20, 4, 2, 2, generator=torch.Generator().manual_seed(2))
+    timesteps = lcm_timesteps(4)
+    single = sample_lcm(_denoise, x_T, make_alphas_cumprod(), timesteps, window=6, overlap=2,
+                        generator=torch.Generator().manual_seed(5))
+    spread = OtherRanksHere(2, 3, _denoise)  # 5 windows a step: rank 2 runs the last one
+
+    def denoise(x, t, frame_indices):
+        spread._t = t
+        return _denoise(x, t, frame_indices)
+
+    with spreading_windows(spread):
+        got = sample_lcm(denoise, x_T, make_alphas_cumprod(), timesteps, window=6, overlap=2,
+                         generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, single, rtol=0, atol=1e-5)
+    assert spread.combined == len(timesteps) and not torch.equal(got, x_T)
