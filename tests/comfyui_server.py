@@ -351,15 +351,12 @@ def _prepare_base(base: Path, weights: Path, golden_state_dict_path: Path, sourc
     return extra
 
 
-def _tiny_loras(folder: Path) -> None:
-    """A small random kohya LoRA for the tiny UNet's attention queries under every LoRA name the example workflows
-    load (the LCM-LoRA's), so that they run."""
+def write_tiny_lora(path: Path) -> None:
+    """A small random kohya LoRA for the tiny UNet's attention queries (seeded), standing in for the LCM-LoRA."""
     import torch
     from safetensors.torch import save_file
 
-    names = {node["inputs"]["lora_name"] for path in example_workflows() for node in load_workflow(path).values()
-             if "lora_name" in node["inputs"]}
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for block, width in (("input_blocks_1_1", 32), ("middle_block_1", 64), ("output_blocks_5_1", 64)):
@@ -367,8 +364,15 @@ def _tiny_loras(folder: Path) -> None:
         tensors[f"{key}.lora_down.weight"] = torch.randn(4, width, generator=g) * 0.1
         tensors[f"{key}.lora_up.weight"] = torch.randn(width, 4, generator=g) * 0.1
         tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+
+
+def _tiny_loras(folder: Path) -> None:
+    """The tiny LoRA under every LoRA name the example workflows load (the LCM-LoRA's), so that they run."""
+    names = {node["inputs"]["lora_name"] for path in example_workflows() for node in load_workflow(path).values()
+             if "lora_name" in node["inputs"]}
     for name in names:
-        save_file(tensors, str(folder / name))
+        write_tiny_lora(folder / name)
 
 
 # Nodes only the tests install (beside the pack, in the scratch custom_nodes/): what other packs can hand our nodes

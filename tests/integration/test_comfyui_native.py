@@ -138,20 +138,10 @@ def comfy_server(request):
 
 
 def _tiny_lora(server, name: str) -> None:
-    """A small random kohya LoRA for the tiny UNet's attention queries, standing in for the LCM-LoRA file."""
-    import torch
-    from safetensors.torch import save_file
+    """The tiny stand-in LoRA (tests/comfyui_server.py) in the server's loras folder."""
+    from comfyui_server import write_tiny_lora
 
-    folder = server.base / "models" / "loras"
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for block, width in (("input_blocks_1_1", 32), ("middle_block_1", 64), ("output_blocks_5_1", 64)):
-        key = f"lora_unet_{block}_transformer_blocks_0_attn1_to_q"
-        tensors[f"{key}.lora_down.weight"] = torch.randn(4, width, generator=g) * 0.1
-        tensors[f"{key}.lora_up.weight"] = torch.randn(width, 4, generator=g) * 0.1
-        tensors[f"{key}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(folder / name))
+    write_tiny_lora(server.base / "models" / "loras" / name)
 
 
 @pytest.mark.parametrize("name", ["xportrait_ksampler", "xportrait_lcm_lora"])
