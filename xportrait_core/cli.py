@@ -517,8 +517,8 @@ def default_cuda_allocator() -> None:
     """Expandable segments for PyTorch's CUDA allocator, unless PYTORCH_CUDA_ALLOC_CONF says otherwise.
 
     They let the caching allocator grow a segment in place instead of keeping freed blocks of every activation
-    size: with them a compiled 16-frame job reserved 8.3 GiB (7.6 GiB allocated, H200), CUDA graphs included;
-    without them 10.2 GiB was measured earlier (README, "Speed and memory"). The setting is read when CUDA first
+    size, so a job reserves less memory beyond what it allocates (figures: benchmarks/NOTES.md). The setting is
+    read when CUDA first
     allocates, so this runs before any work; both entry points (`python -m xportrait_core` and the `xportrait`
     script) come through main()."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from comfyui_server import ComfyUI
 from pack_loader import ROOT, tiny_checkpoint_with_text_encoder
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -40,26 +41,12 @@ TINY = "tiny_with_clip.safetensors"
 
 # ---- a ComfyUI server -------------------------------------------------------------------------------------------
 
-class Server:
+class Server(ComfyUI):
+    """The shared helper's server (HTTP, log), with the weights these tests load."""
+
     def __init__(self, url: str, process: subprocess.Popen, log: Path, base: Path, weights: Path):
-        self.url, self.process, self.log, self.base, self.weights = url, process, log, base, weights
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return json.loads(response.read())
-
-    def post(self, path: str, body: dict):
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-                return json.loads(raw) if raw.strip() else {}
-        except urllib.error.HTTPError as error:
-            return {"http_error": error.code, **json.loads(error.read() or b"{}")}
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        super().__init__(url, process, log, base)
+        self.weights = weights
 
     def submit(self, prompt: dict) -> dict:
         """POST /prompt as the frontend does: the answer, with node_errors when validation refused something."""
