@@ -157,7 +157,19 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps: int, frames: Optional[
     g.add_argument("--best-frame", type=int, default=-1,
                    help="driving frame aligned onto the reference: -1 search (default), -2 no alignment")
     g.add_argument("--fps", type=float, default=None, help="output frame rate (default: the driving video's)")
+    g.add_argument("--crf", type=_crf_argument, default=18,
+                   help="H.264 quality of the output mp4: 0 lossless .. 51 smallest (default 18)")
     g.add_argument("--quiet", action="store_true", help="no progress bars, notes or warnings (errors still show)")
+
+
+def _crf_argument(value: str) -> int:
+    try:
+        crf = int(value)
+    except ValueError:
+        crf = -1
+    if not 0 <= crf <= 51:
+        raise argparse.ArgumentTypeError(f"--crf takes a whole number from 0 (lossless) to 51, got {value!r}")
+    return crf
 
 
 def _lora_argument(value: str) -> tuple[str, float]:
@@ -430,7 +442,7 @@ def _run_pipeline(args, checkpoint: Path, resolution: int, reference_mode: str, 
                 done += len(share)
                 decode_bar(done, num_frames)
 
-    path = write_video(run.output, decoded_frames(), args.fps or run.driving.fps,
+    path = write_video(run.output, decoded_frames(), args.fps or run.driving.fps, crf=args.crf,
                        audio_from=args.driving if run.keep_sound else None)
     if ranks is not None:
         distributed.stop()

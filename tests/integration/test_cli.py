@@ -26,6 +26,7 @@ def test_animate_defaults_are_the_official_ones():
     assert (args.best_frame, args.eta, args.spacing, args.init) == (-1, 0.0, "uniform", "reference")
     assert (args.resolution, args.reference_mode, args.frames, args.checkpoint) == (512, "resize", None, None)
     assert (args.device, args.dtype, args.decode_chunk) == ("auto", "auto", 4)  # decode chunk: memory only, frames identical
+    assert args.crf == 18
 
 
 def test_animate_options_parse():
@@ -33,7 +34,9 @@ def test_animate_options_parse():
         "animate", "--reference", "a.png", "--driving", "b.mp4", "-o", "c.mp4", "--checkpoint", "w.th",
         "--steps", "8", "--guidance", "3.5", "--overlap", "2", "--seed", "7", "--frames", "40", "--resolution", "256",
         "--device", "cpu", "--dtype", "bf16", "--best-frame", "-2", "--spacing", "evenly", "--init", "noise",
+        "--crf", "0",
     ])
+    assert args.crf == 0
     assert (args.steps, args.guidance, args.overlap, args.seed, args.frames, args.resolution) == (8, 3.5, 2, 7, 40, 256)
     assert (args.checkpoint, args.device, args.dtype, args.best_frame) == ("w.th", "cpu", "bf16", -2)
     assert (args.spacing, args.init) == ("evenly", "noise")
@@ -45,6 +48,8 @@ def test_animate_options_parse():
     ["animate", "--reference", "a.png", "--driving", "b.mp4"],  # no output
     ["animate", "--reference", "a.png", "--driving", "b.mp4", "-o", "c.mp4", "--dtype", "fp8"],
     ["convert", "only_input.th"],
+    ["animate", "--reference", "a.png", "--driving", "b.mp4", "-o", "c.mp4", "--crf", "52"],
+    ["animate", "--reference", "a.png", "--driving", "b.mp4", "-o", "c.mp4", "--crf", "high"],
 ])
 def test_bad_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:

@@ -131,8 +131,11 @@ def test_two_and_three_processes_give_one_process_latents(tiny_model, golden_sta
 # ---- the command line under torchrun ----------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
-# 12 driving frames in windows of 6 overlapping by 2: 3 windows a step, 2 + 1 on two processes.
-DEMO_ARGS = ["--frames", "12", "--window", "6", "--overlap", "2", "--steps", "1", "--decode-chunk", "2", "--fps", "10"]
+# 12 driving frames in windows of 6 overlapping by 2: 3 windows a step, 2 + 1 on two processes. The mp4 is lossless
+# (--crf 0): lossy H.264 turns a one-level difference of a pixel into other encoder decisions, up to 25 levels on
+# a 2-core CI machine, which would hide whether the frames themselves agree.
+DEMO_ARGS = ["--frames", "12", "--window", "6", "--overlap", "2", "--steps", "1", "--decode-chunk", "2", "--fps", "10",
+             "--crf", "0"]
 
 
 def _demo_args(out: Path, weights: Path, reference: Path, driving: Path) -> list[str]:
