@@ -218,29 +218,31 @@ def profile_window(model: XPortrait, resolution: int, frames: int = 16, sources:
 
 
 def bench_banks(model: XPortrait, resolution: int, steps: int = 30, repeats: int = 3, warmup: int = 1) -> dict:
-    """The reference banks of every timestep of a job: computed one timestep at a time (as sampling does, a
-    reference-net call at batch 1 per step) against one batched call before sampling (`sampling/batched_banks.py`,
-    where this tree has it), in median seconds for all of them, and the device memory the stored banks hold."""
+    """The reference banks of every timestep of a job: computed one timestep at a time (a reference-net call at
+    batch 1 per step, as sampling with CUDA graphs does) against `sampling/batched_banks.py` (16 timesteps a call,
+    the default without graphs, and all in one call), in median seconds for all of them, and the device memory
+    one chunk of banks holds."""
+    from xportrait_core.sampling.batched_banks import DEFAULT_CHUNK, BatchedReferenceBanks
+    from xportrait_core.sampling.branches import ReferenceBanks
     from xportrait_core.sampling.sampler import ddim_timesteps
 
     _, ref, _, ctx = window_inputs(model, resolution, 1)
-    timesteps = [int(t) for t in ddim_timesteps(steps)]
-    result = {"timesteps": len(timesteps)}
+    walk = [int(t) for t in ddim_timesteps(steps).flip(0)]
+    result = {"timesteps": len(walk)}
+    source = ReferenceBanks(model, ref, ctx)
+
+    def batched(chunk: int):
+        banks = BatchedReferenceBanks(source, walk, chunk=chunk)
+        return [banks(t) for t in walk]
+
     with torch.no_grad():
-        result["one at a time s"] = round(cuda_time(lambda: [model.reference_bank(ref, t, ctx) for t in timesteps],
+        result["one at a time s"] = round(cuda_time(lambda: [model.reference_bank(ref, t, ctx) for t in walk],
                                                     repeats, warmup), 4)
-        try:
-            from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
-            from xportrait_core.sampling.branches import ReferenceBanks
-        except ImportError:
-            BatchedReferenceBanks = None
-        if BatchedReferenceBanks is not None:
-            source = ReferenceBanks(model, ref, ctx)
-            result["one batched call s"] = round(cuda_time(lambda: BatchedReferenceBanks(source, timesteps),
-                                                           repeats, warmup), 4)
-            stored = BatchedReferenceBanks(source, timesteps).stored
-            result["stored banks MiB"] = round(sum(e.numel() * e.element_size() for bank in stored.values()
-                                                   for e in bank.entries) / 2**20, 1)
+        for chunk in (DEFAULT_CHUNK, len(walk)):
+            result[f"{chunk} a call s"] = round(cuda_time(lambda: batched(chunk), repeats, warmup), 4)
+        one_chunk = batched(DEFAULT_CHUNK)[:DEFAULT_CHUNK]
+        result["one chunk of banks MiB"] = round(sum(e.numel() * e.element_size() for bank in one_chunk
+                                                     for e in bank.entries) / 2**20, 1)
     emit(kind="banks", **result)
     return result
 

@@ -12,8 +12,9 @@ ComfyUI's samplers and schedulers, LoRA loaders and its memory manager work on i
   batch (cond and uncond of one job together), and `_apply_model` hands the chunks to the core's `VideoDenoiser`,
   which cuts the latent batch (= the frames) into 16-frame windows with seeded offsets, or runs the window a core
   context-window node cut.
-- Sampling state (window-offset generator, the reference bank of the current timestep, encoded hints) lives for one
-  sampling run: an OUTER_SAMPLE wrapper starts it with the sampler's seed and drops it at the end.
+- Sampling state (window-offset generator, reference banks, encoded hints) lives for one sampling run: an
+  OUTER_SAMPLE wrapper starts it with the sampler's seed and sigmas and drops it at the end. The sigmas' timesteps
+  let the reference banks of up to 16 steps come from one reference-net call (sampling/batched_banks.py).
 """
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self.memory_usage_factor = 1.0
         self._denoisers: dict[int, tuple[XPortraitJob, VideoDenoiser]] = {}
         self._run_seed: Optional[int] = None
+        self._run_timesteps: Optional[list[int]] = None
         self._warned_control = False
 
     def get_dtype(self):
@@ -172,15 +174,24 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
 
     # ---- sampling run ---------------------------------------------------------------------------------------
 
-    def start_run(self, seed: Optional[int]) -> None:
+    def start_run(self, seed: Optional[int], sigmas: Optional[torch.Tensor] = None) -> None:
+        """A sampling run begins: its seed (window offsets) and its sigmas, whose timesteps let the reference
+        banks of several steps come from one reference-net call."""
         self.end_run()
         self._run_seed = None if seed is None else int(seed)
+        if sigmas is not None:
+            self._run_timesteps = [self.timestep_of(sigma) for sigma in sigmas.reshape(-1) if float(sigma) > 0]
+
+    def timestep_of(self, sigma: torch.Tensor) -> int:
+        """The network's timestep of a sigma: the nearest of the 1000 discrete ones (ComfyUI's timestep())."""
+        return int(self.model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])
 
     def end_run(self) -> None:
         for _job, denoiser in self._denoisers.values():
             denoiser.release()
         self._denoisers = {}
         self._run_seed = None
+        self._run_timesteps = None
 
     def _denoiser(self, job: XPortraitJob) -> VideoDenoiser:
         """This run's denoiser of a job (made on its first call): its offsets seeded by the sampler's seed."""
@@ -190,7 +201,8 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
             denoiser = VideoDenoiser(self.xportrait, job.reference_latents,
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
-                                     window=job.window, overlap=job.overlap, seed=seed)
+                                     window=job.window, overlap=job.overlap, seed=seed,
+                                     timesteps=self._run_timesteps)
             entry = self._denoisers[id(job)] = (job, denoiser)
         return entry[1]
 
@@ -212,7 +224,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         frames = x.shape[0] // chunks
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x).float()
-        timestep = int(self.model_sampling.timestep(sigma[:1]).reshape(-1)[0])
+        timestep = self.timestep_of(sigma[:1])
         denoiser = self._denoiser(branches[0].job)
         inputs = []
         for i, branch in enumerate(branches):
@@ -234,7 +246,7 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
     """One sampling run: window offsets seeded by the sampler's seed; cached banks and hints dropped at the end."""
     model = executor.class_obj.model_patcher.model
     unload_patched(model.xportrait.unet, keep_model=model)
-    model.start_run(seed)
+    model.start_run(seed, sigmas)
     try:
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                         *args, **kwargs)

@@ -385,38 +385,45 @@ def test_branches_serve_a_host_that_applies_guidance_itself(tiny_model, golden_c
 
 def test_batched_banks_equal_the_per_timestep_banks_and_sample_the_official_video(tiny_model, golden_cases,
                                                                                     monkeypatch):
-    """Every timestep's bank from one batched reference-net call (two references, so their order is checked too),
-    or in chunks, equals the bank of that timestep alone; sampling with them gives the official video."""
+    """The banks of several timesteps from one reference-net call (two references, so their order is checked too),
+    a chunk at a time as the run reaches it, equal the bank of each timestep alone; a timestep not planned is
+    computed alone; sampling with them (the default without CUDA graphs) gives the official video."""
     from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
     from xportrait_core.sampling.branches import ReferenceBanks
 
     name = "sample20_overlap4"
     context = golden_cases[f"{name}_context"]
     two = torch.cat([golden_cases[f"{name}_reference_latent"], golden_cases["sample16_reference_latent"].flip(-1)])
-    timesteps = ddim_timesteps(4)
-    for chunk in (None, 3):
-        batched = BatchedReferenceBanks(ReferenceBanks(tiny_model, two, context), timesteps, chunk=chunk)
-        assert sorted(batched.stored) == timesteps.tolist()
-        for t in timesteps.tolist():
-            alone = tiny_model.reference_bank(two, t, context)
-            assert len(batched(t).entries) == len(alone.entries) > 0
-            for entry, expected in zip(batched(t).entries, alone.entries):
-                assert entry.shape == expected.shape
-                torch.testing.assert_close(entry, expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(KeyError, match="timestep 2"):
-        batched(2)
-    # Sampling with them: the reference net runs once, before sampling, in one batch of the four timesteps.
+    walk = ddim_timesteps(4).flip(0).tolist()  # [751, 501, 251, 1], as sampling asks for them
     calls = []
     original = tiny_model.reference_bank
     monkeypatch.setattr(tiny_model, "reference_bank", lambda lat, t, ctx: calls.append(ctx.shape[0]) or
                         original(lat, t, ctx))
+    for chunk, expected_calls in ((16, [4]), (3, [3, 1])):
+        calls.clear()
+        batched = BatchedReferenceBanks(ReferenceBanks(tiny_model, two, context), walk, chunk=chunk)
+        assert calls == []  # nothing before the first step asks
+        for t in walk:
+            alone = original(two, t, context)
+            assert len(batched(t).entries) == len(alone.entries) > 0
+            for entry, expected in zip(batched(t).entries, alone.entries):
+                assert entry.shape == expected.shape
+                torch.testing.assert_close(entry, expected, atol=1e-5, rtol=1e-5)
+        assert calls == expected_calls
+    # A timestep the run did not plan (a host sampler's intermediate sigma): one call of its own, the same bank.
+    calls.clear()
+    for entry, expected in zip(batched(2).entries, original(two, 2, context).entries):
+        torch.testing.assert_close(entry, expected, atol=0, rtol=0)
+    assert calls == [1]
+    # Sampling with them: one reference-net call of the four timesteps, the official video.
+    calls.clear()
     cases = golden_cases
     denoiser = GuidedDenoiser.for_model(
         tiny_model, cases[f"{name}_reference_latent"], global_hint=cases[f"{name}_global_hint"],
         local_hint=cases[f"{name}_local_hint"], guidance_scale=5.0, context=context,
         uncond_context=cases[f"{name}_uncond_context"])
-    denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps)
-    out = sample_ddim(denoiser, cases[f"{name}_x_T"], tiny_model.alphas_cumprod, timesteps, eta=0.0, window=16,
-                      overlap=4, window_offsets=cases[f"{name}_window_offsets"])
+    denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, walk)
+    out = sample_ddim(denoiser, cases[f"{name}_x_T"], tiny_model.alphas_cumprod, ddim_timesteps(4), eta=0.0,
+                      window=16, overlap=4, window_offsets=cases[f"{name}_window_offsets"])
     assert calls == [4]
     assert (out - cases[f"{name}_out"]).abs().max().item() < 1e-4

@@ -81,8 +81,16 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     positive, negative, latent = run_node("XPortraitConditioning", xportrait_model=handle,
                                           positive=[[context, {}]], negative=[[uncond_context, {}]],
                                           reference=reference, motion=motion, seed=seed + 1, window_overlap=4)
-    out = comfy_nodes.common_ksampler(model, seed, steps, 5.0, "ddim", "ddim_uniform", positive, negative, latent,
-                                      denoise=1.0)[0]["samples"]
+    # The reference net's calls during KSampler: the banks of up to 16 planned timesteps come from one call.
+    bank_calls = []
+    xportrait = handle.model
+    original_bank = xportrait.reference_bank
+    xportrait.reference_bank = lambda lat, t, ctx: bank_calls.append(ctx.shape[0]) or original_bank(lat, t, ctx)
+    try:
+        out = comfy_nodes.common_ksampler(model, seed, steps, 5.0, "ddim", "ddim_uniform", positive, negative,
+                                          latent, denoise=1.0)[0]["samples"]
+    finally:
+        del xportrait.reference_bank
     scale = handle.config.vae.scale_factor
     comfy_x0 = out * scale
 
@@ -119,7 +127,7 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
                   "sampler_custom_max_diff": float((plain["samples"] - out).abs().max())}
     return {
         **custom,
-        "frames": num_frames, "steps": steps,
+        "frames": num_frames, "steps": steps, "reference_net_calls": bank_calls,
         "comfy_timesteps": [int(t) for t in comfy_timesteps], "official_timesteps": timesteps.tolist(),
         "max_abs": float(comfy_x0.abs().max()),
         "max_diff_vs_last_prediction": float((comfy_x0 - last["x0"]).abs().max()),

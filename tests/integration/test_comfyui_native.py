@@ -84,6 +84,9 @@ def test_ddim_uniform_gives_the_official_timesteps(checks):
 def test_ksampler_matches_our_sampler(checks, run):
     result = checks[run]
     assert result["reference_frames_differ"], "the start latent holds one posterior sample per frame"
+    # The banks of the run's timesteps (known from its sigmas), up to 16 a reference-net call.
+    timesteps = len(result["official_timesteps"])
+    assert result["reference_net_calls"] == ([16, timesteps - 16] if timesteps > 16 else [timesteps])
     scale = result["max_abs"]
     assert scale > 1.0
     # Against our last step's prediction of x_0: float32 rounding only.

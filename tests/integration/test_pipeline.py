@@ -108,7 +108,7 @@ def test_several_references_go_into_one_bank(tiny_model, inputs, monkeypatch):
     two = [inputs["reference"], inputs["reference"][::-1].copy()]
     multi = animate_latents(tiny_model, two, steps=2, seed=0, **args)
     single = animate_latents(tiny_model, inputs["reference"], steps=2, seed=0, **args)
-    assert seen == [2, 2, 1, 1]  # one bank per step, on all references at once
+    assert seen == [2, 1]  # the banks of both steps from one call, on all references at once
     assert (multi - single).abs().max() > 1e-4
 
 
@@ -217,3 +217,22 @@ def test_a_visiting_network_goes_home_without_its_weights_being_copied_back(tiny
     after = vae.state_dict()
     for key, (pointer, value) in before.items():
         assert after[key].device.type == "cpu" and after[key].data_ptr() == pointer and torch.equal(after[key], value)
+
+
+def test_without_cuda_graphs_the_banks_of_sixteen_timesteps_come_from_one_call(tiny_model, inputs, monkeypatch):
+    """The default path without CUDA graphs (the CPU, ComfyUI's allocator) computes the reference banks of up to 16
+    timesteps in one reference-net call, as the run reaches them: 31 timesteps take two calls (16 + 15), and the
+    video is the one that per-timestep banks give."""
+    from xportrait_core.sampling import pipeline
+
+    calls = []
+    original = tiny_model.reference_bank
+    monkeypatch.setattr(tiny_model, "reference_bank", lambda lat, t, ctx: calls.append(ctx.shape[0]) or
+                        original(lat, t, ctx))
+    batched = _animate(tiny_model, inputs, seed=5, steps=30, window=FRAMES, overlap=0)
+    assert calls == [16, 15]
+    calls.clear()
+    monkeypatch.setattr(pipeline, "BatchedReferenceBanks", lambda banks, timesteps: banks)
+    per_step = _animate(tiny_model, inputs, seed=5, steps=30, window=FRAMES, overlap=0)
+    assert calls == [1] * 31
+    np.testing.assert_allclose(batched, per_step, atol=2e-5, rtol=0)

@@ -1,53 +1,78 @@
-"""Every timestep's reference bank from one batched reference-net call: a bank source to try, not yet a default.
+"""The reference banks of a run's planned timesteps, computed several timesteps at a time in one reference-net call.
 
 The reference latents are not noised (official `wonoise`), so a bank depends only on the timestep and the text:
-the banks of all of a job's timesteps can be computed before sampling as one reference-net pass over a batch of
-(references x timesteps), in place of one small pass per step. That removes the per-step launches of the reference
-net, for device memory holding every timestep's bank at once (and the activations of the larger batch while they
-are computed; `chunk` bounds that). It replaces `XPortraitBranches.banks` like the low-VRAM banks do:
+the banks of several timesteps come from one reference-net pass over a batch of (references x timesteps), in place
+of one small pass per step. Without CUDA graphs a batch-1 pass is bound by its kernel launches, so this removes
+most of the reference net's time from the run (benchmarks/NOTES.md). It replaces `XPortraitBranches.banks`:
 
     branches.banks = BatchedReferenceBanks(branches.banks, timesteps)
 
-Whether it is faster on a GPU is still to be measured (benchmarks/NOTES.md); the samplers do not use it yet.
+The banks are computed when the first timestep of a chunk is asked, `chunk` planned timesteps at once, and the
+previous chunk's are dropped then, so the device holds at most one chunk of banks. A timestep that was not planned
+(a host sampler's intermediate sigma, a step repeated) is computed alone by the per-timestep `ReferenceBanks`.
+Where CUDA graphs replay the reference net (fast/cuda_graphs.py) the per-timestep banks stay: a replay costs no
+launches.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from ..model.reference_bank import ReferenceBank
 from .branches import ReferenceBanks, timestep_key
 
+# A batch of reference-net rows no larger than a 16-frame window's UNet batch, so computing a chunk needs no more
+# activation memory than a window call already does; 31 official timesteps take two calls.
+DEFAULT_CHUNK = 16
+
 
 class BatchedReferenceBanks:
-    """The banks of `timesteps`, computed now from `banks`' references and context in batches of `chunk` timesteps
-    (all at once by default) and kept on the model's device; `stored` maps each timestep to its bank."""
+    """The banks of `timesteps` (in the order a run asks for them), from `banks`' references and context, computed
+    `chunk` timesteps per reference-net call as they are reached; other timesteps come from `banks` itself."""
 
-    def __init__(self, banks: ReferenceBanks, timesteps: Sequence[int] | torch.Tensor, chunk: Optional[int] = None):
-        timesteps = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
-        if not timesteps:
+    def __init__(self, banks: ReferenceBanks, timesteps: Sequence[int] | torch.Tensor, chunk: int = DEFAULT_CHUNK):
+        planned = [timestep_key(int(t)) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+        if not planned:
             raise ValueError("need at least one timestep")
-        chunk = len(timesteps) if chunk is None else int(chunk)
-        if chunk < 1:
+        if int(chunk) < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.stored: dict[int, ReferenceBank] = {}
-        for start in range(0, len(timesteps), chunk):
-            part = timesteps[start:start + chunk]
-            for t, bank in zip(part, _banks_of(banks, part)):
-                self.stored[t] = bank
+        self.banks = banks
+        self.chunk = int(chunk)
+        self.planned = list(dict.fromkeys(planned))  # unique, in order
+        self._position = {t: i for i, t in enumerate(self.planned)}
+        self._chunk_banks: dict[int, ReferenceBank] = {}
 
     def __call__(self, t) -> ReferenceBank:
         key = timestep_key(t)
-        if key not in self.stored:
-            raise KeyError(f"no precomputed reference bank for timestep {t}")
-        return self.stored[key]
+        bank = self._chunk_banks.get(key)
+        if bank is not None:
+            return bank
+        start = self._position.get(key)
+        if start is None:
+            return self.banks(t)
+        self._chunk_banks = {}  # free the previous chunk before computing the next
+        part = self.planned[start:start + self.chunk]
+        self._chunk_banks = dict(zip(part, _banks_of(self.banks, part)))
+        return self._chunk_banks[key]
+
+    @property
+    def model(self):
+        return self.banks.model
+
+    @property
+    def context(self):
+        return self.banks.context
+
+    def compute(self, t) -> ReferenceBank:
+        return self.banks.compute(t)
 
     def release(self) -> None:
-        self.stored = {}
+        self._chunk_banks = {}
+        self.banks.release()
 
 
-def _banks_of(banks: ReferenceBanks, timesteps: list[int]) -> list[ReferenceBank]:
+def _banks_of(banks: ReferenceBanks, timesteps: list) -> list[ReferenceBank]:
     """One reference-net pass for all `timesteps`, split into one bank per timestep.
 
     Uses the model's per-frame-context layout: with T contexts, `XPortrait.reference_bank` runs R x T rows,

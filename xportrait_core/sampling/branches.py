@@ -14,8 +14,9 @@
 The reference net depends only on the timestep and the text (the reference latents are not noised: official
 `wonoise`), so `ReferenceBanks` computes a bank once per timestep, on the R references themselves (batch R), and
 every window of that step reads it; the official code ran it on one copy of the reference per frame of every
-window. Banks computed before sampling for every timestep replace it as `banks`: in low-VRAM mode
-(fast/offload.py), or from one batched call (batched_banks.py).
+window. Other bank sources replace it as `banks`: every timestep's bank computed before sampling in low-VRAM mode
+(fast/offload.py), or the banks of several timesteps from one call where no CUDA graphs replay the reference net
+(batched_banks.py, the default there).
 
 Timesteps: an int in the X-Portrait Sampler; a float (fractional, as a host's sigma schedule gives) or a tensor
 of one value, or one per frame, works too. Every frame of a call shares the timestep; banks are keyed by its value.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..fast import cuda_graphs, offload
+from .batched_banks import BatchedReferenceBanks
 from .guidance import GuidedDenoiser
 from ..media.image_formats import as_rgb_float, check_resolution, resize_image
 from .initial_latents import (
@@ -233,6 +234,10 @@ def animate_latents(
             with offload.resident(model, "reference_net"):
                 branches.banks = offload.precompute_reference_banks(
                     branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device))
+        elif denoiser.needs_cond and not cuda_graphs.graphs_apply(model.device):
+            # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
+            # The samplers walk the (increasing) timesteps from last to first.
+            denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
         denoise = cuda_graphs.with_cuda_graphs(denoiser)
         windows = dict(window=window, overlap=overlap, window_offsets=window_offsets, generator=generator,
                        callback=callback, should_cancel=should_cancel, on_step=on_step)

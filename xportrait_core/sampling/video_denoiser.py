@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..model.xportrait import XPortrait
+from .batched_banks import BatchedReferenceBanks
 from .branches import XPortraitBranches
 from .windows import effective_window, window_indices, windowed_eps
 
@@ -39,12 +40,15 @@ class VideoDenoiser:
 
     reference_latents: (R, 4, h, w) scaled, not noised. global_hint / local_hint: (F, 3, H, W) in [-1, 1]
     (None, or a strength of 0, skips that ControlNet). seed: the window offsets' generator.
+    timesteps: the run's timesteps in the order the sampler will ask for them, when the host knows them (ComfyUI's
+    sigmas): their reference banks are then computed several at a time (`BatchedReferenceBanks`); other
+    timesteps, or None, compute one bank per timestep.
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0, window: int = 16, overlap: int = 4,
-                 seed: int = 0):
+                 seed: int = 0, timesteps: Optional[Sequence[int]] = None):
         if reference_latents.ndim != 4:
             raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
         self.model = model
@@ -56,6 +60,7 @@ class VideoDenoiser:
         self.window = int(window)
         self.overlap = int(overlap)
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.timesteps = [int(t) for t in timesteps] if timesteps else None
         self._offset_t = None
         self._offset = 0
         self._branches: Optional[XPortraitBranches] = None
@@ -86,6 +91,8 @@ class VideoDenoiser:
             self.release()
             self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
                                                uncond_context=uncond_context, **self.hints)
+            if self.timesteps:
+                self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             self._contexts = (context, uncond_context)
         return self._branches
 
