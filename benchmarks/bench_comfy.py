@@ -23,6 +23,7 @@ comfy.ops layer classes; see README). Prints one JSON object per measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -56,6 +57,9 @@ def parse(argv=None):
                         choices=["sampler", "ksampler", "lcm", "decode"])
     parser.add_argument("--allocator", choices=ALLOCATORS, default="async")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this file")
+    parser.add_argument("--ab-banks", action="store_true",
+                        help="alternate each run with one whose reference banks are computed a timestep at a time "
+                             "(the tree before batched banks), A B A B in this process")
     args = parser.parse_args(argv)
     if not args.comfyui or not Path(args.comfyui, "comfy").is_dir():
         parser.error("give ComfyUI's source folder with --comfyui or COMFYUI_PATH")
@@ -92,6 +96,19 @@ def load_pack():
     return sys.modules[name]
 
 
+@contextlib.contextmanager
+def per_step_banks():
+    """The reference banks of one timestep per call, as before `sampling/batched_banks.py` was the default."""
+    from xportrait_core.sampling import pipeline, video_denoiser
+
+    saved = pipeline.BatchedReferenceBanks, video_denoiser.BatchedReferenceBanks
+    pipeline.BatchedReferenceBanks = video_denoiser.BatchedReferenceBanks = lambda banks, timesteps, **_: banks
+    try:
+        yield
+    finally:
+        pipeline.BatchedReferenceBanks, video_denoiser.BatchedReferenceBanks = saved
+
+
 def main(argv=None):
     args = parse(argv)
     import_comfyui(args)
@@ -104,6 +121,8 @@ def main(argv=None):
     from comfyui_xportrait.nodes.loader import LoadedXPortrait
     from comfyui_xportrait.nodes.motion import XPortraitMotion
     from comfyui_xportrait.nodes.native import comfy_outputs
+    from comfyui_xportrait.nodes.native.operations import comfy_operations
+    from xportrait_core.fast.prepare import prepare_model
     from comfyui_xportrait.nodes.reference import XPortraitReference
     from xportrait_core.model.checkpoint import load_xportrait
     from xportrait_core.model.config import XPortraitConfig
@@ -113,11 +132,16 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = mm.get_torch_device()
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
+    # Built as X-Portrait Load Model builds it: ComfyUI's layer classes behind the pack's operations, then
+    # channels-last for a CUDA device (it runs there once ComfyUI loads it).
+    operations = comfy_operations(dtype, device)
     if args.checkpoint is not None:
-        model = load_xportrait(args.checkpoint, dtype=dtype, device="cpu")
+        model = load_xportrait(args.checkpoint, dtype=dtype, device="cpu", operations=operations)
     else:
         torch.manual_seed(0)
-        model = XPortrait(config, with_text_encoder=False).to(dtype).eval().requires_grad_(False)
+        model = XPortrait(config, with_text_encoder=False, operations=operations)
+        model = model.to(dtype).eval().requires_grad_(False)
+    prepare_model(model, channels_last=device.type == "cuda")
     handle = LoadedXPortrait(model, "bench", "auto")
     comfy_model, _clip, vae = comfy_outputs(handle)
     handle.comfy_model = comfy_model
@@ -153,19 +177,32 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def once(fn, times, peaks):
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+
     def timed(name, fn, **extra):
         fn()  # warm-up (and, for the ComfyUI runs, the model loading)
-        times, peaks = [], []
+        if args.ab_banks:
+            with per_step_banks():
+                fn()
+        times, peaks, base_times, base_peaks = [], [], [], []
         for _ in range(args.runs):
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+            once(fn, times, peaks)
+            if args.ab_banks:
+                with per_step_banks():
+                    once(fn, base_times, base_peaks)
+        if base_times:
+            extra.update(per_step_banks_seconds=round(statistics.median(base_times), 4),
+                         per_step_banks_runs=[round(t, 4) for t in base_times],
+                         per_step_banks_peak_gib=round(max(base_peaks), 2) if base_peaks else None)
         emit(measure=name, seconds=round(statistics.median(times), 4), runs=[round(t, 4) for t in times],
              peak_gib=round(max(peaks), 2) if peaks else None, **extra)
 
