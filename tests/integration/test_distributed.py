@@ -150,8 +150,7 @@ def test_torchrun_demo_writes_the_frames_of_one_process(tmp_path, golden_state_d
 
     from xportrait_core.media.video_io import read_video
 
-    # Both runs in fresh processes of the same environment: state left in this test process by other tests (face
-    # detector, switches, threads) must not make the one-process run differ.
+    # Both runs in fresh processes of the same environment, as a user starts them.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
     single = subprocess.run([sys.executable, "-m", "xportrait_core",
