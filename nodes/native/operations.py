@@ -8,8 +8,8 @@ import dataclasses
 
 
 def comfy_operations(weight_dtype, compute_device):
-    """The pack's operations (its CUDA kernels where they apply) with ComfyUI's Linear, Conv2d, GroupNorm and
-    LayerNorm, as ComfyUI picks them for this weight dtype on this device; None outside ComfyUI."""
+    """The pack's operations (its CUDA kernels where they apply) in front of ComfyUI's Linear, Conv2d, GroupNorm
+    and LayerNorm, as ComfyUI picks them for this weight dtype on this device; None outside ComfyUI."""
     try:
         import comfy.model_management as mm
         import comfy.ops
@@ -17,8 +17,18 @@ def comfy_operations(weight_dtype, compute_device):
         return None
 
     from xportrait_core.fast.operations import fast_operations
+    from xportrait_core.model.operations import operations_or_default
 
     compute_dtype = mm.unet_manual_cast(weight_dtype, compute_device)
     layers = comfy.ops.pick_operations(weight_dtype, compute_dtype, load_device=compute_device)
-    return dataclasses.replace(fast_operations(), Linear=layers.Linear, Conv2d=layers.Conv2d,
+    base = dataclasses.replace(operations_or_default(None), Linear=layers.Linear, Conv2d=layers.Conv2d,
                                GroupNorm=layers.GroupNorm, LayerNorm=layers.LayerNorm)
+    return fast_operations(base, defers=casts_weights_now)
+
+
+def casts_weights_now(layer) -> bool:
+    """Whether a ComfyUI layer casts or patches its weights in this call: a layer left in system memory by
+    partial loading, stored in another dtype than it computes in, or carrying LoRA patches applied on the fly.
+    The pack's GroupNorm kernel reads the weights as stored, so it leaves such a layer to ComfyUI's forward."""
+    return bool(getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+                or getattr(layer, "bias_function", None))

@@ -6,6 +6,7 @@ On the CPU, with the tiny golden weights and random motion hints, reference imag
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 import comfy.model_management  # noqa: E402
+import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
@@ -37,6 +39,7 @@ RESOLUTION = 64
 CONTEXT_WIDTH = 32
 
 pack = load_pack()
+casts_weights_now = importlib.import_module(pack.__name__ + ".nodes.native.operations").casts_weights_now
 NODES = pack.NODE_CLASS_MAPPINGS
 models = WORKDIR / "xportrait"
 loras = WORKDIR / "loras"
@@ -263,12 +266,17 @@ def partial_loading_check(handle, model) -> dict:
     try:
         partial = sample()["samples"]
         cast = sum(1 for m in model.model.modules() if getattr(m, "comfy_cast_weights", False))
+        # The pack's GroupNorm kernel stands in front of ComfyUI's GroupNorm and must stand aside for these.
+        norms = [m for m in model.model.modules() if isinstance(m, comfy.ops.disable_weight_init.GroupNorm)]
+        norm_classes = sorted({type(m).__name__ for m in norms})
+        norms_left_to_comfyui = sum(casts_weights_now(m) for m in norms)
         lowvram = bool(model.model.model_lowvram)
     finally:
         mm.unload_all_models()
         mm.is_device_cpu, mm.vram_state, mm.lowvram_available = saved
     return {"lowvram": lowvram, "layers_cast_on_the_fly": cast, "max_diff": float((partial - full).abs().max()),
-            "max_abs": float(full.abs().max())}
+            "max_abs": float(full.abs().max()), "group_norms": len(norms), "group_norm_classes": norm_classes,
+            "group_norms_left_to_comfyui": norms_left_to_comfyui}
 
 
 def main():

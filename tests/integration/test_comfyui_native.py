@@ -101,6 +101,9 @@ def test_comfyui_partial_loading_runs_x_portrait(checks):
     rounding of running the two branches as separate batches, which ComfyUI does when memory is short)."""
     result = checks["partial_loading"]
     assert result["lowvram"] and result["layers_cast_on_the_fly"] > 100
+    # ComfyUI's GroupNorm with the pack's kernel in front, which leaves every layer cast on the fly to ComfyUI.
+    assert result["group_norm_classes"] == ["GroupNormWithKernel"]
+    assert result["group_norms"] > 20 and result["group_norms_left_to_comfyui"] == result["group_norms"]
     assert result["max_diff"] < 1e-5 * result["max_abs"] + 1e-4
 
 

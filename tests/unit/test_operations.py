@@ -199,3 +199,25 @@ def test_the_plain_group_norm_keeps_float32_statistics_for_half_input_on_the_cpu
     assert torch.equal(norm(x), expected)
     x32 = x.float()
     torch.testing.assert_close(norm(x32), F.group_norm(x32, 4, norm.weight, norm.bias, 1e-6))
+
+
+def test_the_group_norm_kernel_stands_aside_for_a_layer_its_host_casts_or_patches(monkeypatch):
+    from xportrait_core.fast import group_norm
+
+    # Stand in for CUDA: the kernel "applies" to every input and marks its output.
+    monkeypatch.setattr(group_norm, "supports", lambda x: True)
+    monkeypatch.setattr(group_norm, "group_norm_channels_last", lambda x, *args: torch.full_like(x, 7.0))
+
+    class HostGroupNorm(nn.GroupNorm):
+        casts = False
+
+    base = dataclasses.replace(torch_operations(), GroupNorm=HostGroupNorm)
+    layer = fast_operations(base, defers=lambda module: module.casts).GroupNorm(2, 4)
+    x = torch.randn(1, 4, 3, 3)
+    assert torch.equal(layer(x), torch.full_like(x, 7.0))
+    layer.casts = True
+    torch.testing.assert_close(layer(x), F.group_norm(x, 2, layer.weight, layer.bias, layer.eps))
+    # Weights in another dtype than the input (a lower-precision storage cast as it runs) are the base's too.
+    layer.casts = False
+    with pytest.raises(RuntimeError):  # torch's own GroupNorm refuses mixed dtypes: the base ran, not the kernel
+        layer(x.double())

@@ -16,6 +16,7 @@ PyTorch's; ``XPORTRAIT_GROUP_NORM_KERNEL=0`` or `set_group_norm_kernel(False)` t
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -140,15 +141,17 @@ def supports(x: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def with_kernel(base: type[nn.Module]) -> type[nn.Module]:
+def with_kernel(base: type[nn.Module], defers: Optional[Callable[[nn.Module], bool]] = None) -> type[nn.Module]:
     """A subclass of the GroupNorm class `base` (torch's constructor, `weight`/`bias` parameters: the same
     checkpoint keys) that runs the kernel above on the input it `supports` and `base`'s forward on the rest. The
     kernel reads the parameters as they are, so it also leaves to `base` a layer whose weights lie on another
-    device or in another dtype than the input (a host's layers that cast their weights as they run)."""
+    device or in another dtype than the input, and any layer for which `defers(layer)` is true (a host's layers
+    that cast or patch their weights as they run)."""
 
     class GroupNormWithKernel(base):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if (self.affine and self.weight.device == x.device and self.weight.dtype == x.dtype
+            if (self.affine and not (defers is not None and defers(self))
+                    and self.weight.device == x.device and self.weight.dtype == x.dtype
                     and self.bias.device == x.device and self.bias.dtype == x.dtype and supports(x)):
                 return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
             return super().forward(x)

@@ -10,7 +10,7 @@ the base's: a host's own classes (ComfyUI's `comfy.ops`) are swapped in with `da
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,10 +18,14 @@ from ..model.operations import Operations, operations_or_default
 from . import frame_attention, geglu, group_norm
 
 
-def fast_operations(base: Optional[Operations] = None) -> Operations:
-    """`base` (None: plain PyTorch) with the pack's kernels in front of its GroupNorm, gated_gelu and attention."""
+def fast_operations(base: Optional[Operations] = None,
+                    defers: Optional[Callable[[torch.nn.Module], bool]] = None) -> Operations:
+    """`base` (None: plain PyTorch) with the pack's kernels in front of its GroupNorm, gated_gelu and attention.
+
+    defers(layer): true for a base layer that must run its own forward this call (a host's layer that casts or
+    patches its weights as it runs); the GroupNorm kernel then stands aside."""
     base = operations_or_default(base)
-    return dataclasses.replace(base, GroupNorm=group_norm.with_kernel(base.GroupNorm),
+    return dataclasses.replace(base, GroupNorm=group_norm.with_kernel(base.GroupNorm, defers),
                                gated_gelu=geglu.with_kernel(base.gated_gelu),
                                attention=frame_attention.with_kernel(base.attention))
 
