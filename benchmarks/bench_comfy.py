@@ -57,9 +57,10 @@ def parse(argv=None):
                         choices=["sampler", "ksampler", "lcm", "decode"])
     parser.add_argument("--allocator", choices=ALLOCATORS, default="async")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this file")
-    parser.add_argument("--ab-banks", action="store_true",
-                        help="alternate each run with one whose reference banks are computed a timestep at a time "
-                             "(the tree before batched banks), A B A B in this process")
+    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm"], metavar="VARIANT",
+                        help="alternate each run with one of this variant (B), A B A B in this process: banks = "
+                             "reference banks a timestep at a time (the tree before batched banks); group_norm = "
+                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone)")
     args = parser.parse_args(argv)
     if not args.comfyui or not Path(args.comfyui, "comfy").is_dir():
         parser.error("give ComfyUI's source folder with --comfyui or COMFYUI_PATH")
@@ -107,6 +108,22 @@ def per_step_banks():
         yield
     finally:
         pipeline.BatchedReferenceBanks, video_denoiser.BatchedReferenceBanks = saved
+
+
+@contextlib.contextmanager
+def group_norm_kernel_off():
+    """ComfyUI's (or PyTorch's) GroupNorm alone, as XPORTRAIT_GROUP_NORM_KERNEL=0 gives."""
+    from xportrait_core.fast import group_norm
+
+    saved = group_norm._enabled
+    group_norm.set_group_norm_kernel(False)
+    try:
+        yield
+    finally:
+        group_norm.set_group_norm_kernel(saved)
+
+
+VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off}
 
 
 def main(argv=None):
@@ -190,19 +207,20 @@ def main(argv=None):
 
     def timed(name, fn, **extra):
         fn()  # warm-up (and, for the ComfyUI runs, the model loading)
-        if args.ab_banks:
-            with per_step_banks():
+        for variant in args.ab:
+            with VARIANTS[variant]():
                 fn()
-        times, peaks, base_times, base_peaks = [], [], [], []
+        times, peaks = [], []
+        variant_times = {variant: ([], []) for variant in args.ab}
         for _ in range(args.runs):
             once(fn, times, peaks)
-            if args.ab_banks:
-                with per_step_banks():
-                    once(fn, base_times, base_peaks)
-        if base_times:
-            extra.update(per_step_banks_seconds=round(statistics.median(base_times), 4),
-                         per_step_banks_runs=[round(t, 4) for t in base_times],
-                         per_step_banks_peak_gib=round(max(base_peaks), 2) if base_peaks else None)
+            for variant, (b_times, b_peaks) in variant_times.items():
+                with VARIANTS[variant]():
+                    once(fn, b_times, b_peaks)
+        for variant, (b_times, b_peaks) in variant_times.items():
+            extra[f"b_{variant}"] = dict(seconds=round(statistics.median(b_times), 4),
+                                         runs=[round(t, 4) for t in b_times],
+                                         peak_gib=round(max(b_peaks), 2) if b_peaks else None)
         emit(measure=name, seconds=round(statistics.median(times), 4), runs=[round(t, 4) for t in times],
              peak_gib=round(max(peaks), 2) if peaks else None, **extra)
 
