@@ -94,6 +94,9 @@ class LoadedXPortrait:
                 memory_required = low_vram_memory_required(self.model, memory_required)
             # Plain nn.Modules cannot run partially loaded (ComfyUI's low-VRAM mode needs its own layer classes).
             mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
+            # Under --novram ComfyUI still loads partially: layers left in system memory are cast onto the GPU as
+            # they run, so the networks compute on the patcher's device wherever their first weight lies.
+            self.model.compute_device = self.patcher.load_device
         else:
             device = common.torch_device()
             if self.model.device != device:

@@ -259,13 +259,22 @@ def partial_loading_check(handle, model) -> dict:
     def sample():
         return comfy_nodes.common_ksampler(model, 5, 3, 5.0, "ddim", "ddim_uniform", positive, negative, latent)[0]
 
+    def our_sampler():
+        return run_node("XPortraitSampler", xportrait_model=handle, reference=reference, motion=motion, seed=5,
+                        steps=3, positive=[[context, {}]], negative=[[uncond_context, {}]])[0]
+
     full = sample()["samples"]
+    full_ours = our_sampler()
     mm.unload_all_models()
     saved = mm.is_device_cpu, mm.vram_state, mm.lowvram_available
     mm.is_device_cpu, mm.vram_state, mm.lowvram_available = (lambda device: False), mm.VRAMState.NO_VRAM, True
     try:
         partial = sample()["samples"]
         cast = sum(1 for m in model.model.modules() if getattr(m, "comfy_cast_weights", False))
+        partial_ours = our_sampler()
+        ours_cast = sum(1 for m in handle.model.modules() if getattr(m, "comfy_cast_weights", False))
+        ours_device = str(handle.model.compute_device)  # set by the node, not read off a weight
+        ours_load_device = str(handle.patcher.load_device)
         # The pack's GroupNorm kernel stands in front of ComfyUI's GroupNorm and must stand aside for these.
         norms = [m for m in model.model.modules() if isinstance(m, comfy.ops.disable_weight_init.GroupNorm)]
         norm_classes = sorted({type(m).__name__ for m in norms})
@@ -276,7 +285,11 @@ def partial_loading_check(handle, model) -> dict:
         mm.is_device_cpu, mm.vram_state, mm.lowvram_available = saved
     return {"lowvram": lowvram, "layers_cast_on_the_fly": cast, "max_diff": float((partial - full).abs().max()),
             "max_abs": float(full.abs().max()), "group_norms": len(norms), "group_norm_classes": norm_classes,
-            "group_norms_left_to_comfyui": norms_left_to_comfyui}
+            "group_norms_left_to_comfyui": norms_left_to_comfyui,
+            # Our own Sampler node on the same partially loaded networks.
+            "sampler_layers_cast_on_the_fly": ours_cast, "sampler_device": ours_device,
+            "sampler_load_device": ours_load_device, "sampler_max_diff": float((partial_ours - full_ours).abs().max()),
+            "sampler_max_abs": float(full_ours.abs().max())}
 
 
 def main():
