@@ -126,6 +126,19 @@ def group_norm_kernel_off():
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off}
 
 
+def initialise_like_torch(model) -> None:
+    """PyTorch's default initialisation for every layer. ComfyUI's layer classes skip it (their weights always come
+    from a file), which leaves a random-weight model with whatever memory held: NaN latents, and then a KSampler
+    whose two branches no longer hold equal latents runs them as two UNet batches instead of one."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        for base in (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm):
+            if isinstance(module, base):
+                base.reset_parameters(module)
+                break
+
+
 def main(argv=None):
     args = parse(argv)
     import_comfyui(args)
@@ -157,6 +170,7 @@ def main(argv=None):
     else:
         torch.manual_seed(0)
         model = XPortrait(config, with_text_encoder=False, operations=operations)
+        initialise_like_torch(model)
         model = model.to(dtype).eval().requires_grad_(False)
     prepare_model(model, channels_last=device.type == "cuda")
     handle = LoadedXPortrait(model, "bench", "auto")
@@ -221,19 +235,26 @@ def main(argv=None):
             extra[f"b_{variant}"] = dict(seconds=round(statistics.median(b_times), 4),
                                          runs=[round(t, 4) for t in b_times],
                                          peak_gib=round(max(b_peaks), 2) if b_peaks else None)
+        # Random weights still give finite latents (a NaN would change the path: see initialise_like_torch).
+        result = outputs.pop(name, None)
+        if result is not None:
+            extra["finite"] = bool(torch.isfinite(result).all())
         emit(measure=name, seconds=round(statistics.median(times), 4), runs=[round(t, 4) for t in times],
              peak_gib=round(max(peaks), 2) if peaks else None, **extra)
 
+    outputs = {}
+
     def ours():
         prepared = handle.ready()
-        animate_latents(prepared, image, global_hint=torch.as_tensor(global_hint),
-                        local_hint=torch.as_tensor(local_hint), steps=args.steps, guidance_scale=5.0, overlap=4,
-                        seed=999, context=context, uncond_context=context)
+        outputs["sampler"] = animate_latents(
+            prepared, image, global_hint=torch.as_tensor(global_hint), local_hint=torch.as_tensor(local_hint),
+            steps=args.steps, guidance_scale=5.0, overlap=4, seed=999, context=context, uncond_context=context)
 
-    def ksampler(model, steps, cfg, sampler, scheduler, decode=False):
+    def ksampler(name, model, steps, cfg, sampler, scheduler, decode=False):
         def run():
             samples = comfy_nodes.common_ksampler(model, 999, steps, cfg, sampler, scheduler, positive, negative,
                                                   latent, denoise=1.0)[0]
+            outputs[name] = samples["samples"]
             if decode:
                 comfy_nodes.VAEDecode().decode(vae, samples)
         return run
@@ -241,10 +262,10 @@ def main(argv=None):
     if "sampler" in args.measure:
         timed("sampler", ours, steps=args.steps, guidance=5.0)
     if "ksampler" in args.measure:
-        timed("ksampler", ksampler(comfy_model, args.steps, 5.0, "ddim", "ddim_uniform"), steps=args.steps,
+        timed("ksampler", ksampler("ksampler", comfy_model, args.steps, 5.0, "ddim", "ddim_uniform"), steps=args.steps,
               cfg=5.0, sampler="ddim", scheduler="ddim_uniform")
     if "lcm" in args.measure:
-        timed("lcm", ksampler(lcm_model, args.lcm_steps, 1.0, "lcm", "sgm_uniform", decode=True),
+        timed("lcm", ksampler("lcm", lcm_model, args.lcm_steps, 1.0, "lcm", "sgm_uniform", decode=True),
               steps=args.lcm_steps, cfg=1.0, sampler="lcm", scheduler="sgm_uniform", vae_decode=True,
               lora=str(args.lora) if args.lora else None)
     if "decode" in args.measure:

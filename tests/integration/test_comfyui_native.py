@@ -175,3 +175,5 @@ def test_bench_comfy_runs_on_the_cpu(checks):
     records = checks["bench"]
     assert [r["measure"] for r in records] == ["sampler", "ksampler", "lcm", "decode"]
     assert all(r["seconds"] > 0 for r in records)
+    # Random weights initialised as PyTorch does: finite latents, so KSampler pairs its branches as a user's does.
+    assert [r.get("finite") for r in records] == [True, True, True, None]
