@@ -212,6 +212,18 @@ def test_loader_infers_the_config_and_applies_the_dtype(tiny, tiny_with_clip, mo
     assert half.model.dtype == torch.bfloat16
 
 
+def test_loader_fp8_choices_come_last_and_store_the_diffusion_weights_in_fp8(models_dir):
+    choices = node_classes()["XPortraitLoadModel"].INPUT_TYPES()["required"]["dtype"][0]
+    # Saved workflows store the choice by name: the older choices keep their places.
+    assert choices == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+    for name, stored in (("fp8_e4m3fn", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        model = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype=name, attention="auto")[0].model
+        # Outside ComfyUI: the pack's casting layers; computed in float32 on the CPU.
+        assert model.operations.casts_weights and model.dtype == torch.float32 and model.storage_dtype == stored
+        assert model.local_control.zero_convs[0][0].weight.dtype == stored
+        assert model.vae.decoder.conv_out.weight.dtype == torch.float32
+
+
 def test_loader_low_vram_places_idle_networks_apart_when_the_model_is_made_ready(models_dir, monkeypatch):
     from xportrait_core.fast import offload
 

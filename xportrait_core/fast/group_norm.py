@@ -144,12 +144,16 @@ def with_kernel(base: type[nn.Module]) -> type[nn.Module]:
     """A subclass of the GroupNorm class `base` (torch's constructor, `weight`/`bias` parameters: the same
     checkpoint keys) that runs the kernel above on the input it `supports` and `base`'s forward on the rest. The
     kernel reads the parameters as they are, so it also leaves to `base` a layer whose weights lie on another
-    device or in another dtype than the input (a host's layers that cast their weights as they run)."""
+    device or in another dtype than the input (a host's layers that cast their weights as they run, fp8 storage),
+    or that a host patches at every call (ComfyUI's `weight_function` / `bias_function`: a LoRA on a layer it
+    left offloaded)."""
 
     class GroupNormWithKernel(base):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if (self.affine and self.weight.device == x.device and self.weight.dtype == x.dtype
-                    and self.bias.device == x.device and self.bias.dtype == x.dtype and supports(x)):
+                    and self.bias.device == x.device and self.bias.dtype == x.dtype
+                    and not getattr(self, "weight_function", None) and not getattr(self, "bias_function", None)
+                    and supports(x)):
                 return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
             return super().forward(x)
 
