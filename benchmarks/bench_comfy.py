@@ -15,7 +15,11 @@ one warm-up:
 
 ComfyUI's default allocator (cudaMallocAsync, as its main.py sets) unless --allocator says otherwise; ComfyUI's
 own flags go through --comfy-args, e.g. --comfy-args="--lowvram" (partial loading needs the networks built from
-comfy.ops layer classes; see README). Prints one JSON object per measurement.
+comfy.ops layer classes; see README). --dtype takes X-Portrait Load Model's dtype choices and builds the model as
+that node does for it (fp8_e4m3fn / fp8_e5m2: fp8 weights in the diffusion networks, compute in what ComfyUI casts
+them to; auto: ComfyUI's pick, its --fp8_e4m3fn-unet flag included). Prints one JSON object per measurement, with
+the peak allocated and reserved GPU memory and the model's weight bytes (model_gib; model_gib_compute_dtype: the
+same weights all in the compute dtype), from which the VRAM a user needs is stated.
 
     COMFYUI_PATH=~/ComfyUI python benchmarks/bench_comfy.py --runs 3
     COMFYUI_PATH=... python benchmarks/bench_comfy.py --device cpu --config tiny --frames 4 --steps 2 --runs 1
@@ -36,7 +40,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOCATORS = {"async": "backend:cudaMallocAsync", "native": "", "expandable": "expandable_segments:True"}
-DTYPES = ("bf16", "fp16", "fp32")
+
+
+def dtype_choices() -> tuple[str, ...]:
+    """X-Portrait Load Model's dtype choices (the names module imports no torch)."""
+    spec = importlib.util.spec_from_file_location("_xportrait_dtypes", ROOT / "xportrait_core" / "model" / "dtypes.py")
+    names = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(names)
+    return ("auto", *names.PRECISIONS, *names.STORAGE_PRECISIONS)
 
 
 def parse(argv=None):
@@ -46,7 +57,8 @@ def parse(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=None, help="X-Portrait weights (default: random)")
     parser.add_argument("--config", choices=["official", "tiny"], default="official")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu (with --config tiny) for a smoke test")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--dtype", choices=dtype_choices(), default="bf16",
+                        help="X-Portrait Load Model's dtype choice (fp8_e4m3fn / fp8_e5m2: fp8 weight storage)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=None, help="default: 512, or 64 with --config tiny")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps of sampler and ksampler")
@@ -148,39 +160,48 @@ def main(argv=None):
     import nodes as comfy_nodes
 
     pack = load_pack()
-    from comfyui_xportrait.nodes.loader import LoadedXPortrait
+    from comfyui_xportrait.nodes.loader import LoadedXPortrait, model_operations, model_precision
     from comfyui_xportrait.nodes.motion import XPortraitMotion
     from comfyui_xportrait.nodes.native import comfy_outputs
-    from comfyui_xportrait.nodes.native.operations import comfy_operations
     from xportrait_core.fast.prepare import prepare_model
     from comfyui_xportrait.nodes.reference import XPortraitReference
     from xportrait_core.model.checkpoint import load_xportrait
     from xportrait_core.model.config import XPortraitConfig
+    from xportrait_core.model.weight_storage import store_weights
     from xportrait_core.model.xportrait import XPortrait
     from xportrait_core.sampling.pipeline import animate_latents
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = mm.get_torch_device()
     config = XPortraitConfig.official() if args.config == "official" else XPortraitConfig.tiny()
-    # Built as X-Portrait Load Model builds it: ComfyUI's layer classes behind the pack's operations, then
-    # channels-last for a CUDA device (it runs there once ComfyUI loads it).
-    operations = comfy_operations(dtype, device)
+    # Built as X-Portrait Load Model builds it: the precision its dtype choice stands for, ComfyUI's layer classes
+    # behind the pack's operations, then channels-last for a CUDA device (it runs there once ComfyUI loads it).
+    dtype, storage_dtype = model_precision(args.dtype, device, "bench_comfy")
+    operations = model_operations(dtype, storage_dtype, device)
     if args.checkpoint is not None:
-        model = load_xportrait(args.checkpoint, dtype=dtype, device="cpu", operations=operations)
+        model = load_xportrait(args.checkpoint, dtype=dtype, device="cpu", operations=operations,
+                               storage_dtype=storage_dtype)
     else:
         torch.manual_seed(0)
         model = XPortrait(config, with_text_encoder=False, operations=operations)
         initialise_like_torch(model)
         model = model.to(dtype).eval().requires_grad_(False)
+        if storage_dtype is not None:
+            store_weights(model, storage_dtype)
     prepare_model(model, channels_last=device.type == "cuda")
+    tensors = list(model.parameters()) + list(model.buffers())
+    model_gib = round(sum(t.numel() * t.element_size() for t in tensors) / 2**30, 4)
+    model_gib_compute_dtype = round(sum(t.numel() * dtype.itemsize for t in tensors) / 2**30, 4)
     handle = LoadedXPortrait(model, "bench", "auto")
     comfy_model, _clip, vae = comfy_outputs(handle)
     handle.comfy_model = comfy_model
     records = []
 
     def emit(**record):
-        record.update(device=str(device), dtype=args.dtype, frames=args.frames, resolution=args.resolution,
-                      comfy_args=args.comfy_args, allocator=args.allocator if args.device == "cuda" else None)
+        record.update(device=str(device), dtype=args.dtype, compute_dtype=str(dtype).replace("torch.", ""),
+                      storage_dtype=str(storage_dtype or dtype).replace("torch.", ""), model_gib=model_gib,
+                      model_gib_compute_dtype=model_gib_compute_dtype, frames=args.frames,
+                      resolution=args.resolution, comfy_args=args.comfy_args,
+                      allocator=args.allocator if args.device == "cuda" else None)
         records.append(record)
         print(json.dumps(record), flush=True)
 
@@ -217,7 +238,9 @@ def main(argv=None):
         sync()
         times.append(time.perf_counter() - start)
         if device.type == "cuda":
-            peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+            # (allocated, reserved): what the tensors took, and what the allocator held from the driver for them.
+            peaks.append((torch.cuda.max_memory_allocated(device) / 2**30,
+                          torch.cuda.max_memory_reserved(device) / 2**30))
 
     def timed(name, fn, **extra):
         fn()  # warm-up (and, for the ComfyUI runs, the model loading)
@@ -234,13 +257,15 @@ def main(argv=None):
         for variant, (b_times, b_peaks) in variant_times.items():
             extra[f"b_{variant}"] = dict(seconds=round(statistics.median(b_times), 4),
                                          runs=[round(t, 4) for t in b_times],
-                                         peak_gib=round(max(b_peaks), 2) if b_peaks else None)
+                                         peak_gib=round(max(p[0] for p in b_peaks), 2) if b_peaks else None,
+                                         peak_reserved_gib=round(max(p[1] for p in b_peaks), 2) if b_peaks else None)
         # Random weights still give finite latents (a NaN would change the path: see initialise_like_torch).
         result = outputs.pop(name, None)
         if result is not None:
             extra["finite"] = bool(torch.isfinite(result).all())
         emit(measure=name, seconds=round(statistics.median(times), 4), runs=[round(t, 4) for t in times],
-             peak_gib=round(max(peaks), 2) if peaks else None, **extra)
+             peak_gib=round(max(p[0] for p in peaks), 2) if peaks else None,
+             peak_reserved_gib=round(max(p[1] for p in peaks), 2) if peaks else None, **extra)
 
     outputs = {}
 

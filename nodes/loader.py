@@ -118,6 +118,8 @@ class LoadedXPortrait:
 
     def __repr__(self) -> str:
         extras = (", low_vram" if self.low_vram else "") + (", compile" if self.compile else "")
+        if self.model.storage_dtype != self.model.dtype:
+            extras = f", weights {self.model.storage_dtype}" + extras
         return f"LoadedXPortrait({self.name!r}, dtype={self.model.dtype}, attention={self.attention}{extras})"
 
 
@@ -128,17 +130,55 @@ def check_model(model, node: str) -> LoadedXPortrait:
 
 
 def _dtype_choices() -> tuple[str, ...]:
-    from xportrait_core.model.dtypes import PRECISIONS
+    from xportrait_core.model.dtypes import PRECISIONS, STORAGE_PRECISIONS
 
-    return ("auto", *PRECISIONS)
+    # Appended, never reordered: saved workflows store the choice by name.
+    return ("auto", *PRECISIONS, *STORAGE_PRECISIONS)
 
 
-def _dtype(name: str, device):
-    from xportrait_core.model.dtypes import dtype_named
+def model_precision(name: str, device, node: str = "X-Portrait Load Model"):
+    """(compute dtype, storage dtype or None) of a dtype choice on `device`. auto is the dtype ComfyUI picks for a
+    UNet, its --fp16-unet / --bf16-unet / --fp8_e4m3fn-unet / --fp8_e5m2-unet flags included. With an fp8
+    choice the diffusion networks' weights are stored in fp8 and the networks compute in what ComfyUI computes
+    such weights in (fp16/bf16 on a GPU, float32 on a CPU)."""
+    import torch
+
+    from xportrait_core.model.dtypes import STORAGE_PRECISIONS, dtype_named, storage_dtype_named
+    from xportrait_core.model.weight_storage import STORAGE_DTYPES
 
     if name == "auto":
-        return common.auto_dtype(device)
-    return dtype_named(name)
+        chosen = common.auto_dtype(device)
+    elif name in STORAGE_PRECISIONS:
+        chosen = storage_dtype_named(name)
+    else:
+        chosen = dtype_named(name)
+    if chosen.is_floating_point and chosen.itemsize == 1:
+        if chosen not in STORAGE_DTYPES:
+            raise ValueError(f"{node}: ComfyUI was started with a flag that stores model weights in "
+                             f"{str(chosen).replace('torch.', '')}, which X-Portrait's networks cannot run with; "
+                             "set dtype to fp8_e4m3fn or fp8_e5m2 (or start ComfyUI without that flag)")
+        from .native.operations import comfy_compute_dtype
+
+        compute = comfy_compute_dtype(chosen, device)
+        if compute is None:  # outside ComfyUI: as it would choose
+            compute = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return compute, chosen
+    return chosen, None
+
+
+def model_operations(compute_dtype, storage_dtype, device):
+    """The operations Load Model builds the networks from: ComfyUI's layer classes inside ComfyUI (its partial
+    loading and weight casting then apply to every network), the pack's own elsewhere (with layers that cast their
+    weights at every call where they are stored in fp8)."""
+    from xportrait_core.fast.operations import fast_operations
+    from xportrait_core.model.operations import casting_operations
+
+    from .native.operations import comfy_operations
+
+    operations = comfy_operations(storage_dtype or compute_dtype, device)
+    if operations is not None:
+        return operations
+    return casting_operations(fast_operations()) if storage_dtype is not None else fast_operations()
 
 
 class LoadXPortraitModel:
@@ -168,7 +208,12 @@ class LoadXPortraitModel:
                 "dtype": (list(_dtype_choices()), {
                     "default": "auto",
                     "tooltip": "Weight and compute precision. auto: fp16/bf16 on a GPU that runs them fast, fp32 on "
-                               "CPU. The official inference ran in fp16."}),
+                               "CPU, or what ComfyUI's --fp8_e4m3fn-unet / --fp8_e5m2-unet flags ask. The official "
+                               "inference ran in fp16. fp8_e4m3fn / fp8_e5m2: the UNet, reference net and "
+                               "ControlNets hold their weights in fp8 (half the bytes of fp16) and compute in "
+                               "fp16/bf16 (fp32 on CPU), casting each layer's weights as it runs: less VRAM, somewhat "
+                               "slower, frames close to fp16's but not the same (e4m3fn is the closer). The VAE and "
+                               "text encoder keep the compute precision. See the README for measured figures."}),
                 "attention": (list(ATTENTION_BACKENDS), {
                     "default": "auto",
                     "tooltip": "auto: xformers when it is installed and works with this torch, else PyTorch SDPA. "
@@ -212,29 +257,25 @@ class LoadXPortraitModel:
             resolve_backend,
             set_attention_backend,
         )
-        from xportrait_core.fast.operations import fast_operations
         from xportrait_core.fast.prepare import prepare_model
         from xportrait_core.model.checkpoint import load_xportrait
 
         compute_device = common.torch_device()
-        weight_dtype = _dtype(dtype, compute_device)
+        compute_dtype, storage_dtype = model_precision(dtype, compute_device, node)
         previous = get_attention_backend_setting()
         set_attention_backend(attention)
         try:
-            resolve_backend(compute_device, weight_dtype)  # a forced backend that cannot run fails here, by name
+            resolve_backend(compute_device, compute_dtype)  # a forced backend that cannot run fails here, by name
         except Exception as exc:
             set_attention_backend(previous)  # leave other models' attention as it was
             raise ValueError(f"{node}: {exc}") from None
         from xportrait_core.model.checkpoint import CheckpointError
 
-        from .native.operations import comfy_operations
-
-        # Inside ComfyUI its layer classes, so its partial loading and weight casting apply to every network.
-        operations = comfy_operations(weight_dtype, compute_device) or fast_operations()
+        operations = model_operations(compute_dtype, storage_dtype, compute_device)
         warnings: list[str] = []
         try:
-            model = load_xportrait(path, dtype=weight_dtype, device=common.offload_device(),
-                                   operations=operations, warnings=warnings)
+            model = load_xportrait(path, dtype=compute_dtype, device=common.offload_device(),
+                                   operations=operations, warnings=warnings, storage_dtype=storage_dtype)
         except CheckpointError as exc:
             raise ValueError(f"{node}: {exc}") from None
         except Exception as exc:
@@ -242,7 +283,8 @@ class LoadXPortraitModel:
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
         # Channels-last for the GPU it will run on (it is loaded to the offload device first).
         prepare_model(model, channels_last=compute_device.type == "cuda")
-        log.info("X-Portrait: loaded %s (%s, attention %s)", model_name, weight_dtype, attention)
+        log.info("X-Portrait: loaded %s (%s%s, attention %s)", model_name, compute_dtype,
+                 f", weights stored in {storage_dtype}" if storage_dtype is not None else "", attention)
         loaded = LoadedXPortrait(model, model_name, attention, low_vram=vram == "low", compile=bool(compile))
         from .native import comfy_outputs
 

@@ -139,6 +139,8 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         model_config = comfy.supported_models.SD15(sd15_unet_config(xportrait.config.unet))
         super().__init__(model_config, model_type=comfy.model_base.ModelType.EPS, device=device)
         self.model_sampling = XPortraitModelSampling(model_config)
+        # Weights stored in fp8: ComfyUI's own name for the dtype the networks compute in (its fp8 UNets' too).
+        self.manual_cast_dtype = xportrait.dtype if xportrait.storage_dtype != xportrait.dtype else None
         self.diffusion_model = xportrait.unet
         self.reference_net = xportrait.reference_net
         self.global_control = xportrait.global_control
@@ -152,7 +154,9 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self._warned_control = False
 
     def get_dtype(self):
-        return self.xportrait.dtype
+        # The weights' dtype (fp8 where stored so), as ComfyUI's models answer: its memory estimates and LoRA
+        # patching (weights upcast, patched, rounded back to this dtype) read it; activations are manual_cast_dtype.
+        return self.xportrait.storage_dtype
 
     # ---- conditioning ---------------------------------------------------------------------------------------
 

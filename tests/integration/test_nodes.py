@@ -212,6 +212,18 @@ def test_loader_infers_the_config_and_applies_the_dtype(tiny, tiny_with_clip, mo
     assert half.model.dtype == torch.bfloat16
 
 
+def test_loader_fp8_choices_come_last_and_store_the_diffusion_weights_in_fp8(models_dir):
+    choices = node_classes()["XPortraitLoadModel"].INPUT_TYPES()["required"]["dtype"][0]
+    # Saved workflows store the choice by name: the older choices keep their places.
+    assert choices == ["auto", "fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+    for name, stored in (("fp8_e4m3fn", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        model = run_node("XPortraitLoadModel", model_name="tiny.safetensors", dtype=name, attention="auto")[0].model
+        # Outside ComfyUI: the pack's casting layers; computed in float32 on the CPU.
+        assert model.operations.casts_weights and model.dtype == torch.float32 and model.storage_dtype == stored
+        assert model.local_control.zero_convs[0][0].weight.dtype == stored
+        assert model.vae.decoder.conv_out.weight.dtype == torch.float32
+
+
 def test_loader_low_vram_places_idle_networks_apart_when_the_model_is_made_ready(models_dir, monkeypatch):
     from xportrait_core.fast import offload
 
@@ -603,13 +615,17 @@ def test_loader_asks_comfyui_for_the_weights_and_the_working_memory(tiny, monkey
     management = types.SimpleNamespace(get_torch_device=lambda: torch.device("cpu"),
                                        unet_offload_device=lambda: torch.device("cpu"),
                                        load_models_gpu=lambda models, **kwargs: calls.append((models, kwargs)))
-    patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: "patcher")
+    made = types.SimpleNamespace(load_device=torch.device("cpu"))
+    patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: made)
     stand_in_comfyui(monkeypatch, model_management=management, model_patcher=patcher)
     loader = load_pack().nodes.loader
     monkeypatch.setattr(loader, "_managed_module", lambda model, low_vram=False: model)
     handle = loader.LoadedXPortrait(tiny.model, "tiny", "auto")
+    monkeypatch.setattr(tiny.model, "compute_device", None)
     assert handle.ready(memory_required=123) is tiny.model
-    assert calls == [(["patcher"], {"memory_required": 123, "force_full_load": True})]
+    assert calls == [([made], {"memory_required": 123, "force_full_load": True})]
+    # Partially loaded weights may lie in system memory: the networks compute on ComfyUI's device all the same.
+    assert tiny.model.compute_device == made.load_device
 
 
 def test_sampler_asks_for_room_for_its_working_memory(tiny, reference, motion, monkeypatch):
@@ -661,7 +677,7 @@ def test_low_vram_hands_comfyui_only_the_networks_that_stay_on_the_gpu(tiny, mon
                                        unet_offload_device=lambda: torch.device("cpu"),
                                        load_models_gpu=lambda models, **kwargs: calls.append((models, kwargs)))
     patcher = types.SimpleNamespace(ModelPatcher=lambda model, load_device, offload_device: wrapped.append(model)
-                                    or "patcher")
+                                    or types.SimpleNamespace(load_device=load_device))
     stand_in_comfyui(monkeypatch, model_management=management, model_patcher=patcher)
     loader = load_pack().nodes.loader
     model = tiny.model

@@ -105,3 +105,28 @@ def test_a_layer_whose_weights_are_not_in_the_inputs_dtype_or_device_keeps_its_b
     stored = layer.to(torch.bfloat16)  # weights stored in another dtype than the float32 input
     torch.testing.assert_close(stored(x), F.group_norm(x, 4, stored.weight.float(), stored.bias.float()))
     assert calls == [1]
+
+
+def test_a_layer_a_host_patches_at_every_call_keeps_its_bases_forward(monkeypatch):
+    """ComfyUI puts a LoRA on a layer it left offloaded as a `weight_function` that its forward applies to the cast
+    weight: the kernel, which would read the unpatched parameters, leaves such a layer to the base when the host's
+    `defers` says so (nodes/native/operations.py hands in `casts_weights_now`)."""
+    calls = []
+    monkeypatch.setattr(group_norm, "supports", lambda x: True)
+    monkeypatch.setattr(group_norm, "group_norm_channels_last", lambda x, *a: calls.append(1) or torch.zeros_like(x))
+
+    class PatchedAtEveryCall(GroupNorm):  # a host's layer: applies its weight functions itself
+        weight_function: list = []
+
+        def forward(self, x):
+            weight = self.weight
+            for function in self.weight_function:
+                weight = function(weight)
+            return F.group_norm(x, self.num_groups, weight, self.bias, self.eps)
+
+    layer = group_norm.with_kernel(PatchedAtEveryCall, defers=lambda m: bool(m.weight_function))(4, 8)
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(layer(x), torch.zeros_like(x)) and calls == [1]  # no patch: the kernel
+    layer.weight_function = [lambda w: w * 2]
+    torch.testing.assert_close(layer(x), F.group_norm(x, 4, layer.weight * 2, layer.bias))
+    assert calls == [1]

@@ -41,9 +41,11 @@ class TimestepEmbedding(nn.Sequential):
         super().__init__(ops.Linear(model_channels, embed_dim), nn.SiLU(), ops.Linear(embed_dim, embed_dim))
         self.model_channels = model_channels
 
-    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The embedding of `timesteps` computed in `dtype`, the network's activations' (not the weights': they
+        may be stored in fp8)."""
         t_emb = timestep_embedding(timesteps, self.model_channels)
-        return super().forward(t_emb.to(self[0].weight.dtype))
+        return super().forward(t_emb.to(dtype))
 
 
 class ResBlock(nn.Module):

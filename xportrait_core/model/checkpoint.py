@@ -316,15 +316,22 @@ def infer_config(state: dict[str, torch.Tensor], candidates: Optional[Iterable[X
 
 def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPortraitConfig] = None,
                    dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-                   operations: Optional[Operations] = None, warnings: Optional[list] = None):
+                   operations: Optional[Operations] = None, warnings: Optional[list] = None,
+                   storage_dtype: Optional[torch.dtype] = None):
     """Build `XPortrait` from `operations` (None: plain PyTorch) and load a checkpoint (path or state dict) into
     it, refusing one that does not fit.
 
-    The config is inferred from the checkpoint's shapes when not given. Weights are cast to `dtype`; the text
-    encoder exists only when the checkpoint holds CLIP weights. Extra keys are ignored with one warning line,
-    logged and appended to `warnings` when given (the loader node shows it to the user).
+    The config is inferred from the checkpoint's shapes when not given. Weights are cast to `dtype`, the dtype the
+    networks compute in; with `storage_dtype` (fp8, see weight_storage.py) the diffusion networks' Linear and Conv2d
+    weights are held in it instead, cast straight from the file's tensors (`operations` must then cast weights at
+    every call). The text encoder exists only when the checkpoint holds CLIP weights. Extra keys are ignored with
+    one warning line, logged and appended to `warnings` when given (the loader node shows it to the user).
     """
+    from .weight_storage import check_storage, stored_parameter_names
     from .xportrait import XPortrait
+
+    if storage_dtype is not None:
+        check_storage(storage_dtype, operations)
 
     raw = read_state_dict(source) if not isinstance(source, dict) else source
     name = Path(source).name if not isinstance(source, dict) else "state dict"
@@ -347,10 +354,13 @@ def load_xportrait(source: Union[str, os.PathLike, dict], config: Optional[XPort
         log.warning("X-Portrait: %s: %s", name, extra)
         if warnings is not None:
             warnings.append(extra)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items() if k not in report.unexpected}
+    stored = stored_parameter_names(model) if storage_dtype is not None else set()
+    state = {k: (v.to(storage_dtype if k in stored else dtype) if v.is_floating_point() else v)
+             for k, v in state.items() if k not in report.unexpected}
     model.load_state_dict(state, assign=True)
-    log.info("loaded X-Portrait (%d tensors, %d ignored official keys%s)", len(state), len(ignored),
-             ", with CLIP text encoder" if with_text else ", no CLIP text encoder")
+    log.info("loaded X-Portrait (%d tensors, %d ignored official keys%s%s)", len(state), len(ignored),
+             ", with CLIP text encoder" if with_text else ", no CLIP text encoder",
+             f", {len(stored)} stored in {storage_dtype}" if stored else "")
     return model.to(device).eval().requires_grad_(False)
 
 

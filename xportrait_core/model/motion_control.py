@@ -48,13 +48,14 @@ class ControlNet(nn.Module):
         self.middle_block_out = _zero_conv(channels[-1], ops)
 
     def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
-        """Hint images (N, 3, H, W) in [-1, 1] -> hint features (N, model_channels, H/8, W/8). They depend on the
-        hint alone, so a caller may compute them once per video and pass them with `hint_encoded=True`."""
-        return self.input_hint_block(hint.to(self.middle_block_out[0].weight.dtype))
+        """Hint images (N, 3, H, W) in [-1, 1], in the dtype the network computes in -> hint features
+        (N, model_channels, H/8, W/8). They depend on the hint alone, so a caller may compute them once per video
+        and pass them with `hint_encoded=True`."""
+        return self.input_hint_block(hint)
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 hint_encoded: bool = False) -> list[torch.Tensor]:
-        emb = self.time_embed(timesteps)
+        emb = self.time_embed(timesteps, x.dtype)
         guided_hint = hint.to(x.dtype) if hint_encoded else self.encode_hint(hint.to(x.dtype))
         residuals = []
         h = x

@@ -6,9 +6,14 @@ field (`dataclasses.replace(ops, Linear=...)`) changes what every network is bui
 `xportrait_core/fast/operations.py`, or a host's own layer classes (ComfyUI's `comfy.ops`, whose partial loading
 and low-precision weight storage work through them). Module classes keep torch's constructor signatures, so
 checkpoint keys stay the same whichever set builds the model.
+
+A set whose Linear and Conv2d cast their weights to the input's dtype and device at every call says so
+(`casts_weights`): only such a set can run weights stored in another dtype than the networks compute in
+(weight_storage.py), and `casting_operations` gives one without a host.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -24,7 +29,9 @@ from .attention import attention as dispatched_attention
 class Operations:
     """Linear, Conv2d, GroupNorm, LayerNorm: nn.Module classes with torch's constructor signatures.
     attention(q, k, v, *, causal=False): softmax(q k^T / sqrt(d)) v on (B, H, N, D) tensors.
-    gated_gelu(projection): a GEGLU projection (..., 2d) = [value | gate] -> value * gelu(gate), (..., d)."""
+    gated_gelu(projection): a GEGLU projection (..., 2d) = [value | gate] -> value * gelu(gate), (..., d).
+    casts_weights: Linear and Conv2d cast their weights (and biases) to the input's dtype and device at every call,
+    so their weights may be held in another dtype (fp8 storage) or on another device than the activations."""
 
     Linear: type[nn.Module]
     Conv2d: type[nn.Module]
@@ -32,6 +39,7 @@ class Operations:
     LayerNorm: type[nn.Module]
     attention: Callable[..., torch.Tensor]
     gated_gelu: Callable[[torch.Tensor], torch.Tensor]
+    casts_weights: bool = False
 
 
 class GroupNorm(nn.GroupNorm):
@@ -59,6 +67,30 @@ def gated_gelu(projection: torch.Tensor) -> torch.Tensor:
     # Inference: multiply into gelu's fresh output, one activation-sized buffer fewer at the memory peak (the
     # feed-forward's inner activations are the largest of the UNet).
     return F.gelu(gate).mul_(value)
+
+
+class CastingLinear(nn.Linear):
+    """nn.Linear whose weight and bias are cast to the input's dtype and device at every call (they may be held in
+    fp8, or elsewhere); a cast to what they already are is free."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return F.linear(x, self.weight.to(device=x.device, dtype=x.dtype), bias)
+
+
+class CastingConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight and bias are cast to the input's dtype and device at every call (see CastingLinear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return self._conv_forward(x, self.weight.to(device=x.device, dtype=x.dtype), bias)
+
+
+def casting_operations(base: Optional[Operations] = None) -> Operations:
+    """`base` (None: plain PyTorch) with Linear and Conv2d that cast their weights at every call: what a model
+    whose weights are stored in fp8 runs on outside a host with its own casting layers (ComfyUI's comfy.ops)."""
+    return dataclasses.replace(operations_or_default(base), Linear=CastingLinear, Conv2d=CastingConv2d,
+                               casts_weights=True)
 
 
 @functools.lru_cache(maxsize=1)

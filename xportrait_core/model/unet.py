@@ -153,7 +153,7 @@ class UNet(nn.Module):
         num_frames = num_frames or x.shape[0]
         if conditional_rows is not None and not 0 < conditional_rows <= x.shape[0]:
             raise ValueError(f"conditional_rows={conditional_rows} for a batch of {x.shape[0]}")
-        emb = self.time_embed(timesteps)
+        emb = self.time_embed(timesteps, x.dtype)
         skips = []
         h = x
         for i, block in enumerate(self.input_blocks):

@@ -55,6 +55,14 @@ class XPortrait(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the networks compute in, and take their inputs in: their norms' weights are always held in it
+        (a GroupNorm's here), whatever the Linear and Conv2d weights are stored in."""
+        return self.unet.out[0].weight.dtype
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the diffusion networks' Linear and Conv2d weights are held in: `dtype`, or fp8 where they are
+        stored narrow (weight_storage.py) and their layers cast them at every call."""
         return self.unet.time_embed[0].weight.dtype
 
     @property
