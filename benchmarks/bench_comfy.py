@@ -259,6 +259,11 @@ def main(argv=None):
                                          runs=[round(t, 4) for t in b_times],
                                          peak_gib=round(max(p[0] for p in b_peaks), 2) if b_peaks else None,
                                          peak_reserved_gib=round(max(p[1] for p in b_peaks), 2) if b_peaks else None)
+        # Where ComfyUI left the weights after these runs: partial loading keeps some in system memory and casts
+        # those layers onto the GPU as they run.
+        extra["weights_on_device_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()
+                                                   if p.device.type == device.type) / 2**30, 3)
+        extra["layers_cast_on_the_fly"] = sum(1 for m in model.modules() if getattr(m, "comfy_cast_weights", False))
         # Random weights still give finite latents (a NaN would change the path: see initialise_like_torch).
         result = outputs.pop(name, None)
         if result is not None:
