@@ -63,3 +63,15 @@ def test_attention_output_reaches_the_projection_without_a_transposing_copy():
     assert copies == []
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(plain, layer(x))
+
+
+def test_the_motion_modules_positions_follow_the_activations_to_their_device():
+    """Partial loading (ComfyUI's --lowvram) moves only layers with weights to the GPU: the positional encoding's
+    buffer may stay behind, and must meet the activations where they are (here the meta device stands in for the
+    GPU, the buffer staying on the CPU)."""
+    from xportrait_core.model.temporal import PositionalEncoding
+
+    encoding = PositionalEncoding(8, max_len=16)
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(encoding(x), x + encoding.pe[:, :5].to(torch.bfloat16))
+    assert encoding(x.to("meta")).device.type == "meta"

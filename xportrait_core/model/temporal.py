@@ -39,7 +39,9 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("pe", pe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+        # A host that loads the networks partially (ComfyUI's --lowvram) moves only layers with weights, so this
+        # buffer can still lie in system memory while the activations are on the GPU.
+        return x + self.pe[:, : x.shape[1]].to(x.device, x.dtype)
 
 
 class TemporalSelfAttention(Attention):
