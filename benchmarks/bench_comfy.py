@@ -69,6 +69,10 @@ def parse(argv=None):
                         choices=["sampler", "ksampler", "lcm", "decode"])
     parser.add_argument("--allocator", choices=ALLOCATORS, default="async")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this file")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after the timed runs, one more run of each measurement under torch.profiler: "
+                             "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
+                             "record gains the run's wall time and the device's busy time")
     parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm"], metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
@@ -242,6 +246,28 @@ def main(argv=None):
             peaks.append((torch.cuda.max_memory_allocated(device) / 2**30,
                           torch.cuda.max_memory_reserved(device) / 2**30))
 
+    def profiled(name, fn) -> dict:
+        """One more run under torch.profiler: where the device's time goes, and whether it waits on the host."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            fn()
+            sync()
+            wall = time.perf_counter() - start
+        averages = prof.key_averages()
+        device_key = "self_device_time_total"
+        busy = sum(getattr(e, device_key, 0) for e in averages) / 1e6
+        args.profile.mkdir(parents=True, exist_ok=True)
+        tables = [f"{name}: wall {wall:.3f} s, device busy {busy:.3f} s (kernels summed)\n"]
+        if device.type == "cuda":
+            tables.append(averages.table(sort_by=device_key, row_limit=40))
+        tables.append(averages.table(sort_by="cpu_time_total", row_limit=30))
+        (args.profile / f"profile_{name}.txt").write_text("\n".join(tables))
+        return {"profiled_wall_s": round(wall, 4), "profiled_device_busy_s": round(busy, 4)}
+
     def timed(name, fn, **extra):
         fn()  # warm-up (and, for the ComfyUI runs, the model loading)
         for variant in args.ab:
@@ -259,6 +285,8 @@ def main(argv=None):
                                          runs=[round(t, 4) for t in b_times],
                                          peak_gib=round(max(p[0] for p in b_peaks), 2) if b_peaks else None,
                                          peak_reserved_gib=round(max(p[1] for p in b_peaks), 2) if b_peaks else None)
+        if args.profile is not None:
+            extra.update(profiled(name, fn))
         # Where ComfyUI left the weights after these runs: partial loading keeps some in system memory and casts
         # those layers onto the GPU as they run.
         extra["weights_on_device_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()
