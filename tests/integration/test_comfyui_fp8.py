@@ -6,13 +6,10 @@ Locally these skip without COMFYUI_PATH; under CI (`CI` set) they fail without i
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from test_comfyui_native import CHECK_TIMEOUT, _python, _require_comfyui
+from test_comfyui_native import run_checks
 
 CHECKS = Path(__file__).with_name("comfy_fp8_checks.py")
 STORED = ("unet", "reference_net", "global_control", "local_control")
@@ -20,14 +17,7 @@ STORED = ("unet", "reference_net", "global_control", "local_control")
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory, golden_state_dict_path):
-    comfy = _require_comfyui()
-    work = tmp_path_factory.mktemp("comfy_fp8")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([_python(comfy), str(CHECKS), str(comfy), str(work), str(golden_state_dict_path)],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, f"the ComfyUI checks failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_checks(CHECKS, tmp_path_factory.mktemp("comfy_fp8"), golden_state_dict_path)
 
 
 def test_fp8_is_stored_in_the_diffusion_networks_only(checks):

@@ -46,16 +46,20 @@ def _python(comfy: Path) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-@pytest.fixture(scope="module")
-def checks(tmp_path_factory, golden_state_dict_path):
+def run_checks(script: Path, work: Path, golden_state_dict_path) -> dict:
+    """Run a checks script in ComfyUI's Python (ComfyUI imported in-process there) and return its RESULT."""
     comfy = _require_comfyui()
-    work = tmp_path_factory.mktemp("comfy_native")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([_python(comfy), str(CHECKS), str(comfy), str(work), str(golden_state_dict_path)],
+    done = subprocess.run([_python(comfy), str(script), str(comfy), str(work), str(golden_state_dict_path)],
                           cwd=work, env=env, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"the ComfyUI checks failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory, golden_state_dict_path):
+    return run_checks(CHECKS, tmp_path_factory.mktemp("comfy_native"), golden_state_dict_path)
 
 
 def test_loader_gives_comfyui_model_and_vae(checks):
