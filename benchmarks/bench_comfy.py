@@ -73,10 +73,14 @@ def parse(argv=None):
                         help="after the timed runs, one more run of each measurement under torch.profiler: "
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
-    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm"], metavar="VARIANT",
+    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "vae_layout"],
+                        metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
-                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone)")
+                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone); vae_layout = the VAE as "
+                             "ComfyUI lays it out (NCHW, its own GroupNorm) instead of channels-last")
+    parser.add_argument("--compile", action="store_true",
+                        help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
     if not args.comfyui or not Path(args.comfyui, "comfy").is_dir():
         parser.error("give ComfyUI's source folder with --comfyui or COMFYUI_PATH")
@@ -139,7 +143,23 @@ def group_norm_kernel_off():
         group_norm.set_group_norm_kernel(saved)
 
 
-VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off}
+@contextlib.contextmanager
+def vae_as_comfyui_lays_it_out(vae):
+    """ComfyUI's VAE in NCHW memory, where the pack's GroupNorm kernel stands aside: the VAE before the loader ran
+    it channels-last."""
+    import torch
+
+    network = vae.first_stage_model
+    layout = (torch.channels_last if network.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+              else torch.contiguous_format)
+    network.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        network.to(memory_format=layout)
+
+
+VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "vae_layout": None}
 
 
 def initialise_like_torch(model) -> None:
@@ -195,13 +215,14 @@ def main(argv=None):
     tensors = list(model.parameters()) + list(model.buffers())
     model_gib = round(sum(t.numel() * t.element_size() for t in tensors) / 2**30, 4)
     model_gib_compute_dtype = round(sum(t.numel() * dtype.itemsize for t in tensors) / 2**30, 4)
-    handle = LoadedXPortrait(model, "bench", "auto")
+    handle = LoadedXPortrait(model, "bench", "auto", compile=args.compile)
     comfy_model, _clip, vae = comfy_outputs(handle)
+    VARIANTS["vae_layout"] = lambda: vae_as_comfyui_lays_it_out(vae)
     handle.comfy_model = comfy_model
     records = []
 
     def emit(**record):
-        record.update(device=str(device), dtype=args.dtype, compute_dtype=str(dtype).replace("torch.", ""),
+        record.update(device=str(device), dtype=args.dtype, compiled=args.compile, compute_dtype=str(dtype).replace("torch.", ""),
                       storage_dtype=str(storage_dtype or dtype).replace("torch.", ""), model_gib=model_gib,
                       model_gib_compute_dtype=model_gib_compute_dtype, frames=args.frames,
                       resolution=args.resolution, comfy_args=args.comfy_args,
@@ -259,7 +280,10 @@ def main(argv=None):
             wall = time.perf_counter() - start
         averages = prof.key_averages()
         device_key = "self_device_time_total"
-        busy = sum(getattr(e, device_key, 0) for e in averages) / 1e6
+        # The kernels' own time (operators' rows repeat their kernels' time, so only device-side rows count).
+        from torch.autograd import DeviceType
+
+        busy = sum(getattr(e, device_key, 0) for e in averages if e.device_type == DeviceType.CUDA) / 1e6
         args.profile.mkdir(parents=True, exist_ok=True)
         tables = [f"{name}: wall {wall:.3f} s, device busy {busy:.3f} s (kernels summed)\n"]
         if device.type == "cuda":

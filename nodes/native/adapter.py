@@ -18,6 +18,7 @@ ComfyUI's samplers and schedulers, LoRA loaders and its memory manager work on i
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -109,8 +110,16 @@ class XPortraitJob:
 
 @dataclass(frozen=True, eq=False)
 class XPortraitBranch:
+    """One branch of a job. As made by X-Portrait Conditioning it holds the job and its kind; the model's
+    `extra_conds` adds, for one sampling run, the branch's text on the sampling device (`context`: the same tensor
+    at every call, so the denoiser knows it by identity, without comparing values on the GPU) and whether ComfyUI
+    hands it the whole latent frames (`whole_frame`: no area set on the conditioning, so both branches of a batch
+    are cut from the same latents)."""
+
     job: XPortraitJob
     conditional: bool
+    context: Optional[torch.Tensor] = None
+    whole_frame: bool = True
 
 
 class XPortraitCond(comfy.conds.CONDConstant):
@@ -161,10 +170,16 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
     # ---- conditioning ---------------------------------------------------------------------------------------
 
     def extra_conds(self, **kwargs):
-        out = super().extra_conds(**kwargs)
         branch = kwargs.get(COND_KEY)
+        device, cross_attn = kwargs.get("device"), kwargs.get("cross_attn")
+        if branch is not None and cross_attn is not None and device is not None:
+            # The text on the sampling device once per run: ComfyUI repeats and joins it at every call, which
+            # on a host tensor means a copy to the GPU that waits for the GPU to drain, twice a step.
+            kwargs["cross_attn"] = cross_attn = cross_attn.to(device)
+        out = super().extra_conds(**kwargs)
         if branch is not None:
-            out[COND_KEY] = XPortraitCond(branch)
+            out[COND_KEY] = XPortraitCond(dataclasses.replace(branch, context=cross_attn,
+                                                              whole_frame=kwargs.get("area") is None))
         return out
 
     def memory_required(self, input_shape, cond_shapes={}):
@@ -232,14 +247,17 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         denoiser = self._denoiser(branches[0].job)
         inputs = []
         for i, branch in enumerate(branches):
-            context = c_crossattn[i * frames:i * frames + 1]
+            context = branch.context if branch.context is not None else c_crossattn[i * frames:i * frames + 1]
             inputs.append(BranchInput(xc[i * frames:(i + 1) * frames], branch.conditional, context))
         window = transformer_options.get("context_window")
         frame_indices = list(window.index_list) if window is not None else None
+        # ComfyUI cuts every chunk of a batch from the same latents unless a conditioning sets an area: then the
+        # two guidance branches share one UNet batch without their latents being compared on the GPU.
+        same_latents = True if all(b.whole_frame for b in branches) else None
         # Under partial loading some layers' weights stay in system memory: the inputs' device is the compute one.
         self.xportrait.compute_device = x.device
         try:
-            eps = torch.cat(denoiser(timestep, inputs, frame_indices=frame_indices))
+            eps = torch.cat(denoiser(timestep, inputs, frame_indices=frame_indices, same_latents=same_latents))
         finally:
             self.xportrait.compute_device = None
         return self.model_sampling.calculate_denoised(sigma, eps, x)

@@ -89,11 +89,16 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     xportrait = handle.model
     original_bank = xportrait.reference_bank
     xportrait.reference_bank = lambda lat, t, ctx: bank_calls.append(ctx.shape[0]) or original_bank(lat, t, ctx)
+    # Values compared on the host while sampling (on a GPU each waits for it to drain): latents or texts (floating
+    # point), as opposed to the frame indices of the windows (int64, on the host).
+    equal, compared = torch.equal, []
+    torch.equal = lambda a, b: compared.append(a.dtype.is_floating_point) or equal(a, b)
     try:
         out = comfy_nodes.common_ksampler(model, seed, steps, 5.0, "ddim", "ddim_uniform", positive, negative,
                                           latent, denoise=1.0)[0]["samples"]
     finally:
         del xportrait.reference_bank
+        torch.equal = equal
     scale = handle.config.vae.scale_factor
     comfy_x0 = out * scale
 
@@ -131,6 +136,7 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     return {
         **custom,
         "frames": num_frames, "steps": steps, "reference_net_calls": bank_calls,
+        "float_comparisons": sum(compared),
         "comfy_timesteps": [int(t) for t in comfy_timesteps], "official_timesteps": timesteps.tolist(),
         "max_abs": float(comfy_x0.abs().max()),
         "max_diff_vs_last_prediction": float((comfy_x0 - last["x0"]).abs().max()),
@@ -235,7 +241,19 @@ def clip_and_vae_checks() -> dict:
     images = torch.rand(2, RESOLUTION, RESOLUTION, 3, generator=g)
     (encoded,) = run_node("VAEEncode", vae=vae, pixels=images)
     our_mean = ours.encode_images(images.permute(0, 3, 1, 2) * 2 - 1, sample=False) / scale
+    # As the loader makes the VAE on a CUDA device: channels-last, the GroupNorm kernel in front of ComfyUI's.
+    from xportrait_core.fast.operations import run_channels_last
+
+    run_channels_last(vae.first_stage_model, defers=casts_weights_now)
+    (decoded_cl,) = run_node("VAEDecode", vae=vae, samples={"samples": latents})
+    (encoded_cl,) = run_node("VAEEncode", vae=vae, pixels=images)
     return {
+        "vae_channels_last": vae.first_stage_model.decoder.conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last),
+        "vae_group_norm_classes": sorted({type(m).__name__ for m in vae.first_stage_model.modules()
+                                          if isinstance(m, torch.nn.GroupNorm)}),
+        "vae_channels_last_decode_diff": float((decoded_cl - decoded).abs().max()),
+        "vae_channels_last_encode_diff": float((encoded_cl["samples"] - encoded["samples"]).abs().max()),
         "clip_shape": list(conditioning[0][0].shape),
         "clip_max_diff": float((conditioning[0][0].float() - empty).abs().max()),
         "clip_scale": float(empty.abs().max()),

@@ -40,6 +40,26 @@ def test_both_branches_in_one_batch_equal_each_branch_alone(tiny_model, inputs):
     assert (alone_cond - alone_uncond).abs().max() > 1e-2  # the branches differ: the comparison means something
 
 
+def test_a_host_that_knows_the_latents_are_shared_skips_comparing_them(tiny_model, inputs, monkeypatch):
+    cond = BranchInput(inputs["x"], True, inputs["context"])
+    uncond = BranchInput(inputs["x"].clone(), False, inputs["uncond_context"])
+    denoiser = _denoiser(tiny_model, inputs)
+    compared = denoiser(500, [cond, uncond])
+    equal = torch.equal
+    calls = []
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(a.dtype) or equal(a, b))
+    told = denoiser(400, [cond, uncond], same_latents=True)
+    # No latent (float) tensor is compared on the host (on CUDA, each comparison waits for the GPU); the frame
+    # indices, int64 on the host, are.
+    assert [dtype for dtype in calls if dtype.is_floating_point] == []
+    # The same calls, comparing: the same window offsets drawn, the same eps.
+    asking = _denoiser(tiny_model, inputs)
+    asking(500, [cond, uncond])
+    asked = asking(400, [cond, uncond])
+    assert (told[0] - asked[0]).abs().max() < 1e-5 and (told[1] - asked[1]).abs().max() < 1e-5
+    assert (compared[0] - told[0]).abs().max() > 1e-3  # another timestep: the run did something
+
+
 def test_offsets_are_drawn_per_timestep_as_our_sampler_draws_them(tiny_model, inputs):
     denoiser = _denoiser(tiny_model, inputs, seed=9)
     offsets = [denoiser.window_offset(t, FRAMES) for t in (991, 991, 958, 925)]

@@ -64,7 +64,7 @@ def boundary_scalings(t: int, timestep_scaling: float = TIMESTEP_SCALING,
 
 def lcm_denoised(x: torch.Tensor, eps: torch.Tensor, t: int, alpha: float) -> torch.Tensor:
     """The consistency function's output at timestep t: c_out x0 + c_skip x, x0 predicted from eps."""
-    alpha = torch.tensor(alpha, dtype=x.dtype, device=x.device)
+    alpha = torch.full((), alpha, dtype=x.dtype, device=x.device)  # filled there: no wait for the GPU
     pred_x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
     c_skip, c_out = boundary_scalings(t)
     return c_out * pred_x0 + c_skip * x
@@ -72,7 +72,7 @@ def lcm_denoised(x: torch.Tensor, eps: torch.Tensor, t: int, alpha: float) -> to
 
 def lcm_renoise(denoised: torch.Tensor, alpha_prev: float, noise: torch.Tensor) -> torch.Tensor:
     """The next step's input: `denoised` noised afresh to the previous (lower) timestep."""
-    alpha_prev = torch.tensor(alpha_prev, dtype=denoised.dtype, device=denoised.device)
+    alpha_prev = torch.full((), alpha_prev, dtype=denoised.dtype, device=denoised.device)
     return alpha_prev.sqrt() * denoised + (1 - alpha_prev).sqrt() * noise
 
 

@@ -76,9 +76,11 @@ def ddim_parameters(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, eta: 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float, sigma: float = 0.0,
               noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update from x_t with predicted noise eps; returns (x_prev, predicted x_0)."""
-    alpha = torch.tensor(alpha, dtype=x.dtype, device=x.device)
-    alpha_prev = torch.tensor(alpha_prev, dtype=x.dtype, device=x.device)
-    sigma = torch.tensor(sigma, dtype=x.dtype, device=x.device)
+    # Filled on the device, not copied there: a copy from host memory would make the host wait for the GPU to
+    # drain at every step (the values, and so the results, are the same).
+    alpha = torch.full((), alpha, dtype=x.dtype, device=x.device)
+    alpha_prev = torch.full((), alpha_prev, dtype=x.dtype, device=x.device)
+    sigma = torch.full((), sigma, dtype=x.dtype, device=x.device)
     pred_x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
     x_prev = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - sigma ** 2).sqrt() * eps
     if noise is not None:

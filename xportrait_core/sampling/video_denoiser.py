@@ -97,12 +97,14 @@ class VideoDenoiser:
         return self._branches
 
     @torch.no_grad()
-    def __call__(self, t, branches: Sequence[BranchInput],
-                 frame_indices: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+    def __call__(self, t, branches: Sequence[BranchInput], frame_indices: Optional[Sequence[int]] = None,
+                 same_latents: Optional[bool] = None) -> list[torch.Tensor]:
         """eps (float32, on each branch's latents' device) per branch, in order.
 
         frame_indices: the latents are already one window, of these frames of the video (a host that cuts the
         windows itself, e.g. ComfyUI's context-window nodes): that window runs as it is, with its frames' hints.
+        same_latents: the host knows that the branches hold the same latents (True), so a conditional and an
+        unconditional one share a UNet batch; None compares them, which waits for the GPU.
         """
         if not branches:
             return []
@@ -132,10 +134,11 @@ class VideoDenoiser:
         def single(branch: BranchInput):
             return parts.cond if branch.conditional else parts.uncond
 
-        # Both branches on the same latents (classifier-free guidance): one UNet batch per window.
+        # Both branches on the same latents (classifier-free guidance): one UNet batch per window. (`parts` reads
+        # the conditional branch's text by construction.)
         pair = (len(branches) == 2 and len(conditional) == 1
-                and torch.equal(branches[0].latents, branches[1].latents)
-                and _same(conditional[0].context, parts.context))
+                and (same_latents or (same_latents is None
+                                      and torch.equal(branches[0].latents, branches[1].latents))))
         if frame_indices is not None:  # one window, cut by the host
             if pair:
                 both = parts.both(conditional[0].latents, t, frame_indices)
