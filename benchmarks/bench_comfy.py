@@ -73,15 +73,12 @@ def parse(argv=None):
                         help="after the timed runs, one more run of each measurement under torch.profiler: "
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
-    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "vae_layout",
-                                                                 "timestep_reads"],
+    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "vae_layout"],
                         metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); vae_layout = the VAE as "
-                             "ComfyUI lays it out (NCHW, its own GroupNorm) instead of channels-last; "
-                             "timestep_reads = every call's timestep read from the GPU "
-                             "(XPORTRAIT_SCHEDULED_TIMESTEPS=0)")
+                             "ComfyUI lays it out (NCHW, its own GroupNorm) instead of channels-last")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -162,22 +159,7 @@ def vae_as_comfyui_lays_it_out(vae):
         network.to(memory_format=layout)
 
 
-@contextlib.contextmanager
-def timesteps_read_from_the_gpu():
-    """Every KSampler call's timestep read from its sigma on the GPU, as before the schedule was followed."""
-    saved = os.environ.get("XPORTRAIT_SCHEDULED_TIMESTEPS")
-    os.environ["XPORTRAIT_SCHEDULED_TIMESTEPS"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["XPORTRAIT_SCHEDULED_TIMESTEPS"]
-        else:
-            os.environ["XPORTRAIT_SCHEDULED_TIMESTEPS"] = saved
-
-
-VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "vae_layout": None,
-            "timestep_reads": timesteps_read_from_the_gpu}
+VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "vae_layout": None}
 
 
 def initialise_like_torch(model) -> None:

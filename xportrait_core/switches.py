@@ -40,12 +40,6 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("XPORTRAIT_GEGLU_KERNEL", "1", ON_OFF,
            "The Triton kernel for the feed-forward's value * gelu(gate) on CUDA half precision outside "
            "torch.compile and autograd; 0 uses PyTorch's gelu and multiply."),
-    Switch("XPORTRAIT_SCHEDULED_TIMESTEPS", "1", ON_OFF,
-           "In ComfyUI, under a sampler that evaluates the model once at each sigma of its schedule, in order "
-           "(euler, ddim, euler_ancestral, lcm, dpmpp_2m, lms, ddpm), take each call's timestep from the schedule "
-           "instead of reading it from the GPU at every call (the reading waits for the GPU to finish its queued "
-           "work); the timesteps are checked on the GPU and the check read once, when sampling ends. 0 reads "
-           "every call's timestep."),
 )
 
 _BY_NAME = {switch.name: switch for switch in SWITCHES}

@@ -33,7 +33,6 @@ import comfy.patcher_extension
 import comfy.supported_models
 
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
-from xportrait_core.switches import switched_on
 
 log = logging.getLogger("xportrait")
 
@@ -162,7 +161,6 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self._run_seed: Optional[int] = None
         self._run_timesteps: Optional[list[int]] = None
         self._warned_control = False
-        self.end_run()
 
     def get_dtype(self):
         # The weights' dtype (fp8 where stored so), as ComfyUI's models answer: its memory estimates and LoRA
@@ -195,46 +193,13 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
 
     # ---- sampling run ---------------------------------------------------------------------------------------
 
-    def start_run(self, seed: Optional[int], sigmas: Optional[torch.Tensor] = None,
-                  walks_schedule: bool = False) -> None:
+    def start_run(self, seed: Optional[int], sigmas: Optional[torch.Tensor] = None) -> None:
         """A sampling run begins: its seed (window offsets) and its sigmas, whose timesteps let the reference
-        banks of several steps come from one reference-net call. walks_schedule: the sampler evaluates the model
-        once at each sigma of `sigmas`, in order (`walks_schedule` below), so each call's timestep is known
-        without reading it from the GPU."""
+        banks of several steps come from one reference-net call."""
         self.end_run()
         self._run_seed = None if seed is None else int(seed)
         if sigmas is not None:
             self._run_timesteps = [self.timestep_of(sigma) for sigma in sigmas.reshape(-1) if float(sigma) > 0]
-        self._scheduled = bool(walks_schedule and self._run_timesteps and switched_on("XPORTRAIT_SCHEDULED_TIMESTEPS"))
-
-    def _call_timestep(self, sigma: torch.Tensor, step_sigma) -> int:
-        """This call's timestep. Read from the GPU (`timestep_of`), the host would wait at every call for the GPU
-        to finish the work queued so far, then leave it idle while it queues the next. Under a sampler that walks
-        the schedule it is instead the run's next timestep whenever the sampler hands a new sigma tensor
-        (`step_sigma`, ComfyUI's transformer_options["sigmas"]: the calls of one step, the two branches as
-        separate batches or a context window's, share it), checked on the GPU against the sigma given."""
-        if not self._scheduled or step_sigma is None:
-            return self.timestep_of(sigma[:1])
-        if step_sigma is not self._step_sigma:
-            self._step_sigma = step_sigma
-            self._step += 1
-        if self._step >= len(self._run_timesteps):
-            self._scheduled = False  # more evaluations than the schedule has: read them from here on
-            return self.timestep_of(sigma[:1])
-        timestep = self._run_timesteps[self._step]
-        off = self.model_sampling.timestep(sigma[:1]).reshape(-1)[0] != timestep
-        self._off_schedule = off if self._off_schedule is None else self._off_schedule | off
-        return timestep
-
-    def check_run(self, sampler_name: str) -> None:
-        """After a run whose timesteps came from the schedule: whether the sampler did evaluate at them (one read
-        of the GPU's answer)."""
-        if self._off_schedule is not None and bool(self._off_schedule):
-            raise RuntimeError(
-                f"X-Portrait: the sampler ({sampler_name}) evaluated the model at noise levels outside its schedule, "
-                "so some steps used another step's reference bank. Sample again with the environment variable "
-                "XPORTRAIT_SCHEDULED_TIMESTEPS=0 set before starting ComfyUI, and report the sampler and the "
-                "nodes around it to the pack's issue tracker.")
 
     def timestep_of(self, sigma: torch.Tensor) -> int:
         """The network's timestep of a sigma: the nearest of the 1000 discrete ones (ComfyUI's timestep())."""
@@ -246,8 +211,6 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self._denoisers = {}
         self._run_seed = None
         self._run_timesteps = None
-        self._scheduled = False
-        self._step, self._step_sigma, self._off_schedule = -1, None, None
 
     def _denoiser(self, job: XPortraitJob) -> VideoDenoiser:
         """This run's denoiser of a job (made on its first call): its offsets seeded by the sampler's seed."""
@@ -280,7 +243,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         frames = x.shape[0] // chunks
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x).float()
-        timestep = self._call_timestep(sigma, transformer_options.get("sigmas"))
+        timestep = self.timestep_of(sigma[:1])
         denoiser = self._denoiser(branches[0].job)
         inputs = []
         for i, branch in enumerate(branches):
@@ -305,30 +268,12 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
     """One sampling run: window offsets seeded by the sampler's seed; cached banks and hints dropped at the end."""
     model = executor.class_obj.model_patcher.model
     unload_patched(model.xportrait.unet, keep_model=model)
-    model.start_run(seed, sigmas, walks_schedule=walks_schedule(sampler))
+    model.start_run(seed, sigmas)
     try:
-        samples = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
-                           *args, **kwargs)
-        model.check_run(getattr(getattr(sampler, "sampler_function", None), "__name__", type(sampler).__name__))
-        return samples
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                        *args, **kwargs)
     finally:
         model.end_run()
-
-
-# k-diffusion samplers that call the model once per step, at sigmas[i], for i in order (an s_churn above 0 makes
-# euler evaluate at a raised sigma instead).
-SCHEDULE_WALKERS = ("sample_euler", "sample_euler_ancestral", "sample_lcm", "sample_dpmpp_2m", "sample_lms",
-                    "sample_ddpm")
-
-
-def walks_schedule(sampler) -> bool:
-    """Whether a ComfyUI sampler (KSAMPLER: ComfyUI's "ddim" is euler) evaluates the model exactly at its sigmas in
-    order, one evaluation point per step."""
-    import comfy.k_diffusion.sampling as k_sampling
-
-    function = getattr(sampler, "sampler_function", None)
-    return (function is not None and any(function is getattr(k_sampling, name, None) for name in SCHEDULE_WALKERS)
-            and not (getattr(sampler, "extra_options", None) or {}).get("s_churn"))
 
 
 def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:

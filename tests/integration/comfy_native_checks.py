@@ -93,17 +93,11 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     # point), as opposed to the frame indices of the windows (int64, on the host).
     equal, compared = torch.equal, []
     torch.equal = lambda a, b: compared.append(a.dtype.is_floating_point) or equal(a, b)
-    # Timesteps read from a sigma tensor: the run's schedule once when it starts, then none per call (ddim walks
-    # the schedule).
-    comfy_model, timestep_reads = model.model, []
-    comfy_model.timestep_of = lambda sigma: timestep_reads.append(1) or type(comfy_model).timestep_of(comfy_model,
-                                                                                                      sigma)
     try:
         out = comfy_nodes.common_ksampler(model, seed, steps, 5.0, "ddim", "ddim_uniform", positive, negative,
                                           latent, denoise=1.0)[0]["samples"]
     finally:
         del xportrait.reference_bank
-        del comfy_model.timestep_of
         torch.equal = equal
     scale = handle.config.vae.scale_factor
     comfy_x0 = out * scale
@@ -142,7 +136,7 @@ def ksampler_against_sampler(handle, model, num_frames: int, steps: int, seed: i
     return {
         **custom,
         "frames": num_frames, "steps": steps, "reference_net_calls": bank_calls,
-        "float_comparisons": sum(compared), "timestep_reads": len(timestep_reads),
+        "float_comparisons": sum(compared),
         "comfy_timesteps": [int(t) for t in comfy_timesteps], "official_timesteps": timesteps.tolist(),
         "max_abs": float(comfy_x0.abs().max()),
         "max_diff_vs_last_prediction": float((comfy_x0 - last["x0"]).abs().max()),
@@ -228,38 +222,6 @@ def lora_checks(handle, model) -> dict:
 
 
 @torch.no_grad()
-def off_schedule_check(handle, model) -> dict:
-    """A sampler wrongly taken for one that walks its schedule (heun also evaluates between the sigmas): the run
-    ends with an error naming the switch; with the switch off, every call's timestep is read and it samples."""
-    adapter = importlib.import_module(pack.__name__ + ".nodes.native.adapter")
-    reference, motion, context, uncond_context = stand_ins(4, 21)
-    positive, negative, latent = run_node("XPortraitConditioning", xportrait_model=handle,
-                                          positive=[[context, {}]], negative=[[uncond_context, {}]],
-                                          reference=reference, motion=motion, seed=22, window_overlap=4)
-
-    def heun():
-        return comfy_nodes.common_ksampler(model, 5, 3, 5.0, "heun", "ddim_uniform", positive, negative, latent)[0]
-
-    plain = heun()["samples"]
-    walks, adapter.walks_schedule = adapter.walks_schedule, lambda sampler: True
-    try:
-        try:
-            heun()
-            error = ""
-        except RuntimeError as exc:
-            error = str(exc)
-        os.environ["XPORTRAIT_SCHEDULED_TIMESTEPS"] = "0"
-        switched_off = heun()["samples"]
-    finally:
-        adapter.walks_schedule = walks
-        os.environ.pop("XPORTRAIT_SCHEDULED_TIMESTEPS", None)
-    return {"error": error, "switched_off_max_diff": float((switched_off - plain).abs().max()),
-            "walks_euler": adapter.walks_schedule(comfy.samplers.ksampler("euler")),
-            "walks_ddim": adapter.walks_schedule(comfy.samplers.sampler_object("ddim")),
-            "walks_heun": adapter.walks_schedule(comfy.samplers.ksampler("heun")),
-            "walks_churned_euler": adapter.walks_schedule(comfy.samplers.ksampler("euler", {"s_churn": 1.0}))}
-
-
 def clip_and_vae_checks() -> dict:
     """The loader's CLIP and VAE against the model's own text encoder and VAE (checkpoint with a tiny CLIP)."""
     from pack_loader import tiny_checkpoint_with_text_encoder
@@ -363,7 +325,6 @@ def main():
         "ksampler_windows": lambda: ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
                                                              with_custom_samplers=True),
         "partial_loading": lambda: partial_loading_check(handle, model),
-        "off_schedule": lambda: off_schedule_check(handle, model),
     }
     for name, check in checks.items():
         start = time.perf_counter()
