@@ -73,12 +73,11 @@ def parse(argv=None):
                         help="after the timed runs, one more run of each measurement under torch.profiler: "
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
-    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "vae_layout"],
+    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm"],
                         metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
-                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone); vae_layout = the VAE as "
-                             "ComfyUI lays it out (NCHW, its own GroupNorm) instead of channels-last")
+                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -143,23 +142,7 @@ def group_norm_kernel_off():
         group_norm.set_group_norm_kernel(saved)
 
 
-@contextlib.contextmanager
-def vae_as_comfyui_lays_it_out(vae):
-    """ComfyUI's VAE in NCHW memory, where the pack's GroupNorm kernel stands aside: the VAE before the loader ran
-    it channels-last."""
-    import torch
-
-    network = vae.first_stage_model
-    layout = (torch.channels_last if network.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-              else torch.contiguous_format)
-    network.to(memory_format=torch.contiguous_format)
-    try:
-        yield
-    finally:
-        network.to(memory_format=layout)
-
-
-VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "vae_layout": None}
+VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off}
 
 
 def initialise_like_torch(model) -> None:
@@ -217,7 +200,6 @@ def main(argv=None):
     model_gib_compute_dtype = round(sum(t.numel() * dtype.itemsize for t in tensors) / 2**30, 4)
     handle = LoadedXPortrait(model, "bench", "auto", compile=args.compile)
     comfy_model, _clip, vae = comfy_outputs(handle)
-    VARIANTS["vae_layout"] = lambda: vae_as_comfyui_lays_it_out(vae)
     handle.comfy_model = comfy_model
     records = []
 

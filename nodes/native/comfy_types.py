@@ -21,15 +21,7 @@ def comfy_vae(xportrait):
                 "out_ch": vae.out_channels, "ch": vae.ch, "ch_mult": list(vae.ch_mult),
                 "num_res_blocks": vae.num_res_blocks, "attn_resolutions": [], "dropout": 0.0}
     state = {k: v.detach().to("cpu", torch.float32) for k, v in _prefixed(xportrait.state_dict(), "vae.").items()}
-    comfy_vae = comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": vae.embed_dim}})
-    if comfy_vae.device.type == "cuda":
-        from xportrait_core.fast.operations import run_channels_last
-
-        from .operations import casts_weights_now
-
-        # Decoding a video's frames is memory-bound at full size: run it as the pack's own VAE runs on CUDA.
-        run_channels_last(comfy_vae.first_stage_model, defers=casts_weights_now)
-    return comfy_vae
+    return comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": vae.embed_dim}})
 
 
 def comfy_clip(xportrait):

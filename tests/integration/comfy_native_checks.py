@@ -241,19 +241,7 @@ def clip_and_vae_checks() -> dict:
     images = torch.rand(2, RESOLUTION, RESOLUTION, 3, generator=g)
     (encoded,) = run_node("VAEEncode", vae=vae, pixels=images)
     our_mean = ours.encode_images(images.permute(0, 3, 1, 2) * 2 - 1, sample=False) / scale
-    # As the loader makes the VAE on a CUDA device: channels-last, the GroupNorm kernel in front of ComfyUI's.
-    from xportrait_core.fast.operations import run_channels_last
-
-    run_channels_last(vae.first_stage_model, defers=casts_weights_now)
-    (decoded_cl,) = run_node("VAEDecode", vae=vae, samples={"samples": latents})
-    (encoded_cl,) = run_node("VAEEncode", vae=vae, pixels=images)
     return {
-        "vae_channels_last": vae.first_stage_model.decoder.conv_in.weight.is_contiguous(
-            memory_format=torch.channels_last),
-        "vae_group_norm_classes": sorted({type(m).__name__ for m in vae.first_stage_model.modules()
-                                          if isinstance(m, torch.nn.GroupNorm)}),
-        "vae_channels_last_decode_diff": float((decoded_cl - decoded).abs().max()),
-        "vae_channels_last_encode_diff": float((encoded_cl["samples"] - encoded["samples"]).abs().max()),
         "clip_shape": list(conditioning[0][0].shape),
         "clip_max_diff": float((conditioning[0][0].float() - empty).abs().max()),
         "clip_scale": float(empty.abs().max()),

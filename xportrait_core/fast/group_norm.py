@@ -156,6 +156,5 @@ def with_kernel(base: type[nn.Module], defers: Optional[Callable[[nn.Module], bo
                 return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
             return super().forward(x)
 
-    GroupNormWithKernel._kernel_base = base
     GroupNormWithKernel.__name__ = GroupNormWithKernel.__qualname__ = f"{base.__name__}WithKernel"
     return GroupNormWithKernel

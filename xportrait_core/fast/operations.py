@@ -39,15 +39,3 @@ def probe_kernels(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
     return {"frame_attention": applies and frame_attention.kernel_usable(device, dtype),
             "group_norm": applies and group_norm.triton is not None and group_norm._kernel_usable(device, dtype),
             "geglu": applies and geglu.triton is not None and geglu._kernel_usable(device, dtype)}
-
-
-def run_channels_last(network: torch.nn.Module,
-                      defers: Optional[Callable[[torch.nn.Module], bool]] = None) -> torch.nn.Module:
-    """A convolutional network built elsewhere (a host's VAE), in place, run as the pack runs its own on CUDA:
-    channels-last memory (cuDNN's convolutions then need no layout conversions) with the GroupNorm kernel in front
-    of its GroupNorm layers (PyTorch's own would copy every channels-last activation to NCHW and back). Same
-    parameters and keys, same values computed; `defers` as `fast_operations`'."""
-    for module in network.modules():
-        if isinstance(module, torch.nn.GroupNorm) and not hasattr(type(module), "_kernel_base"):
-            module.__class__ = group_norm.with_kernel(type(module), defers)
-    return network.to(memory_format=torch.channels_last)
