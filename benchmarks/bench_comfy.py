@@ -73,11 +73,14 @@ def parse(argv=None):
                         help="after the timed runs, one more run of each measurement under torch.profiler: "
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
-    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm"],
+    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "whole_feed_forward",
+                                                                 "flash_attention"],
                         metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
-                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone)")
+                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
+                             "feed-forwards unsliced; "
+                             "flash_attention = PyTorch's flash / memory-efficient SDPA instead of cuDNN's")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -142,7 +145,32 @@ def group_norm_kernel_off():
         group_norm.set_group_norm_kernel(saved)
 
 
-VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off}
+@contextlib.contextmanager
+def whole_feed_forward():
+    """Feed-forwards over the whole batch at once (no slices under 256 MiB of projection): fewer, larger calls and
+    no copy of each slice's output, for a higher memory peak."""
+    from xportrait_core.model.blocks import FeedForward
+
+    saved = FeedForward.chunk_bytes
+    FeedForward.chunk_bytes = 2**40
+    try:
+        yield
+    finally:
+        FeedForward.chunk_bytes = saved
+
+
+@contextlib.contextmanager
+def flash_attention_only():
+    """PyTorch's own flash and memory-efficient SDPA kernels instead of cuDNN's (which SDPA picks first on
+    Hopper): less host work per call, perhaps slower kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
+            "flash_attention": flash_attention_only}
 
 
 def initialise_like_torch(model) -> None:
