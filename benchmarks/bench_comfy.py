@@ -74,12 +74,12 @@ def parse(argv=None):
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
     parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "whole_feed_forward",
-                                                                 "flash_attention"],
+                                                                 "flash_attention", "graphs_off"],
                         metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
-                             "feed-forwards unsliced; "
+                             "feed-forwards unsliced; graphs_off = our Sampler without CUDA graphs; "
                              "flash_attention = PyTorch's flash / memory-efficient SDPA instead of cuDNN's")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
@@ -169,8 +169,23 @@ def flash_attention_only():
         yield
 
 
+@contextlib.contextmanager
+def cuda_graphs_off():
+    """Our Sampler's windows run eagerly, as XPORTRAIT_CUDA_GRAPHS=0 gives (graphs record under ComfyUI's allocator
+    where the pack's Triton kernels launch by address: fast/triton_launch.py)."""
+    saved = os.environ.get("XPORTRAIT_CUDA_GRAPHS")
+    os.environ["XPORTRAIT_CUDA_GRAPHS"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["XPORTRAIT_CUDA_GRAPHS"]
+        else:
+            os.environ["XPORTRAIT_CUDA_GRAPHS"] = saved
+
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
-            "flash_attention": flash_attention_only}
+            "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off}
 
 
 def initialise_like_torch(model) -> None:

@@ -24,10 +24,12 @@ ordered after and before the caller's stream. Every input is copied into a stati
 (`GraphedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
 step, say) `GraphCaptureError` says so and `GraphedDenoiser` goes on with the eager denoiser.
 
-Graphs need PyTorch's native caching allocator. Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the
-memory a recording allocates is not mapped yet while it records, Triton's and Inductor's kernel launchers reject
-those pointers, and freeing the tensors of the failed recording then aborts the process (seen on the H100 with
-torch 2.11). So graphs are not attempted there: see `allocator_supports_graphs`.
+Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the memory a recording allocates is not mapped yet
+while it records, and Triton's kernel launcher rejects those pointers; freeing the tensors of the failed recording
+then aborted the process (seen on the H100 with torch 2.11). The pack's own Triton kernels are therefore launched
+by address while a recording is under way (triton_launch.py), so an uncompiled model records there too. Compiled
+blocks launch Inductor's kernels through Triton's own launcher: under that allocator they are not recorded (see
+`allocator_supports_graphs`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import compilation, triton_launch
 from .switches import switched_on
 
 log = logging.getLogger("xportrait")
@@ -49,18 +52,21 @@ def cuda_graphs_enabled() -> bool:
 _logged_allocator_note = False
 
 
-def allocator_supports_graphs() -> bool:
-    """True under PyTorch's native CUDA allocator. Under cudaMallocAsync it logs, once, how to get graphs back."""
+def allocator_supports_graphs(compiled: bool = False) -> bool:
+    """True under PyTorch's native CUDA allocator, and under cudaMallocAsync for an uncompiled model where this
+    Triton lets the pack's kernels launch by address (triton_launch.py). Otherwise it logs, once, how to get
+    graphs back."""
     global _logged_allocator_note
     backend = torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "native"
-    if backend == "native":
+    if backend == "native" or (not compiled and triton_launch.capture_safe()):
         return True
     if not _logged_allocator_note:
         _logged_allocator_note = True
-        log.info("X-Portrait: CUDA graphs are off under the %s allocator (its recordings cannot be replayed with "
-                 "Triton kernels); sampling runs without them. Start ComfyUI with --disable-cuda-malloc (and "
-                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for faster sampling with less reserved memory.",
-                 backend)
+        log.info("X-Portrait: CUDA graphs are off under the %s allocator (%s); sampling runs without them. Start "
+                 "ComfyUI with --disable-cuda-malloc (and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for "
+                 "faster sampling with less reserved memory.", backend,
+                 "compiled blocks' recordings cannot be replayed there" if compiled
+                 else "this Triton's kernels cannot be recorded there")
     return False
 
 
@@ -232,15 +238,18 @@ class GuidanceGraphs:
         torch.cuda.empty_cache()
 
 
-def graphs_apply(device: torch.device) -> bool:
-    """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, the native allocator."""
-    return torch.device(device).type == "cuda" and cuda_graphs_enabled() and allocator_supports_graphs()
+def graphs_apply(device: torch.device, compiled: bool = False) -> bool:
+    """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, an allocator they
+    record under (`allocator_supports_graphs`)."""
+    return (torch.device(device).type == "cuda" and cuda_graphs_enabled()
+            and allocator_supports_graphs(compiled=compiled))
 
 
 def with_cuda_graphs(denoiser):
     """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run, else `denoiser` itself. A scale of 0
     (the unconditional branch alone, no bank) stays eager."""
-    if denoiser.needs_cond and graphs_apply(denoiser.branches.model.device):
+    model = denoiser.branches.model
+    if denoiser.needs_cond and graphs_apply(model.device, compiled=compilation.is_compiled(model)):
         return GraphedDenoiser(denoiser)
     return denoiser
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..fast import cuda_graphs, offload
+from ..fast.compilation import is_compiled
 from .batched_banks import BatchedReferenceBanks
 from .guidance import GuidedDenoiser
 from ..media.image_formats import as_rgb_float, check_resolution, resize_image
@@ -227,14 +228,15 @@ def animate_latents(
                                         # Low-VRAM mode keeps the activations of one branch at a time.
                                         batch_branches=not low_vram)
     denoise = denoiser
+    compiled = is_compiled(model)
     try:
         if low_vram and denoiser.needs_cond:
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
             branches = denoiser.branches
             with offload.resident(model, "reference_net"):
                 branches.banks = offload.precompute_reference_banks(
-                    branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device))
-        elif denoiser.needs_cond and not cuda_graphs.graphs_apply(model.device):
+                    branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device, compiled))
+        elif denoiser.needs_cond and not cuda_graphs.graphs_apply(model.device, compiled):
             # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
             # The samplers walk the (increasing) timesteps from last to first.
             denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
