@@ -79,7 +79,7 @@ def parse(argv=None):
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
-                             "feed-forwards unsliced; graphs_off = our Sampler without CUDA graphs; "
+                             "feed-forwards unsliced; graphs_off = no CUDA graphs; "
                              "flash_attention = PyTorch's flash / memory-efficient SDPA instead of cuDNN's")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
@@ -171,8 +171,8 @@ def flash_attention_only():
 
 @contextlib.contextmanager
 def cuda_graphs_off():
-    """Our Sampler's windows run eagerly, as XPORTRAIT_CUDA_GRAPHS=0 gives (graphs record under ComfyUI's allocator
-    where the pack's Triton kernels launch by address: fast/triton_launch.py)."""
+    """Every window runs eagerly, our Sampler's and KSampler's, as XPORTRAIT_CUDA_GRAPHS=0 gives (graphs record
+    under ComfyUI's allocator where the pack's Triton kernels launch by address: fast/triton_launch.py)."""
     saved = os.environ.get("XPORTRAIT_CUDA_GRAPHS")
     os.environ["XPORTRAIT_CUDA_GRAPHS"] = "0"
     try:

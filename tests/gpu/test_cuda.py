@@ -346,16 +346,33 @@ with torch.inference_mode():
     replays = getattr(denoiser, "replays", 0)
     denoiser.release()
     torch.cuda.synchronize()
+    # KSampler's path (VideoDenoiser, both branches in one batch): windows through WindowGraphs against eager.
+    from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
+
+    hints = dict(global_hint=inputs["global_hint"], local_hint=inputs["local_hint"], overlap=4, seed=5)
+    by_host = [VideoDenoiser(model, reference, cuda_graphs=graphs, **hints) for graphs in (False, True)]
+    branches = [BranchInput(x_T, True, inputs["context"].cuda()),
+                BranchInput(x_T, False, inputs["uncond_context"].cuda())]
+    window_difference = 0.0
+    for t in (999, 749, 499, 249):  # eager warm-up, then recordings, then replays
+        eager_eps, graphed_eps = (d(t, branches, same_latents=True) for d in by_host)
+        window_difference = max([window_difference]
+                                + [float((a - b).abs().max()) for a, b in zip(eager_eps, graphed_eps)])
+    window_replays = by_host[1]._graphs.replays
+    for d in by_host:
+        d.release()
+    torch.cuda.synchronize()
 print("graphs", type(denoiser).__name__ == "GraphedDenoiser", "replays", replays, "kernels_by_address",
       len(by_address) > 0, "finite", bool(torch.isfinite(graphed).all()),
-      "difference", float((graphed - eager).abs().max()))
+      "difference", float((graphed - eager).abs().max()), "window_replays", window_replays,
+      "window_difference", window_difference)
 """
 
 
 def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_what_eager_computes(tmp_path):
     """ComfyUI's default allocator, random tiny weights (no golden files needed on the GPU machine): the window
     and reference graphs record with the pack's Triton kernels launched by address, replay, and give the eager
-    run's latents (the same kernels; bf16)."""
+    run's latents (the same kernels; bf16); the same for KSampler's windows (VideoDenoiser with WindowGraphs)."""
     import os
     import subprocess
     import sys
@@ -373,3 +390,5 @@ def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_wha
     assert words[:2] == ["graphs", "True"] and int(words[3]) > 0, result.stdout
     assert words[4:8] == ["kernels_by_address", "True", "finite", "True"], result.stdout
     assert float(words[9]) < 1e-2, result.stdout
+    # KSampler's path: windows replayed (4 steps x 2 windows, less the warm-up and recording calls).
+    assert words[10] == "window_replays" and int(words[11]) > 0 and float(words[13]) < 1e-2, result.stdout

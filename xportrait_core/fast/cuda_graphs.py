@@ -313,3 +313,62 @@ class GraphedDenoiser:
         cancelled)."""
         self._release_graphs()
         self.denoiser.release()
+
+
+class WindowGraphs:
+    """The window calls of a host's sampler (`sampling.video_denoiser.VideoDenoiser`: ComfyUI's KSampler) through
+    CUDA graphs, as `GraphedDenoiser` serves our Sampler.
+
+    `__call__(kind, x, t, frame_indices)`: kind "both" gives (conditional, unconditional) eps of one UNet batch,
+    "cond" the conditional eps alone (cfg 1: the LCM path); None where the caller must run the window eagerly (a
+    recording failed, so graphs are off for the rest of the run). Each kind records its own window graphs and a
+    reference graph per timestep shape, like the Sampler's; timesteps are the network's integer ones (ComfyUI's
+    `timestep()` of each sigma).
+    """
+
+    def __init__(self, branches):
+        self.branches = branches
+        self.enabled = True
+        self._graphs: dict[str, GuidanceGraphs] = {}
+
+    @property
+    def replays(self) -> int:
+        return sum(graphs.replays for graphs in self._graphs.values())
+
+    def _graphs_for(self, kind: str) -> GuidanceGraphs:
+        graphs = self._graphs.get(kind)
+        if graphs is None:
+            branches = self.branches
+            if kind == "both":
+                def window_eps(x, t, global_hint, local_hint, bank):
+                    # One tensor out (a graph's output): the two branches side by side on the channel axis.
+                    return torch.cat(branches.eps_branches(x, t, global_hint, local_hint, bank), dim=1)
+            elif kind == "cond":
+                window_eps = branches.eps_cond
+            else:
+                raise ValueError(f"unknown window kind {kind!r}: expected 'both' or 'cond'")
+            graphs = self._graphs[kind] = GuidanceGraphs(branches.model.device, window_eps,
+                                                         compute_bank=branches.banks.compute)
+        return graphs
+
+    @torch.no_grad()
+    def __call__(self, kind: str, x: torch.Tensor, t, frame_indices: torch.Tensor):
+        if not self.enabled:
+            return None
+        try:
+            eps = self._graphs_for(kind).eps(x, int(t), *self.branches.motion_hints.frames(frame_indices))
+        except GraphCaptureError as error:
+            log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
+            self.enabled = False
+            self.release()
+            return None
+        if kind == "both":
+            channels = x.shape[1]
+            return eps[:, :channels], eps[:, channels:]
+        return eps
+
+    def release(self) -> None:
+        """Drop every graph and its memory (the run ends, or a recording failed)."""
+        for graphs in self._graphs.values():
+            graphs.release()
+        self._graphs.clear()
