@@ -316,6 +316,12 @@ def test_cuda_graphs_under_the_cuda_malloc_async_allocator_only_where_every_kern
     assert len(notes) == 1 and "--disable-cuda-malloc" in notes[0] and "compiled" in notes[0]
     monkeypatch.setattr(triton_launch, "capture_safe", lambda: False)
     assert not cuda_graphs.allocator_supports_graphs()
+    # Another pack's attention in place of PyTorch's (often a Triton kernel that would not record there).
+    monkeypatch.setattr(triton_launch, "capture_safe", lambda: True)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: None)
+    assert not cuda_graphs.allocator_supports_graphs()
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
     assert cuda_graphs.allocator_supports_graphs() and cuda_graphs.allocator_supports_graphs(compiled=True)
 

@@ -37,6 +37,7 @@ import logging
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import compilation, triton_launch
 from .switches import switched_on
@@ -58,15 +59,24 @@ def allocator_supports_graphs(compiled: bool = False) -> bool:
     graphs back."""
     global _logged_allocator_note
     backend = torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "native"
-    if backend == "native" or (not compiled and triton_launch.capture_safe()):
+    if backend == "native":
+        return True
+    # A failed recording may abort the process under this allocator, so only a run whose every kernel is known
+    # to record: not compiled blocks, and not PyTorch's attention replaced by another pack's (often a Triton
+    # kernel launched the ordinary way).
+    if compiled:
+        reason = "compiled blocks' recordings cannot be replayed there"
+    elif not triton_launch.capture_safe():
+        reason = "this Triton's kernels cannot be recorded there"
+    elif F.scaled_dot_product_attention is not torch._C._nn.scaled_dot_product_attention:
+        reason = "another node replaced PyTorch's attention, whose kernels may not record there"
+    else:
         return True
     if not _logged_allocator_note:
         _logged_allocator_note = True
         log.info("X-Portrait: CUDA graphs are off under the %s allocator (%s); sampling runs without them. Start "
                  "ComfyUI with --disable-cuda-malloc (and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for "
-                 "faster sampling with less reserved memory.", backend,
-                 "compiled blocks' recordings cannot be replayed there" if compiled
-                 else "this Triton's kernels cannot be recorded there")
+                 "faster sampling with less reserved memory.", backend, reason)
     return False
 
 
