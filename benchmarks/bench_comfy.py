@@ -79,8 +79,8 @@ def parse(argv=None):
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
-                             "feed-forwards unsliced; graphs_off = no CUDA graphs; "
-                             "flash_attention = PyTorch's flash / memory-efficient SDPA instead of cuDNN's")
+                             "feed-forwards unsliced; flash_attention = PyTorch's flash / memory-efficient SDPA "
+                             "instead of cuDNN's; graphs_off = no CUDA graphs")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
