@@ -100,6 +100,38 @@ class GraphCaptureError(RuntimeError):
     """The denoiser's work could not be recorded as a CUDA graph (the eager path still works)."""
 
 
+def _shape_of(value):
+    """What `_empty_like` needs of a window's eps (a tensor) or of a reference bank (its entries)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value.num_references, [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in value.entries]
+
+
+def _empty_like(shape, device: torch.device):
+    """Uninitialised storage on `device` shaped as `_shape_of` describes."""
+    if isinstance(shape, torch.Tensor):
+        return torch.empty(shape.shape, dtype=shape.dtype, device=device)
+    from ..model.reference_bank import ReferenceBank  # noqa: PLC0415 - keeps this module free of the model
+
+    num_references, entries = shape
+    bank = ReferenceBank(num_references)
+    bank.entries = [torch.empty(e.shape, dtype=e.dtype, device=device) for e in entries]
+    return bank.finish()
+
+
+def _copy_into(target, value) -> None:
+    """target <- value, for a tensor or a bank; shapes as the warm-up gave them (a recording of other shapes is a
+    mistake in the caller)."""
+    if isinstance(target, torch.Tensor):
+        target.copy_(value)
+        return
+    if len(target.entries) != len(value.entries):
+        raise RuntimeError(f"a bank of {len(value.entries)} entries recorded where the warm-up had "
+                           f"{len(target.entries)}")
+    for stored, entry in zip(target.entries, value.entries):
+        stored.copy_(entry)
+
+
 class _Recorded:
     """One recorded graph, the static tensors it reads, and its (static) output."""
 
@@ -139,18 +171,25 @@ class GuidanceGraphs:
         self._bank_graph: Optional[_Recorded] = None
         self._static_bank = None                # stored banks' values land here, step by step
         self._window_graphs: dict[tuple, _Recorded] = {}
-        self._warm: set = set()                 # what has run eagerly once, so may be recorded
+        self._warm: dict = {}                   # what has run eagerly once, so may be recorded: its result's shape
         self._pool = None
         self.replays = 0
 
-    def _record(self, fn: Callable[[], object]):
+    def _record(self, fn: Callable[[], object], like):
+        """Record fn() -> a tensor or a bank shaped as `like` (the eager warm-up's result). The graph writes into
+        buffers allocated before it, and fn's own result is dropped inside the recording: under cudaMallocAsync
+        every recorded allocation freed after the recording draws a PyTorch warning, at every run."""
         # The eager warm-up's freed blocks stay cached by the allocator, where the graphs' private pool cannot
         # reuse them: hand them back to the driver first, or the run would hold the step's memory twice.
         torch.cuda.empty_cache()
+        with torch.cuda.stream(self._stream):
+            output = _empty_like(like, self.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                output = fn()
+                result = fn()
+                _copy_into(output, result)
+                del result
         except Exception as error:  # e.g. a host sync or a pageable host copy inside the step
             release_stuck_generators()
             raise GraphCaptureError(f"{type(error).__name__}: {error}") from error
@@ -189,14 +228,14 @@ class GuidanceGraphs:
             # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
             self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
             self._bank = self._compute_bank(self._timestep)
-            self._warm.add("bank")
+            self._warm["bank"] = _shape_of(self._bank)
         else:
             self._stream.wait_stream(caller)
             with torch.cuda.stream(self._stream):
                 self._timestep.fill_(int(t))
                 if self._bank_graph is None:
                     self._bank = None  # the eager bank's memory goes back before recording
-                    graph, bank = self._record(lambda: self._compute_bank(self._timestep))
+                    graph, bank = self._record(lambda: self._compute_bank(self._timestep), self._warm["bank"])
                     self._bank_graph = _Recorded(graph, {}, bank)
                 self._bank = self._bank_graph.replay({})
             caller.wait_stream(self._stream)
@@ -222,14 +261,16 @@ class GuidanceGraphs:
         recorded = self._window_graphs.get(key)
         if recorded is None and (key not in self._warm or not self._bank_fixed):
             # Eager until this shape has run once and the bank it reads keeps its addresses.
-            self._warm.add(key)
-            return self._window_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+            eps = self._window_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+            self._warm[key] = _shape_of(eps)
+            return eps
         self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
         with torch.cuda.stream(self._stream):
             if recorded is None:
                 static = {name: v.to(self.device).clone() for name, v in inputs.items()}
                 graph, output = self._record(lambda: self._window_eps(
-                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
+                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank),
+                    self._warm[key])
                 recorded = self._window_graphs[key] = _Recorded(graph, static, output)
             eps = recorded.replay(inputs)
         caller.wait_stream(self._stream)
