@@ -206,15 +206,16 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         return int(self.model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])
 
     def _graphs_apply(self, device: torch.device) -> bool:
-        """Whether this run's windows can replay from CUDA graphs: graphs apply on the device (fast/cuda_graphs.py)
-        and no layer casts or patches its weights as it runs (partial loading, LoRA applied on the fly: host
-        copies inside the call, which a recording cannot hold)."""
+        """Whether this run's windows can replay from CUDA graphs: graphs apply on the device for a run of this
+        many steps (fast/cuda_graphs.py) and no layer casts or patches its weights as it runs (partial loading,
+        LoRA applied on the fly: host copies inside the call, which a recording cannot hold)."""
         from xportrait_core.fast import compilation, cuda_graphs
 
         from .operations import casts_weights_now
 
         xportrait = self.xportrait
-        if not cuda_graphs.graphs_apply(device, compiled=compilation.is_compiled(xportrait)):
+        steps = None if self._run_timesteps is None else len(self._run_timesteps)
+        if not cuda_graphs.graphs_apply(device, compiled=compilation.is_compiled(xportrait), steps=steps):
             return False
         networks = (xportrait.unet, xportrait.reference_net, xportrait.global_control, xportrait.local_control)
         return not any(casts_weights_now(layer) for network in networks for layer in network.modules())

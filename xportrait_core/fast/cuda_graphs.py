@@ -30,6 +30,9 @@ then aborted the process (seen on the H100 with torch 2.11). The pack's own Trit
 by address while a recording is under way (triton_launch.py), so an uncompiled model records there too. Compiled
 blocks launch Inductor's kernels through Triton's own launcher: under that allocator they are not recorded (see
 `allocator_supports_graphs`).
+
+Recording costs about one eager step of host time with the GPU idle, and a replay saves only the host's lead over
+the GPU, so a short run loses: graphs serve runs of at least `MIN_GRAPHED_STEPS` steps (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ from . import compilation, triton_launch
 from .switches import switched_on
 
 log = logging.getLogger("xportrait")
+
+# Runs of fewer steps stay eager. Measured on one H200 under ComfyUI's allocator: 6 LCM steps were slower with
+# graphs, 30 DDIM steps faster through KSampler; the bar sits between the two.
+MIN_GRAPHED_STEPS = 20
 
 
 def cuda_graphs_enabled() -> bool:
@@ -289,18 +296,21 @@ class GuidanceGraphs:
         torch.cuda.empty_cache()
 
 
-def graphs_apply(device: torch.device, compiled: bool = False) -> bool:
+def graphs_apply(device: torch.device, compiled: bool = False, steps: Optional[int] = None) -> bool:
     """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, an allocator they
-    record under (`allocator_supports_graphs`)."""
+    record under (`allocator_supports_graphs`), and a run of `steps` steps long enough to repay the recording
+    (`MIN_GRAPHED_STEPS`; None: the caller does not know, graphs serve)."""
+    if steps is not None and steps < MIN_GRAPHED_STEPS:
+        return False
     return (torch.device(device).type == "cuda" and cuda_graphs_enabled()
             and allocator_supports_graphs(compiled=compiled))
 
 
-def with_cuda_graphs(denoiser):
-    """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run, else `denoiser` itself. A scale of 0
-    (the unconditional branch alone, no bank) stays eager."""
+def with_cuda_graphs(denoiser, steps: Optional[int] = None):
+    """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run for a run of `steps` steps (as
+    `graphs_apply`), else `denoiser` itself. A scale of 0 (the unconditional branch alone, no bank) stays eager."""
     model = denoiser.branches.model
-    if denoiser.needs_cond and graphs_apply(model.device, compiled=compilation.is_compiled(model)):
+    if denoiser.needs_cond and graphs_apply(model.device, compiled=compilation.is_compiled(model), steps=steps):
         return GraphedDenoiser(denoiser)
     return denoiser
 

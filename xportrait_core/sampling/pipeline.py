@@ -229,18 +229,19 @@ def animate_latents(
                                         batch_branches=not low_vram)
     denoise = denoiser
     compiled = is_compiled(model)
+    graphs = cuda_graphs.graphs_apply(model.device, compiled, steps=len(timesteps))
     try:
         if low_vram and denoiser.needs_cond:
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
             branches = denoiser.branches
             with offload.resident(model, "reference_net"):
                 branches.banks = offload.precompute_reference_banks(
-                    branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device, compiled))
-        elif denoiser.needs_cond and not cuda_graphs.graphs_apply(model.device, compiled):
+                    branches.banks, timesteps, cuda_graphs=graphs)
+        elif denoiser.needs_cond and not graphs:
             # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
             # The samplers walk the (increasing) timesteps from last to first.
             denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
-        denoise = cuda_graphs.with_cuda_graphs(denoiser)
+        denoise = cuda_graphs.with_cuda_graphs(denoiser, steps=len(timesteps))
         windows = dict(window=window, overlap=overlap, window_offsets=window_offsets, generator=generator,
                        callback=callback, should_cancel=should_cancel, on_step=on_step)
         if sampler == LCM:
