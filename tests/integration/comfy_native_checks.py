@@ -307,7 +307,7 @@ def graphs_policy_check(model) -> dict:
     adapter = model.model
     saved = cuda_graphs.cuda_graphs_enabled, cuda_graphs.allocator_supports_graphs
     cuda_graphs.cuda_graphs_enabled = lambda: True
-    cuda_graphs.allocator_supports_graphs = lambda compiled=False: True
+    cuda_graphs.allocator_supports_graphs = lambda compiled=False, cuda_malloc_async=True: True
     decisions = {}
     try:
         for steps in (6, 30):

@@ -8,7 +8,7 @@ from xportrait_core.fast import cuda_graphs
 
 def _graphs_possible(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "cuda_graphs_enabled", lambda: True)
-    monkeypatch.setattr(cuda_graphs, "allocator_supports_graphs", lambda compiled=False: True)
+    monkeypatch.setattr(cuda_graphs, "allocator_supports_graphs", lambda compiled=False, cuda_malloc_async=True: True)
 
 
 def test_a_run_too_short_to_repay_its_recording_stays_eager(monkeypatch):
@@ -30,3 +30,20 @@ def test_with_cuda_graphs_wraps_only_a_long_enough_run(monkeypatch):
     assert cuda_graphs.with_cuda_graphs(denoiser, steps=6) is denoiser
     graphed = cuda_graphs.with_cuda_graphs(denoiser, steps=30)
     assert isinstance(graphed, cuda_graphs.GraphedDenoiser) and graphed.denoiser is denoiser
+
+
+def test_our_sampler_stays_eager_under_cuda_malloc_async_and_keeps_its_batched_banks(monkeypatch):
+    """The pipeline (our Sampler, the CLI) asks for graphs with cuda_malloc_async=False: under ComfyUI's allocator
+    its eager path, whose reference net runs many timesteps in one call, was the faster one."""
+    import torch
+
+    from xportrait_core.fast import triton_launch
+
+    monkeypatch.setattr(cuda_graphs, "cuda_graphs_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_launch, "capture_safe", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert cuda_graphs.graphs_apply("cuda", steps=30)  # KSampler's adapter
+    assert not cuda_graphs.graphs_apply("cuda", steps=30, cuda_malloc_async=False)  # our Sampler
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
+    assert cuda_graphs.graphs_apply("cuda", steps=30, cuda_malloc_async=False)

@@ -60,14 +60,16 @@ def cuda_graphs_enabled() -> bool:
 _logged_allocator_note = False
 
 
-def allocator_supports_graphs(compiled: bool = False) -> bool:
-    """True under PyTorch's native CUDA allocator, and under cudaMallocAsync for an uncompiled model where this
-    Triton lets the pack's kernels launch by address (triton_launch.py). Otherwise it logs, once, how to get
-    graphs back."""
+def allocator_supports_graphs(compiled: bool = False, cuda_malloc_async: bool = True) -> bool:
+    """True under PyTorch's native CUDA allocator, and under cudaMallocAsync (unless the caller says
+    `cuda_malloc_async=False`) for an uncompiled model where this Triton lets the pack's kernels launch by address
+    (triton_launch.py). Otherwise it logs, once, how to get graphs back."""
     global _logged_allocator_note
     backend = torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "native"
     if backend == "native":
         return True
+    if not cuda_malloc_async:
+        return False
     # A failed recording may abort the process under this allocator, so only a run whose every kernel is known
     # to record: not compiled blocks, and not PyTorch's attention replaced by another pack's (often a Triton
     # kernel launched the ordinary way).
@@ -296,21 +298,24 @@ class GuidanceGraphs:
         torch.cuda.empty_cache()
 
 
-def graphs_apply(device: torch.device, compiled: bool = False, steps: Optional[int] = None) -> bool:
+def graphs_apply(device: torch.device, compiled: bool = False, steps: Optional[int] = None,
+                 cuda_malloc_async: bool = True) -> bool:
     """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, an allocator they
-    record under (`allocator_supports_graphs`), and a run of `steps` steps long enough to repay the recording
-    (`MIN_GRAPHED_STEPS`; None: the caller does not know, graphs serve)."""
+    record under (`allocator_supports_graphs`; cuda_malloc_async=False keeps that allocator's runs eager), and a
+    run of `steps` steps long enough to repay the recording (`MIN_GRAPHED_STEPS`; None: the caller does not know,
+    graphs serve)."""
     if steps is not None and steps < MIN_GRAPHED_STEPS:
         return False
     return (torch.device(device).type == "cuda" and cuda_graphs_enabled()
-            and allocator_supports_graphs(compiled=compiled))
+            and allocator_supports_graphs(compiled=compiled, cuda_malloc_async=cuda_malloc_async))
 
 
-def with_cuda_graphs(denoiser, steps: Optional[int] = None):
+def with_cuda_graphs(denoiser, steps: Optional[int] = None, cuda_malloc_async: bool = True):
     """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run for a run of `steps` steps (as
     `graphs_apply`), else `denoiser` itself. A scale of 0 (the unconditional branch alone, no bank) stays eager."""
     model = denoiser.branches.model
-    if denoiser.needs_cond and graphs_apply(model.device, compiled=compilation.is_compiled(model), steps=steps):
+    if denoiser.needs_cond and graphs_apply(model.device, compiled=compilation.is_compiled(model), steps=steps,
+                                            cuda_malloc_async=cuda_malloc_async):
         return GraphedDenoiser(denoiser)
     return denoiser
 

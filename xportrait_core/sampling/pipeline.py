@@ -229,7 +229,10 @@ def animate_latents(
                                         batch_branches=not low_vram)
     denoise = denoiser
     compiled = is_compiled(model)
-    graphs = cuda_graphs.graphs_apply(model.device, compiled, steps=len(timesteps))
+    # Not under cudaMallocAsync (ComfyUI's default): there this eager path, with the reference net of many
+    # timesteps in one call, was faster than graphs replaying it at batch 1 a step (benchmarks/NOTES.md).
+    graph_rules = dict(steps=len(timesteps), cuda_malloc_async=False)
+    graphs = cuda_graphs.graphs_apply(model.device, compiled, **graph_rules)
     try:
         if low_vram and denoiser.needs_cond:
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
@@ -241,7 +244,7 @@ def animate_latents(
             # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
             # The samplers walk the (increasing) timesteps from last to first.
             denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
-        denoise = cuda_graphs.with_cuda_graphs(denoiser, steps=len(timesteps))
+        denoise = cuda_graphs.with_cuda_graphs(denoiser, **graph_rules)
         windows = dict(window=window, overlap=overlap, window_offsets=window_offsets, generator=generator,
                        callback=callback, should_cancel=should_cancel, on_step=on_step)
         if sampler == LCM:
