@@ -73,14 +73,14 @@ def parse(argv=None):
                         help="after the timed runs, one more run of each measurement under torch.profiler: "
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
-    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "whole_feed_forward",
-                                                                 "flash_attention"],
+    parser.add_argument("--ab", nargs="+", default=[], type=variant_name,
                         metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
                              "feed-forwards unsliced; flash_attention = PyTorch's flash / memory-efficient SDPA "
-                             "instead of cuDNN's")
+                             "instead of cuDNN's; graphs_off = no CUDA graphs; graphs_short_runs = graphs for runs of "
+                             "any length; several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -169,8 +169,55 @@ def flash_attention_only():
         yield
 
 
+@contextlib.contextmanager
+def cuda_graphs_off():
+    """Every window runs eagerly, our Sampler's and KSampler's, as XPORTRAIT_CUDA_GRAPHS=0 gives (graphs record
+    under ComfyUI's allocator where the pack's Triton kernels launch by address: fast/triton_launch.py)."""
+    saved = os.environ.get("XPORTRAIT_CUDA_GRAPHS")
+    os.environ["XPORTRAIT_CUDA_GRAPHS"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["XPORTRAIT_CUDA_GRAPHS"]
+        else:
+            os.environ["XPORTRAIT_CUDA_GRAPHS"] = saved
+
+
+@contextlib.contextmanager
+def graphs_for_short_runs():
+    """CUDA graphs for runs of any length (cuda_graphs.MIN_GRAPHED_STEPS at 0): the LCM path's 6 steps too."""
+    from xportrait_core.fast import cuda_graphs
+
+    saved = cuda_graphs.MIN_GRAPHED_STEPS
+    cuda_graphs.MIN_GRAPHED_STEPS = 0
+    try:
+        yield
+    finally:
+        cuda_graphs.MIN_GRAPHED_STEPS = saved
+
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
-            "flash_attention": flash_attention_only}
+            "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
+            "graphs_short_runs": graphs_for_short_runs}
+
+
+@contextlib.contextmanager
+def apply_variant(name: str):
+    """The named variant; several joined by "+" apply together (graphs_off+group_norm: both)."""
+    with contextlib.ExitStack() as stack:
+        for part in name.split("+"):
+            stack.enter_context(VARIANTS[part]())
+        yield
+
+
+def variant_name(name: str) -> str:
+    """argparse's check of an --ab value: known variants joined by "+"."""
+    unknown = [part for part in name.split("+") if part not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(VARIANTS)}, joined by + to combine them")
+    return name
 
 
 def initialise_like_torch(model) -> None:
@@ -305,14 +352,14 @@ def main(argv=None):
     def timed(name, fn, **extra):
         fn()  # warm-up (and, for the ComfyUI runs, the model loading)
         for variant in args.ab:
-            with VARIANTS[variant]():
+            with apply_variant(variant):
                 fn()
         times, peaks = [], []
         variant_times = {variant: ([], []) for variant in args.ab}
         for _ in range(args.runs):
             once(fn, times, peaks)
             for variant, (b_times, b_peaks) in variant_times.items():
-                with VARIANTS[variant]():
+                with apply_variant(variant):
                     once(fn, b_times, b_peaks)
         for variant, (b_times, b_peaks) in variant_times.items():
             extra[f"b_{variant}"] = dict(seconds=round(statistics.median(b_times), 4),

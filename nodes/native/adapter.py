@@ -205,6 +205,21 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         """The network's timestep of a sigma: the nearest of the 1000 discrete ones (ComfyUI's timestep())."""
         return int(self.model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])
 
+    def _graphs_apply(self, device: torch.device) -> bool:
+        """Whether this run's windows can replay from CUDA graphs: graphs apply on the device for a run of this
+        many steps (fast/cuda_graphs.py) and no layer casts or patches its weights as it runs (partial loading,
+        LoRA applied on the fly: host copies inside the call, which a recording cannot hold)."""
+        from xportrait_core.fast import compilation, cuda_graphs
+
+        from .operations import casts_weights_now
+
+        xportrait = self.xportrait
+        steps = None if self._run_timesteps is None else len(self._run_timesteps)
+        if not cuda_graphs.graphs_apply(device, compiled=compilation.is_compiled(xportrait), steps=steps):
+            return False
+        networks = (xportrait.unet, xportrait.reference_net, xportrait.global_control, xportrait.local_control)
+        return not any(casts_weights_now(layer) for network in networks for layer in network.modules())
+
     def end_run(self) -> None:
         for _job, denoiser in self._denoisers.values():
             denoiser.release()
@@ -212,8 +227,9 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self._run_seed = None
         self._run_timesteps = None
 
-    def _denoiser(self, job: XPortraitJob) -> VideoDenoiser:
-        """This run's denoiser of a job (made on its first call): its offsets seeded by the sampler's seed."""
+    def _denoiser(self, job: XPortraitJob, device: torch.device) -> VideoDenoiser:
+        """This run's denoiser of a job (made on its first call): its offsets seeded by the sampler's seed, its
+        windows replayed from CUDA graphs where they apply on `device` (the sampling device)."""
         entry = self._denoisers.get(id(job))
         if entry is None or entry[0] is not job:
             seed = job.seed if self._run_seed is None else self._run_seed
@@ -221,7 +237,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
                                      window=job.window, overlap=job.overlap, seed=seed,
-                                     timesteps=self._run_timesteps)
+                                     timesteps=self._run_timesteps, cuda_graphs=self._graphs_apply(device))
             entry = self._denoisers[id(job)] = (job, denoiser)
         return entry[1]
 
@@ -244,7 +260,7 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x).float()
         timestep = self.timestep_of(sigma[:1])
-        denoiser = self._denoiser(branches[0].job)
+        denoiser = self._denoiser(branches[0].job, x.device)
         inputs = []
         for i, branch in enumerate(branches):
             context = branch.context if branch.context is not None else c_crossattn[i * frames:i * frames + 1]

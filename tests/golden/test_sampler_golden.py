@@ -295,22 +295,38 @@ def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, go
     torch.testing.assert_close(out, eager(x, 501, idx), atol=1e-5, rtol=1e-5)
 
 
-def test_cuda_graphs_are_not_attempted_under_the_cuda_malloc_async_allocator(monkeypatch, caplog):
-    """ComfyUI runs CUDA with backend:cudaMallocAsync by default. There a recording's Triton launches fail and
-    freeing its tensors aborts the process (H100, torch 2.11), so graphs are skipped there, with one note saying
-    how to get them back."""
-    from xportrait_core.fast import cuda_graphs
+def test_cuda_graphs_under_the_cuda_malloc_async_allocator_only_where_every_kernel_can_be_recorded(monkeypatch,
+                                                                                                      caplog):
+    """ComfyUI runs CUDA with backend:cudaMallocAsync by default. There Triton's launcher refuses a recording's
+    (unmapped) tensors, and freeing the tensors of a failed recording aborts the process (H100, torch 2.11). The
+    pack's kernels launch by address while recording (triton_launch.py), so an uncompiled model records there; a
+    compiled one (Inductor's kernels go through Triton's launcher) or a Triton without that launcher does not, with
+    one note saying how to get graphs back."""
+    from xportrait_core.fast import cuda_graphs, triton_launch
 
     monkeypatch.setattr(cuda_graphs, "_logged_allocator_note", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "cudaMallocAsync")
-    with caplog.at_level("INFO", logger="xportrait"):
-        assert not cuda_graphs.allocator_supports_graphs()
-        assert not cuda_graphs.allocator_supports_graphs()
-    notes = [r.getMessage() for r in caplog.records if "cudaMallocAsync allocator" in r.getMessage()]
-    assert len(notes) == 1 and "--disable-cuda-malloc" in notes[0]
-    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(triton_launch, "capture_safe", lambda: True)
     assert cuda_graphs.allocator_supports_graphs()
+    # A caller whose eager path beats its graphs under this allocator (our Sampler's batched banks) opts out.
+    assert not cuda_graphs.allocator_supports_graphs(cuda_malloc_async=False)
+    with caplog.at_level("INFO", logger="xportrait"):
+        assert not cuda_graphs.allocator_supports_graphs(compiled=True)
+        assert not cuda_graphs.allocator_supports_graphs(compiled=True)
+    notes = [r.getMessage() for r in caplog.records if "cudaMallocAsync allocator" in r.getMessage()]
+    assert len(notes) == 1 and "--disable-cuda-malloc" in notes[0] and "compiled" in notes[0]
+    monkeypatch.setattr(triton_launch, "capture_safe", lambda: False)
+    assert not cuda_graphs.allocator_supports_graphs()
+    # Another pack's attention in place of PyTorch's (often a Triton kernel that would not record there).
+    monkeypatch.setattr(triton_launch, "capture_safe", lambda: True)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: None)
+    assert not cuda_graphs.allocator_supports_graphs()
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
+    assert cuda_graphs.allocator_supports_graphs() and cuda_graphs.allocator_supports_graphs(compiled=True)
+    assert cuda_graphs.allocator_supports_graphs(cuda_malloc_async=False)
 
 
 def test_hint_features_encoded_once_give_the_eps_of_hints_encoded_per_window(tiny_model, golden_cases, monkeypatch):

@@ -298,6 +298,28 @@ def partial_loading_check(handle, model) -> dict:
             "sampler_max_abs": float(full_ours.abs().max())}
 
 
+def graphs_policy_check(model) -> dict:
+    """The adapter's CUDA-graph decision for KSampler runs of 6 and 30 steps, graphs otherwise possible (stood in:
+    this machine has no GPU): a run shorter than MIN_GRAPHED_STEPS stays eager."""
+    import comfy.samplers
+    from xportrait_core.fast import cuda_graphs
+
+    adapter = model.model
+    saved = cuda_graphs.cuda_graphs_enabled, cuda_graphs.allocator_supports_graphs
+    cuda_graphs.cuda_graphs_enabled = lambda: True
+    cuda_graphs.allocator_supports_graphs = lambda compiled=False, cuda_malloc_async=True: True
+    decisions = {}
+    try:
+        for steps in (6, 30):
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
+            adapter.start_run(0, sigmas)
+            decisions[f"steps_{steps}"] = adapter._graphs_apply(torch.device("cuda"))
+        adapter.end_run()
+    finally:
+        cuda_graphs.cuda_graphs_enabled, cuda_graphs.allocator_supports_graphs = saved
+    return {**decisions, "min_graphed_steps": cuda_graphs.MIN_GRAPHED_STEPS}
+
+
 def main():
     import time
 
@@ -312,6 +334,7 @@ def main():
         # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).
         "ksampler_windows": lambda: ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
                                                              with_custom_samplers=True),
+        "graphs_policy": lambda: graphs_policy_check(model),
         "partial_loading": lambda: partial_loading_check(handle, model),
     }
     for name, check in checks.items():

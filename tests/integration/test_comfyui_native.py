@@ -118,6 +118,14 @@ def test_comfyui_partial_loading_runs_x_portrait(checks):
     assert result["max_diff"] < 1e-5 * result["max_abs"] + 1e-4
 
 
+def test_ksampler_runs_too_short_to_repay_a_graph_recording_stay_eager(checks):
+    """KSampler's run of 6 steps (the LCM path) runs its windows eagerly, one of 30 from CUDA graphs, where graphs
+    are otherwise possible (stood in on this CPU machine); the bar is cuda_graphs.MIN_GRAPHED_STEPS."""
+    result = checks["graphs_policy"]
+    assert 6 < result["min_graphed_steps"] <= 30
+    assert result["steps_6"] is False and result["steps_30"] is True
+
+
 def test_sampler_custom_and_sampler_custom_advanced_give_ksamplers_result(checks):
     """Same sigmas, sampler, cfg and seed: the same frames (the seed reaches the window offsets through every
     sampler node)."""

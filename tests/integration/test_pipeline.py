@@ -236,3 +236,17 @@ def test_without_cuda_graphs_the_banks_of_sixteen_timesteps_come_from_one_call(t
     per_step = _animate(tiny_model, inputs, seed=5, steps=30, window=FRAMES, overlap=0)
     assert calls == [1] * 31
     np.testing.assert_allclose(batched, per_step, atol=2e-5, rtol=0)
+
+
+def test_the_pipeline_asks_for_graphs_for_its_run_length_and_not_under_cuda_malloc_async(tiny_model, inputs,
+                                                                                        monkeypatch):
+    """Our Sampler and the CLI ask `cuda_graphs` once for the banks and once for the denoiser, with the run's
+    length (the LCM path's few steps stay eager) and cuda_malloc_async=False (under ComfyUI's allocator its
+    batched banks beat graphs)."""
+    from xportrait_core.fast import cuda_graphs
+
+    asked = []
+    monkeypatch.setattr(cuda_graphs, "graphs_apply", lambda device, compiled=False, **rules: asked.append(rules)
+                        and False)
+    _animate(tiny_model, inputs, seed=5, steps=6, window=FRAMES, overlap=0)
+    assert asked == [dict(steps=7, cuda_malloc_async=False)] * 2  # 6 steps: the official schedule's 7 timesteps

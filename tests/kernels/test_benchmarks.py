@@ -200,3 +200,27 @@ def test_golden_check_in_float32_on_the_cpu():
     assert record["kind"] == "golden" and record["dtype"] == "torch.float32"
     assert record["eps_cond_rel"] < 1e-5 and record["eps_uncond_rel"] < 1e-5
     assert record["sample16_rel"] < 1e-4 and record["sample20_rel"] < 1e-4
+
+
+def test_comfy_benchmarks_graph_variants_joined_by_plus_apply_together_and_restore(monkeypatch):
+    """bench_comfy.py --ab graphs_off+group_norm: one B arm with both applied; graphs_short_runs lowers the run
+    length graphs need to 0; each is undone after its run, also after a failed one; unknown names are refused."""
+    import argparse
+
+    from xportrait_core.fast import cuda_graphs, group_norm
+
+    bench = _bench_module("bench_comfy")
+    monkeypatch.setattr(group_norm, "_enabled", True)
+    monkeypatch.delenv("XPORTRAIT_CUDA_GRAPHS", raising=False)
+    bar = cuda_graphs.MIN_GRAPHED_STEPS
+    assert bench.variant_name("graphs_off+group_norm") == "graphs_off+group_norm"
+    with bench.apply_variant("graphs_off+group_norm"):
+        assert not cuda_graphs.cuda_graphs_enabled() and not group_norm._enabled
+    assert cuda_graphs.cuda_graphs_enabled() and group_norm._enabled
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("graphs_short_runs"):
+            assert cuda_graphs.MIN_GRAPHED_STEPS == 0
+            raise RuntimeError("a B run failed")
+    assert cuda_graphs.MIN_GRAPHED_STEPS == bar > 0
+    with pytest.raises(argparse.ArgumentTypeError, match="no_such_variant"):
+        bench.variant_name("graphs_off+no_such_variant")

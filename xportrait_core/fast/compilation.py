@@ -1,6 +1,8 @@
 """Channels-last memory and torch.compile: ways of running the same networks, never changing what they compute."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..model import attention
@@ -12,6 +14,13 @@ from .operations import probe_kernels
 
 NETWORKS = ("unet", "reference_net", "global_control", "local_control")
 RECOMPILE_LIMIT = 128
+
+_compiled: "weakref.WeakSet[XPortrait]" = weakref.WeakSet()
+
+
+def is_compiled(model: XPortrait) -> bool:
+    """Whether `compile_networks` has compiled this model's blocks."""
+    return model in _compiled
 
 
 def use_channels_last(model: XPortrait) -> XPortrait:
@@ -54,4 +63,5 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
         for module in network.modules():
             if isinstance(module, (ResBlock, SpatialTransformer, MotionModule, ResnetBlock, AttnBlock)):
                 module.compile(mode=mode, dynamic=False)
+    _compiled.add(model)
     return model

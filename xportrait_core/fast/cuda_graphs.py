@@ -24,10 +24,15 @@ ordered after and before the caller's stream. Every input is copied into a stati
 (`GraphedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
 step, say) `GraphCaptureError` says so and `GraphedDenoiser` goes on with the eager denoiser.
 
-Graphs need PyTorch's native caching allocator. Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the
-memory a recording allocates is not mapped yet while it records, Triton's and Inductor's kernel launchers reject
-those pointers, and freeing the tensors of the failed recording then aborts the process (seen on the H100 with
-torch 2.11). So graphs are not attempted there: see `allocator_supports_graphs`.
+Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the memory a recording allocates is not mapped yet
+while it records, and Triton's kernel launcher rejects those pointers; freeing the tensors of the failed recording
+then aborted the process (seen on the H100 with torch 2.11). The pack's own Triton kernels are therefore launched
+by address while a recording is under way (triton_launch.py), so an uncompiled model records there too. Compiled
+blocks launch Inductor's kernels through Triton's own launcher: under that allocator they are not recorded (see
+`allocator_supports_graphs`).
+
+Recording costs about one eager step of host time with the GPU idle, and a replay saves only the host's lead over
+the GPU, so a short run loses: graphs serve runs of at least `MIN_GRAPHED_STEPS` steps (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -35,10 +40,16 @@ import logging
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
+from . import compilation, triton_launch
 from .switches import switched_on
 
 log = logging.getLogger("xportrait")
+
+# Runs of fewer steps stay eager. Measured on one H200 under ComfyUI's allocator: 6 LCM steps were slower with
+# graphs, 30 DDIM steps faster through KSampler; the bar sits between the two.
+MIN_GRAPHED_STEPS = 20
 
 
 def cuda_graphs_enabled() -> bool:
@@ -49,18 +60,32 @@ def cuda_graphs_enabled() -> bool:
 _logged_allocator_note = False
 
 
-def allocator_supports_graphs() -> bool:
-    """True under PyTorch's native CUDA allocator. Under cudaMallocAsync it logs, once, how to get graphs back."""
+def allocator_supports_graphs(compiled: bool = False, cuda_malloc_async: bool = True) -> bool:
+    """True under PyTorch's native CUDA allocator, and under cudaMallocAsync (unless the caller says
+    `cuda_malloc_async=False`) for an uncompiled model where this Triton lets the pack's kernels launch by address
+    (triton_launch.py). Otherwise it logs, once, how to get graphs back."""
     global _logged_allocator_note
     backend = torch.cuda.memory.get_allocator_backend() if torch.cuda.is_available() else "native"
     if backend == "native":
         return True
+    if not cuda_malloc_async:
+        return False
+    # A failed recording may abort the process under this allocator, so only a run whose every kernel is known
+    # to record: not compiled blocks, and not PyTorch's attention replaced by another pack's (often a Triton
+    # kernel launched the ordinary way).
+    if compiled:
+        reason = "compiled blocks' recordings cannot be replayed there"
+    elif not triton_launch.capture_safe():
+        reason = "this Triton's kernels cannot be recorded there"
+    elif F.scaled_dot_product_attention is not torch._C._nn.scaled_dot_product_attention:
+        reason = "another node replaced PyTorch's attention, whose kernels may not record there"
+    else:
+        return True
     if not _logged_allocator_note:
         _logged_allocator_note = True
-        log.info("X-Portrait: CUDA graphs are off under the %s allocator (its recordings cannot be replayed with "
-                 "Triton kernels); sampling runs without them. Start ComfyUI with --disable-cuda-malloc (and "
-                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for faster sampling with less reserved memory.",
-                 backend)
+        log.info("X-Portrait: CUDA graphs are off under the %s allocator (%s); sampling runs without them. Start "
+                 "ComfyUI with --disable-cuda-malloc (and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) for "
+                 "faster sampling with less reserved memory.", backend, reason)
     return False
 
 
@@ -82,6 +107,38 @@ def release_stuck_generators() -> None:
 
 class GraphCaptureError(RuntimeError):
     """The denoiser's work could not be recorded as a CUDA graph (the eager path still works)."""
+
+
+def _shape_of(value):
+    """What `_empty_like` needs of a window's eps (a tensor) or of a reference bank (its entries)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value.num_references, [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in value.entries]
+
+
+def _empty_like(shape, device: torch.device):
+    """Uninitialised storage on `device` shaped as `_shape_of` describes."""
+    if isinstance(shape, torch.Tensor):
+        return torch.empty(shape.shape, dtype=shape.dtype, device=device)
+    from ..model.reference_bank import ReferenceBank  # noqa: PLC0415 - keeps this module free of the model
+
+    num_references, entries = shape
+    bank = ReferenceBank(num_references)
+    bank.entries = [torch.empty(e.shape, dtype=e.dtype, device=device) for e in entries]
+    return bank.finish()
+
+
+def _copy_into(target, value) -> None:
+    """target <- value, for a tensor or a bank; shapes as the warm-up gave them (a recording of other shapes is a
+    mistake in the caller)."""
+    if isinstance(target, torch.Tensor):
+        target.copy_(value)
+        return
+    if len(target.entries) != len(value.entries):
+        raise RuntimeError(f"a bank of {len(value.entries)} entries recorded where the warm-up had "
+                           f"{len(target.entries)}")
+    for stored, entry in zip(target.entries, value.entries):
+        stored.copy_(entry)
 
 
 class _Recorded:
@@ -123,18 +180,25 @@ class GuidanceGraphs:
         self._bank_graph: Optional[_Recorded] = None
         self._static_bank = None                # stored banks' values land here, step by step
         self._window_graphs: dict[tuple, _Recorded] = {}
-        self._warm: set = set()                 # what has run eagerly once, so may be recorded
+        self._warm: dict = {}                   # what has run eagerly once, so may be recorded: its result's shape
         self._pool = None
         self.replays = 0
 
-    def _record(self, fn: Callable[[], object]):
+    def _record(self, fn: Callable[[], object], like):
+        """Record fn() -> a tensor or a bank shaped as `like` (the eager warm-up's result). The graph writes into
+        buffers allocated before it, and fn's own result is dropped inside the recording: under cudaMallocAsync
+        every recorded allocation freed after the recording draws a PyTorch warning, at every run."""
         # The eager warm-up's freed blocks stay cached by the allocator, where the graphs' private pool cannot
         # reuse them: hand them back to the driver first, or the run would hold the step's memory twice.
         torch.cuda.empty_cache()
+        with torch.cuda.stream(self._stream):
+            output = _empty_like(like, self.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                output = fn()
+                result = fn()
+                _copy_into(output, result)
+                del result
         except Exception as error:  # e.g. a host sync or a pageable host copy inside the step
             release_stuck_generators()
             raise GraphCaptureError(f"{type(error).__name__}: {error}") from error
@@ -173,14 +237,14 @@ class GuidanceGraphs:
             # Warm-up: eagerly, on the caller's stream (whose cached memory later work reuses).
             self._timestep.fill_(int(t))  # a fill kernel: the value travels as a launch argument, no host copy
             self._bank = self._compute_bank(self._timestep)
-            self._warm.add("bank")
+            self._warm["bank"] = _shape_of(self._bank)
         else:
             self._stream.wait_stream(caller)
             with torch.cuda.stream(self._stream):
                 self._timestep.fill_(int(t))
                 if self._bank_graph is None:
                     self._bank = None  # the eager bank's memory goes back before recording
-                    graph, bank = self._record(lambda: self._compute_bank(self._timestep))
+                    graph, bank = self._record(lambda: self._compute_bank(self._timestep), self._warm["bank"])
                     self._bank_graph = _Recorded(graph, {}, bank)
                 self._bank = self._bank_graph.replay({})
             caller.wait_stream(self._stream)
@@ -206,14 +270,16 @@ class GuidanceGraphs:
         recorded = self._window_graphs.get(key)
         if recorded is None and (key not in self._warm or not self._bank_fixed):
             # Eager until this shape has run once and the bank it reads keeps its addresses.
-            self._warm.add(key)
-            return self._window_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+            eps = self._window_eps(x.to(self.device), self._timestep, global_hint, local_hint, bank)
+            self._warm[key] = _shape_of(eps)
+            return eps
         self._stream.wait_stream(caller)  # inputs written on the caller's stream are ready
         with torch.cuda.stream(self._stream):
             if recorded is None:
                 static = {name: v.to(self.device).clone() for name, v in inputs.items()}
                 graph, output = self._record(lambda: self._window_eps(
-                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank))
+                    static["x"], self._timestep, static.get("global_hint"), static.get("local_hint"), bank),
+                    self._warm[key])
                 recorded = self._window_graphs[key] = _Recorded(graph, static, output)
             eps = recorded.replay(inputs)
         caller.wait_stream(self._stream)
@@ -232,15 +298,24 @@ class GuidanceGraphs:
         torch.cuda.empty_cache()
 
 
-def graphs_apply(device: torch.device) -> bool:
-    """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, the native allocator."""
-    return torch.device(device).type == "cuda" and cuda_graphs_enabled() and allocator_supports_graphs()
+def graphs_apply(device: torch.device, compiled: bool = False, steps: Optional[int] = None,
+                 cuda_malloc_async: bool = True) -> bool:
+    """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, an allocator they
+    record under (`allocator_supports_graphs`; cuda_malloc_async=False keeps that allocator's runs eager), and a
+    run of `steps` steps long enough to repay the recording (`MIN_GRAPHED_STEPS`; None: the caller does not know,
+    graphs serve)."""
+    if steps is not None and steps < MIN_GRAPHED_STEPS:
+        return False
+    return (torch.device(device).type == "cuda" and cuda_graphs_enabled()
+            and allocator_supports_graphs(compiled=compiled, cuda_malloc_async=cuda_malloc_async))
 
 
-def with_cuda_graphs(denoiser):
-    """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run, else `denoiser` itself. A scale of 0
-    (the unconditional branch alone, no bank) stays eager."""
-    if denoiser.needs_cond and graphs_apply(denoiser.branches.model.device):
+def with_cuda_graphs(denoiser, steps: Optional[int] = None, cuda_malloc_async: bool = True):
+    """`denoiser` (a `GuidedDenoiser`) behind CUDA graphs where they can run for a run of `steps` steps (as
+    `graphs_apply`), else `denoiser` itself. A scale of 0 (the unconditional branch alone, no bank) stays eager."""
+    model = denoiser.branches.model
+    if denoiser.needs_cond and graphs_apply(model.device, compiled=compilation.is_compiled(model), steps=steps,
+                                            cuda_malloc_async=cuda_malloc_async):
         return GraphedDenoiser(denoiser)
     return denoiser
 
@@ -304,3 +379,62 @@ class GraphedDenoiser:
         cancelled)."""
         self._release_graphs()
         self.denoiser.release()
+
+
+class WindowGraphs:
+    """The window calls of a host's sampler (`sampling.video_denoiser.VideoDenoiser`: ComfyUI's KSampler) through
+    CUDA graphs, as `GraphedDenoiser` serves our Sampler.
+
+    `__call__(kind, x, t, frame_indices)`: kind "both" gives (conditional, unconditional) eps of one UNet batch,
+    "cond" the conditional eps alone (cfg 1: the LCM path); None where the caller must run the window eagerly (a
+    recording failed, so graphs are off for the rest of the run). Each kind records its own window graphs and a
+    reference graph per timestep shape, like the Sampler's; timesteps are the network's integer ones (ComfyUI's
+    `timestep()` of each sigma).
+    """
+
+    def __init__(self, branches):
+        self.branches = branches
+        self.enabled = True
+        self._graphs: dict[str, GuidanceGraphs] = {}
+
+    @property
+    def replays(self) -> int:
+        return sum(graphs.replays for graphs in self._graphs.values())
+
+    def _graphs_for(self, kind: str) -> GuidanceGraphs:
+        graphs = self._graphs.get(kind)
+        if graphs is None:
+            branches = self.branches
+            if kind == "both":
+                def window_eps(x, t, global_hint, local_hint, bank):
+                    # One tensor out (a graph's output): the two branches side by side on the channel axis.
+                    return torch.cat(branches.eps_branches(x, t, global_hint, local_hint, bank), dim=1)
+            elif kind == "cond":
+                window_eps = branches.eps_cond
+            else:
+                raise ValueError(f"unknown window kind {kind!r}: expected 'both' or 'cond'")
+            graphs = self._graphs[kind] = GuidanceGraphs(branches.model.device, window_eps,
+                                                         compute_bank=branches.banks.compute)
+        return graphs
+
+    @torch.no_grad()
+    def __call__(self, kind: str, x: torch.Tensor, t, frame_indices: torch.Tensor):
+        if not self.enabled:
+            return None
+        try:
+            eps = self._graphs_for(kind).eps(x, int(t), *self.branches.motion_hints.frames(frame_indices))
+        except GraphCaptureError as error:
+            log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
+            self.enabled = False
+            self.release()
+            return None
+        if kind == "both":
+            channels = x.shape[1]
+            return eps[:, :channels], eps[:, channels:]
+        return eps
+
+    def release(self) -> None:
+        """Drop every graph and its memory (the run ends, or a recording failed)."""
+        for graphs in self._graphs.values():
+            graphs.release()
+        self._graphs.clear()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..model import attention as attention_dispatch
 from .probe import probed_once
 from .switches import switched_on
+from .triton_launch import launch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
     import triton
@@ -121,8 +122,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int | No
         sms = _multiprocessors(q.device) if q.is_cuda else 132
         block_m, num_warps = launch_config(batch, heads, tokens, dim, sms)
     grid = (triton.cdiv(batch, block_m // seq_pad), heads)
-    _frame_attention_kernel[grid](
-        q, k, v, out, batch, tokens, _LOG2E / math.sqrt(dim),
+    launch(
+        _frame_attention_kernel, grid, q, k, v, out, batch, tokens, _LOG2E / math.sqrt(dim),
         q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
         v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=dim, DIM_PAD=dim_pad, SEQ_PAD=seq_pad, BLOCK_M=block_m, num_warps=num_warps,

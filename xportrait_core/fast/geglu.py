@@ -21,6 +21,7 @@ import torch
 from ..model.operations import gated_gelu as pytorch_gated_gelu
 from .probe import probed_once
 from .switches import switched_on
+from .triton_launch import launch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
     import triton
@@ -69,7 +70,7 @@ def gated_gelu(projection: torch.Tensor, block_rows: int = BLOCK_ROWS,
     rows = projection.numel() // width
     out = projection.new_empty(projection.shape[:-1] + (inner,))
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(inner, block_columns))
-    _gated_gelu_kernel[grid](projection, out, rows, inner, BLOCK_R=block_rows, BLOCK_C=block_columns)
+    launch(_gated_gelu_kernel, grid, projection, out, rows, inner, BLOCK_R=block_rows, BLOCK_C=block_columns)
     return out
 
 

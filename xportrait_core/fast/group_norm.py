@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .probe import probed_once
 from .switches import switched_on
+from .triton_launch import launch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
     import triton
@@ -101,12 +102,12 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
     per_group = channels // num_groups
     grid = (n, row_blocks, triton.cdiv(channels, block_channels))
     partial = torch.empty(2, n, row_blocks, channels, device=x.device, dtype=torch.float32)
-    _channel_sums_kernel[grid](x, partial, rows, channels, row_blocks, n * row_blocks * channels,
-                               BLOCK_R=block_rows, BLOCK_C=block_channels)
+    launch(_channel_sums_kernel, grid, x, partial, rows, channels, row_blocks, n * row_blocks * channels,
+           BLOCK_R=block_rows, BLOCK_C=block_channels)
     totals = partial.view(2, n, row_blocks, num_groups, per_group).sum(dim=(2, 4))  # (2, N, groups)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    _normalize_kernel[grid](x, out, totals, weight, bias, rows, channels, num_groups, per_group, n * num_groups,
-                            1.0 / (rows * per_group), eps, BLOCK_R=block_rows, BLOCK_C=block_channels)
+    launch(_normalize_kernel, grid, x, out, totals, weight, bias, rows, channels, num_groups, per_group,
+           n * num_groups, 1.0 / (rows * per_group), eps, BLOCK_R=block_rows, BLOCK_C=block_channels)
     return out
 
 

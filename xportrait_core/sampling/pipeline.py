@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..fast import cuda_graphs, offload
+from ..fast.compilation import is_compiled
 from .batched_banks import BatchedReferenceBanks
 from .guidance import GuidedDenoiser
 from ..media.image_formats import as_rgb_float, check_resolution, resize_image
@@ -227,18 +228,23 @@ def animate_latents(
                                         # Low-VRAM mode keeps the activations of one branch at a time.
                                         batch_branches=not low_vram)
     denoise = denoiser
+    compiled = is_compiled(model)
+    # Not under cudaMallocAsync (ComfyUI's default): there this eager path, with the reference net of many
+    # timesteps in one call, was faster than graphs replaying it at batch 1 a step (benchmarks/NOTES.md).
+    graph_rules = dict(steps=len(timesteps), cuda_malloc_async=False)
+    graphs = cuda_graphs.graphs_apply(model.device, compiled, **graph_rules)
     try:
         if low_vram and denoiser.needs_cond:
             # Every timestep's bank now, while the reference net visits the GPU; then it goes back to the CPU.
             branches = denoiser.branches
             with offload.resident(model, "reference_net"):
                 branches.banks = offload.precompute_reference_banks(
-                    branches.banks, timesteps, cuda_graphs=cuda_graphs.graphs_apply(model.device))
-        elif denoiser.needs_cond and not cuda_graphs.graphs_apply(model.device):
+                    branches.banks, timesteps, cuda_graphs=graphs)
+        elif denoiser.needs_cond and not graphs:
             # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
             # The samplers walk the (increasing) timesteps from last to first.
             denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
-        denoise = cuda_graphs.with_cuda_graphs(denoiser)
+        denoise = cuda_graphs.with_cuda_graphs(denoiser, **graph_rules)
         windows = dict(window=window, overlap=overlap, window_offsets=window_offsets, generator=generator,
                        callback=callback, should_cancel=should_cancel, on_step=on_step)
         if sampler == LCM:

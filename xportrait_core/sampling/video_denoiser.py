@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..fast.cuda_graphs import WindowGraphs
 from ..model.xportrait import XPortrait
 from .batched_banks import BatchedReferenceBanks
 from .branches import XPortraitBranches
@@ -43,12 +44,15 @@ class VideoDenoiser:
     timesteps: the run's timesteps in the order the sampler will ask for them, when the host knows them (ComfyUI's
     sigmas): their reference banks are then computed several at a time (`BatchedReferenceBanks`); other
     timesteps, or None, compute one bank per timestep.
+    cuda_graphs: replay the windows' work from CUDA graphs (`fast.cuda_graphs.WindowGraphs`; the caller checks
+    that they apply: `cuda_graphs.graphs_apply`, no layer casting its weights as it runs); the reference net is
+    then recorded per timestep instead of batched.
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0, window: int = 16, overlap: int = 4,
-                 seed: int = 0, timesteps: Optional[Sequence[int]] = None):
+                 seed: int = 0, timesteps: Optional[Sequence[int]] = None, cuda_graphs: bool = False):
         if reference_latents.ndim != 4:
             raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
         self.model = model
@@ -65,9 +69,14 @@ class VideoDenoiser:
         self._offset = 0
         self._branches: Optional[XPortraitBranches] = None
         self._contexts: tuple = (None, None)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs: Optional[WindowGraphs] = None
 
     def release(self) -> None:
         """Drop the cached bank and hint features (the end of a sampling run)."""
+        if self._graphs is not None:
+            self._graphs.release()
+        self._graphs = None
         if self._branches is not None:
             self._branches.release()
         self._branches = None
@@ -91,7 +100,9 @@ class VideoDenoiser:
             self.release()
             self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
                                                uncond_context=uncond_context, **self.hints)
-            if self.timesteps:
+            if self.cuda_graphs:
+                self._graphs = WindowGraphs(self._branches)
+            elif self.timesteps:
                 self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             self._contexts = (context, uncond_context)
         return self._branches
@@ -131,27 +142,41 @@ class VideoDenoiser:
         context = (conditional or unconditional)[0].context
         parts = self._branches_for(context, unconditional[0].context if unconditional else None)
 
+        graphs = self._graphs
+
         def single(branch: BranchInput):
-            return parts.cond if branch.conditional else parts.uncond
+            if not branch.conditional:
+                return parts.uncond
+            if graphs is None:
+                return parts.cond
+
+            def cond(x, t_, indices):
+                eps = graphs("cond", x, t_, indices)
+                return eps if eps is not None else parts.cond(x, t_, indices)
+            return cond
+
+        def pair(x, t_, indices):
+            eps = graphs("both", x, t_, indices) if graphs is not None else None
+            return eps if eps is not None else parts.both(x, t_, indices)
 
         # Both branches on the same latents (classifier-free guidance): one UNet batch per window. (`parts` reads
         # the conditional branch's text by construction.)
-        pair = (len(branches) == 2 and len(conditional) == 1
-                and (same_latents or (same_latents is None
-                                      and torch.equal(branches[0].latents, branches[1].latents))))
+        paired = (len(branches) == 2 and len(conditional) == 1
+                  and (same_latents or (same_latents is None
+                                        and torch.equal(branches[0].latents, branches[1].latents))))
         if frame_indices is not None:  # one window, cut by the host
-            if pair:
-                both = parts.both(conditional[0].latents, t, frame_indices)
+            if paired:
+                both = pair(conditional[0].latents, t, frame_indices)
                 by_kind = {True: both[0], False: both[1]}
                 return [by_kind[b.conditional].float() for b in branches]
             return [single(b)(b.latents, t, frame_indices).float() for b in branches]
         windows = window_indices(num_frames, self.window, self.overlap, self.window_offset(t, num_frames))
-        if pair:
+        if paired:
             # windowed_eps averages one tensor: the two branches travel side by side on the channel axis.
             channels = conditional[0].latents.shape[1]
 
             def both(x2, t_, indices):
-                return torch.cat(parts.both(x2[:, :channels], t_, indices), dim=1)
+                return torch.cat(pair(x2[:, :channels], t_, indices), dim=1)
 
             x = conditional[0].latents
             eps = windowed_eps(both, torch.cat([x, x], dim=1), t, windows)
