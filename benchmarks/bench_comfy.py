@@ -73,11 +73,12 @@ def parse(argv=None):
                         help="after the timed runs, one more run of each measurement under torch.profiler: "
                              "DIR/profile_<measure>.txt holds its ops by device time and by host time, and the "
                              "record gains the run's wall time and the device's busy time")
-    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm"],
+    parser.add_argument("--ab", nargs="+", default=[], choices=["banks", "group_norm", "layer_norm"],
                         metavar="VARIANT",
                         help="alternate each run with one of this variant (B), A B A B in this process: banks = "
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
-                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone)")
+                             "the GroupNorm kernel off (ComfyUI's GroupNorm alone); layer_norm = the LayerNorm "
+                             "kernel off (ComfyUI's LayerNorm alone)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -142,7 +143,20 @@ def group_norm_kernel_off():
         group_norm.set_group_norm_kernel(saved)
 
 
-VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off}
+@contextlib.contextmanager
+def layer_norm_kernel_off():
+    """ComfyUI's (or PyTorch's) LayerNorm alone, as XPORTRAIT_LAYER_NORM_KERNEL=0 gives."""
+    from xportrait_core.fast import layer_norm
+
+    saved = layer_norm._enabled
+    layer_norm.set_layer_norm_kernel(False)
+    try:
+        yield
+    finally:
+        layer_norm.set_layer_norm_kernel(saved)
+
+
+VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "layer_norm": layer_norm_kernel_off}
 
 
 def initialise_like_torch(model) -> None:
