@@ -56,6 +56,11 @@ errors = []
 for x in (part, tokens):
     out = layer_norm_rows(x, weight, bias, 1e-6)
     errors.append((out - torch.nn.functional.layer_norm(x, (320,), weight, bias, 1e-6)).abs().max().item())
+# A weight and bias that are strided views themselves (every other element of a longer vector).
+pairs = torch.randn(2, 640)
+out = layer_norm_rows(tokens, pairs[0, ::2], pairs[1, ::2], 1e-6)
+reference = torch.nn.functional.layer_norm(tokens, (320,), pairs[0, ::2], pairs[1, ::2], 1e-6)
+errors.append((out - reference).abs().max().item())
 views = [rows_of(part) is not None and rows_of(part).data_ptr() == part.data_ptr(), rows_of(part).stride(0),
          rows_of(tokens) is not None, rows_of(planar) is None, rows_of(wide.transpose(0, 1)[:, :4]) is None]
 try:
@@ -67,9 +72,9 @@ print(json.dumps([errors, views, refused]))
 """
 
 
-def test_kernel_reads_rows_at_a_constant_stride_in_place_and_refuses_other_layouts():
+def test_kernel_reads_strided_rows_and_parameters_in_place_and_refuses_other_layouts():
     errors, views, refused = run_interpreted(STRIDED_ROWS)
-    assert max(errors) < 1e-5, errors
+    assert len(errors) == 3 and max(errors) < 1e-5, errors
     assert views == [True, 480, True, True, True]
     assert refused
 

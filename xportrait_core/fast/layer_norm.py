@@ -104,6 +104,8 @@ def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
         block_rows = max(1, TILE_ELEMENTS // width)
     elif block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two (Triton's tiles are), got {block_rows}")
+    # The kernel reads weight and bias at unit stride; a parameter usually is contiguous, and then this is no copy.
+    weight, bias = weight.contiguous(), bias.contiguous()
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     count = rows.shape[0]
     grid = (triton.cdiv(count, block_rows),)
