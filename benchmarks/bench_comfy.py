@@ -80,7 +80,8 @@ def parse(argv=None):
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
                              "feed-forwards unsliced; flash_attention = PyTorch's flash / memory-efficient SDPA "
                              "instead of cuDNN's; graphs_off = no CUDA graphs; graphs_short_runs = graphs for runs of "
-                             "any length; several joined by + apply together (graphs_off+group_norm)")
+                             "any length; layer_norm = the LayerNorm kernel off (ComfyUI's LayerNorm alone); "
+                             "several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -197,9 +198,22 @@ def graphs_for_short_runs():
         cuda_graphs.MIN_GRAPHED_STEPS = saved
 
 
+@contextlib.contextmanager
+def layer_norm_kernel_off():
+    """ComfyUI's (or PyTorch's) LayerNorm alone, as XPORTRAIT_LAYER_NORM_KERNEL=0 gives."""
+    from xportrait_core.fast import layer_norm
+
+    saved = layer_norm._enabled
+    layer_norm.set_layer_norm_kernel(False)
+    try:
+        yield
+    finally:
+        layer_norm.set_layer_norm_kernel(saved)
+
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
-            "graphs_short_runs": graphs_for_short_runs}
+            "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off}
 
 
 @contextlib.contextmanager

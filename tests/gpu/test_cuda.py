@@ -134,19 +134,47 @@ def test_geglu_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
     assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 4096, 320), (32, 1024, 640), (32, 256, 1280), (8192, 16, 320), (77, 768),
+                                   (5, 1000)])
+def test_layer_norm_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
+    """The LayerNorm kernel on the GPU at the transformer blocks', motion modules' and text encoder's shapes (and
+    an odd width), off-centre activations: within one rounding of float32 PyTorch, contiguous out; the kernel's
+    `supports` takes them, and a (tokens, channels) view of a channels-last map is read in place."""
+    from xportrait_core.fast import layer_norm
+
+    x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype)
+    weight = (torch.randn(shape[-1], device="cuda") * 0.5 + 1).to(dtype)
+    bias = torch.randn(shape[-1], device="cuda").to(dtype)
+    with torch.no_grad():
+        assert layer_norm.supports(x)
+    out = layer_norm.layer_norm_rows(x, weight, bias, 1e-5)
+    ref = F.layer_norm(x.float(), (shape[-1],), weight.float(), bias.float(), 1e-5)
+    assert out.is_contiguous() and out.dtype == dtype and out.shape == x.shape
+    assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+    if len(shape) == 3:
+        tokens = x[:2].transpose(1, 2).reshape(2, shape[-1], -1, 16).contiguous(memory_format=torch.channels_last)
+        tokens = tokens.flatten(2).transpose(1, 2)  # as a SpatialTransformer gives them: a view, no copy
+        assert layer_norm.rows_of(tokens) is not None
+        ref = F.layer_norm(tokens.float(), (shape[-1],), weight.float(), bias.float(), 1e-5)
+        err = (layer_norm.layer_norm_rows(tokens, weight, bias, 1e-5).float() - ref).abs().max().item()
+        assert err <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+
+
 def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
-    """The uncompiled bf16 channels-last path with the pack's GroupNorm and GEGLU kernels (the Load node's default:
-    a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within bf16 noise
-    of each other."""
+    """The uncompiled bf16 channels-last path with the pack's GroupNorm, LayerNorm and GEGLU kernels (the Load node's
+    default: a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within
+    bf16 noise of each other."""
     from xportrait_core.fast import geglu
     from xportrait_core.fast import group_norm
+    from xportrait_core.fast import layer_norm
     from xportrait_core.fast.prepare import prepare_model
     from xportrait_core.model.checkpoint import load_xportrait
 
     cases = {k: v.cuda() for k, v in golden_cases.items()}
     model = prepare_model(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda",
                                          operations=fast_operations()), channels_last=True)
-    calls = {"group_norm": 0, "geglu": 0}
+    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -160,19 +188,22 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
             return model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
                                   cases["local_hint"])
 
-    original = group_norm.group_norm_channels_last, geglu.gated_gelu
+    original = group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows
     try:
         group_norm.group_norm_channels_last = counted("group_norm", original[0])
         geglu.gated_gelu = counted("geglu", original[1])
+        layer_norm.layer_norm_rows = counted("layer_norm", original[2])
         with_kernels = predict()
-        assert calls["group_norm"] > 0 and calls["geglu"] > 0, calls
+        assert calls["group_norm"] > 0 and calls["geglu"] > 0 and calls["layer_norm"] > 0, calls
         group_norm.set_group_norm_kernel(False)
         geglu.set_geglu_kernel(False)
+        layer_norm.set_layer_norm_kernel(False)
         without = predict()
     finally:
-        group_norm.group_norm_channels_last, geglu.gated_gelu = original
+        group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows = original
         group_norm.set_group_norm_kernel(True)
         geglu.set_geglu_kernel(True)
+        layer_norm.set_layer_norm_kernel(True)
     assert ((with_kernels - without).norm() / without.norm()).item() < 2e-2
 
 

@@ -281,17 +281,21 @@ def partial_loading_check(handle, model) -> dict:
         ours_cast = sum(1 for m in handle.model.modules() if getattr(m, "comfy_cast_weights", False))
         ours_device = str(handle.model.compute_device)  # set by the node, not read off a weight
         ours_load_device = str(handle.patcher.load_device)
-        # The pack's GroupNorm kernel stands in front of ComfyUI's GroupNorm and must stand aside for these.
+        # The pack's GroupNorm and LayerNorm kernels stand in front of ComfyUI's norms and must stand aside for these.
         norms = [m for m in model.model.modules() if isinstance(m, comfy.ops.disable_weight_init.GroupNorm)]
         norm_classes = sorted({type(m).__name__ for m in norms})
         norms_left_to_comfyui = sum(casts_weights_now(m) for m in norms)
+        layer_norms = [m for m in model.model.modules() if isinstance(m, comfy.ops.disable_weight_init.LayerNorm)]
+        layer_norm_classes = sorted({type(m).__name__ for m in layer_norms})
+        layer_norms_left_to_comfyui = sum(casts_weights_now(m) for m in layer_norms)
         lowvram = bool(model.model.model_lowvram)
     finally:
         mm.unload_all_models()
         mm.is_device_cpu, mm.vram_state, mm.lowvram_available = saved
     return {"lowvram": lowvram, "layers_cast_on_the_fly": cast, "max_diff": float((partial - full).abs().max()),
             "max_abs": float(full.abs().max()), "group_norms": len(norms), "group_norm_classes": norm_classes,
-            "group_norms_left_to_comfyui": norms_left_to_comfyui,
+            "group_norms_left_to_comfyui": norms_left_to_comfyui, "layer_norms": len(layer_norms),
+            "layer_norm_classes": layer_norm_classes, "layer_norms_left_to_comfyui": layer_norms_left_to_comfyui,
             # Our own Sampler node on the same partially loaded networks.
             "sampler_layers_cast_on_the_fly": ours_cast, "sampler_device": ours_device,
             "sampler_load_device": ours_load_device, "sampler_max_diff": float((partial_ours - full_ours).abs().max()),

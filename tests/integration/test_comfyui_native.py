@@ -111,6 +111,9 @@ def test_comfyui_partial_loading_runs_x_portrait(checks):
     # ComfyUI's GroupNorm with the pack's kernel in front, which leaves every layer cast on the fly to ComfyUI.
     assert result["group_norm_classes"] == ["GroupNormWithKernel"]
     assert result["group_norms"] > 20 and result["group_norms_left_to_comfyui"] == result["group_norms"]
+    # Likewise ComfyUI's LayerNorm (the transformer blocks' and motion modules' norms).
+    assert result["layer_norm_classes"] == ["LayerNormWithKernel"]
+    assert result["layer_norms"] > 20 and result["layer_norms_left_to_comfyui"] == result["layer_norms"]
     # Our Sampler node on the same partially loaded networks: computing on ComfyUI's device, the same frames.
     assert result["sampler_layers_cast_on_the_fly"] > 100
     assert result["sampler_device"] == result["sampler_load_device"]

@@ -224,3 +224,22 @@ def test_comfy_benchmarks_graph_variants_joined_by_plus_apply_together_and_resto
     assert cuda_graphs.MIN_GRAPHED_STEPS == bar > 0
     with pytest.raises(argparse.ArgumentTypeError, match="no_such_variant"):
         bench.variant_name("graphs_off+no_such_variant")
+
+
+def test_comfy_benchmarks_kernel_off_variants_turn_their_kernel_off_and_back(monkeypatch):
+    """bench_comfy.py --ab group_norm / layer_norm: B runs with that kernel's switch off (as its environment
+    variable at 0 gives), A with it as it was, also after a B run that failed."""
+    from xportrait_core.fast import group_norm, layer_norm
+
+    bench = _bench_module("bench_comfy")
+    monkeypatch.setattr(group_norm, "_enabled", True)
+    monkeypatch.setattr(layer_norm, "_enabled", True)
+    for variant, module in (("group_norm", group_norm), ("layer_norm", layer_norm)):
+        with bench.VARIANTS[variant]():
+            assert not module._enabled
+            assert group_norm._enabled if module is layer_norm else layer_norm._enabled  # only its own kernel
+        assert module._enabled
+        with pytest.raises(RuntimeError):
+            with bench.VARIANTS[variant]():
+                raise RuntimeError("a B run failed")
+        assert module._enabled
