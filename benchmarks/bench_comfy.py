@@ -81,7 +81,9 @@ def parse(argv=None):
                              "feed-forwards unsliced; flash_attention = PyTorch's flash / memory-efficient SDPA "
                              "instead of cuDNN's; graphs_off = no CUDA graphs; graphs_short_runs = graphs for runs of "
                              "any length; layer_norm = the LayerNorm kernel off (ComfyUI's LayerNorm alone); "
-                             "several joined by + apply together (graphs_off+group_norm)")
+                             "norm_fusions = the norms' fused forms off (timestep embedding, SiLU, frame encoding "
+                             "as operations of their own); several joined by + apply together "
+                             "(graphs_off+group_norm)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -211,9 +213,34 @@ def layer_norm_kernel_off():
         layer_norm.set_layer_norm_kernel(saved)
 
 
+
+@contextlib.contextmanager
+def norm_fusions_off():
+    """The norms' fused forms off (the tree before them): a ResBlock adds its timestep embedding and applies SiLU
+    as operations of their own, a motion block adds its frame encoding after the LayerNorm."""
+    import torch
+
+    from xportrait_core.model import blocks, temporal
+
+    def norm_silu(norm, x, shift=None):
+        if shift is not None:
+            x = x + shift[:, :, None, None]
+        return torch.nn.functional.silu(norm(x))
+
+    def norm_plus(norm, x, addend):
+        return norm(x) + addend
+
+    saved = blocks.norm_silu, temporal.norm_plus
+    blocks.norm_silu, temporal.norm_plus = norm_silu, norm_plus
+    try:
+        yield
+    finally:
+        blocks.norm_silu, temporal.norm_plus = saved
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
-            "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off}
+            "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off,
+            "norm_fusions": norm_fusions_off}
 
 
 @contextlib.contextmanager

@@ -161,6 +161,30 @@ def test_layer_norm_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
         assert err <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_norm_forms_match_the_separate_operations_at_the_models_shapes(dtype):
+    """A ResBlock's second norm (x + the timestep embedding's shift, GroupNorm, SiLU) and a motion block's attention
+    norm (LayerNorm plus the frame encoding) on the GPU at 64x64 / 16 frames: within one rounding of float32."""
+    from xportrait_core.fast.group_norm import group_norm_channels_last
+    from xportrait_core.fast.layer_norm import layer_norm_rows
+    from xportrait_core.model.temporal import PositionalEncoding
+
+    eps = torch.finfo(dtype).eps
+    x = (torch.randn(32, 320, 64, 64, device="cuda") * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    shift = (torch.randn(32, 320, device="cuda") * 3).to(dtype)
+    weight, bias = torch.randn(320, device="cuda").to(dtype), torch.randn(320, device="cuda").to(dtype)
+    out = group_norm_channels_last(x, 32, weight, bias, 1e-5, shift=shift, silu=True)
+    ref = F.silu(F.group_norm(x.float() + shift.float()[:, :, None, None], 32, weight.float(), bias.float(), 1e-5))
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item() + 1e-3
+    sequences = (torch.randn(8192, 16, 320, device="cuda") * 2 + 3).to(dtype)
+    addend = PositionalEncoding(320, 32).cuda().table(sequences)
+    out = layer_norm_rows(sequences, weight, bias, 1e-5, addend=addend)
+    ref = F.layer_norm(sequences.float(), (320,), weight.float(), bias.float(), 1e-5) + addend.float()
+    assert out.is_contiguous() and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item() + 1e-3
+
+
 def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
     """The uncompiled bf16 channels-last path with the pack's GroupNorm, LayerNorm and GEGLU kernels (the Load node's
     default: a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import golden_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,3 +244,27 @@ def test_comfy_benchmarks_kernel_off_variants_turn_their_kernel_off_and_back(mon
             with bench.VARIANTS[variant]():
                 raise RuntimeError("a B run failed")
         assert module._enabled
+
+
+def test_comfy_benchmarks_norm_fusions_variant_runs_the_separate_operations_and_restores_the_fused_ones():
+    """bench_comfy.py --ab norm_fusions: B runs a ResBlock's and a motion block's norms as separate operations (the
+    fused forms never called), with the same result; A's fused forms come back, also after a B run that failed."""
+    from xportrait_core.model import blocks, temporal
+
+    bench = _bench_module("bench_comfy")
+    fused = blocks.norm_silu, temporal.norm_plus
+
+    class Norm(torch.nn.GroupNorm):
+        def forward_silu(self, x, shift=None):
+            raise AssertionError("the fused form ran under norm_fusions")
+
+    norm, x, shift = Norm(2, 4), torch.randn(2, 4, 3, 3), torch.randn(2, 4)
+    with bench.apply_variant("norm_fusions"):
+        assert (blocks.norm_silu, temporal.norm_plus) != fused
+        torch.testing.assert_close(blocks.norm_silu(norm, x, shift),
+                                   torch.nn.functional.silu(torch.nn.GroupNorm.forward(norm, x + shift[..., None, None])))
+    assert (blocks.norm_silu, temporal.norm_plus) == fused
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("norm_fusions+layer_norm"):
+            raise RuntimeError("a B run failed")
+    assert (blocks.norm_silu, temporal.norm_plus) == fused

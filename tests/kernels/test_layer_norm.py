@@ -244,3 +244,84 @@ def test_kernel_refuses_input_it_cannot_read_with_a_reason():
         layer_norm.layer_norm_rows(torch.randn(4, 8), torch.ones(8), torch.zeros(8), 1e-5, block_rows=3)
     with pytest.raises(ValueError, match="do not fit one program's row"):
         layer_norm.layer_norm_rows(torch.randn(2, 10000), torch.ones(10000), torch.zeros(10000), 1e-5)
+
+
+ADDEND_CASES = r"""
+from xportrait_core.fast.layer_norm import layer_norm_rows
+from xportrait_core.model.temporal import PositionalEncoding
+results = []
+# A motion module's sequences (pixels, frames, C) with its frame encoding as the addend (frames, C): the encoding
+# of frame f goes to every row whose frame index is f, as the broadcast sum gives it; frame counts the row blocks
+# do not divide (16 frames at 4 rows a program, 5 frames).
+for shape, dtype, block_rows in (((6, 16, 320), torch.bfloat16, None), ((7, 5, 320), torch.float32, 4),
+                                 ((3, 16, 640), torch.float16, 8)):
+    x = (torch.randn(*shape) * 2 + 3).to(dtype)
+    weight, bias = (torch.randn(shape[-1]) * 0.5 + 1).to(dtype), torch.randn(shape[-1]).to(dtype)
+    addend = PositionalEncoding(shape[-1], 24).table(x)
+    out = layer_norm_rows(x, weight, bias, 1e-5, block_rows, addend=addend)
+    ref = torch.nn.functional.layer_norm(x.float(), (shape[-1],), weight.float(), bias.float(), 1e-5) + addend.float()
+    results.append([list(out.shape) == list(shape), out.dtype == dtype, (out.float() - ref).abs().max().item(),
+                    ref.abs().max().item(), torch.finfo(dtype).eps])
+print(json.dumps(results))
+"""
+
+
+def test_kernel_adds_the_frame_encoding_to_each_frames_rows_in_its_one_pass():
+    results = run_interpreted(ADDEND_CASES)
+    assert len(results) == 3
+    for same_shape, same_dtype, err, scale, eps in results:
+        assert same_shape and same_dtype
+        assert err <= 2 * eps * max(1.0, scale) + 1e-5, (err, scale, eps)  # one rounding of the output
+
+
+MOTION_BLOCK = r"""
+from xportrait_core.fast import layer_norm
+from xportrait_core.fast.operations import fast_operations
+from xportrait_core.model.temporal import TemporalTransformerBlock
+# A motion module's transformer block from the fast operations, with `supports` widened to CPU tensors: its two
+# attention norms add the frame encoding in the kernel (`addend` given), the feed-forward's norm has none, and
+# the block gives what the plain operations give with the same weights.
+calls = []
+kernel = layer_norm.layer_norm_rows
+layer_norm.layer_norm_rows = lambda *a, **k: calls.append(k.get("addend") is not None) or kernel(*a, **k)
+torch.manual_seed(0)
+plain = TemporalTransformerBlock(64, 8, 2, 24).eval()
+fast = TemporalTransformerBlock(64, 8, 2, 24, fast_operations()).eval()
+fast.load_state_dict(plain.state_dict())
+x = torch.randn(5, 16, 64)
+with torch.no_grad():
+    expected = plain(x)
+    layer_norm.supports = lambda t: True
+    out = fast(x)
+print(json.dumps([calls, (out - expected).abs().max().item(), expected.abs().max().item()]))
+"""
+
+
+def test_a_motion_block_adds_its_frame_encoding_in_the_kernel_and_gives_the_same_result():
+    calls, err, scale = run_interpreted(MOTION_BLOCK)
+    assert calls == [True, True, False]
+    assert err < 1e-4 * max(1.0, scale)
+
+
+def test_off_the_kernel_a_norm_plus_an_addend_is_the_bases_norm_plus_the_addend(monkeypatch):
+    """forward_plus where the kernel does not apply (here: the CPU, or an addend of another dtype): the base's norm,
+    then the sum, exactly."""
+    layer = fast_operations().LayerNorm(8)
+    x, addend = torch.randn(3, 4, 8), torch.randn(4, 8)
+    assert torch.equal(layer.forward_plus(x, addend), F.layer_norm(x, (8,), layer.weight, layer.bias) + addend)
+    # An addend in another dtype: the kernel may still normalise, but the sum is the separate operation.
+    calls = []
+    monkeypatch.setattr(layer_norm, "supports", lambda x: True)
+    monkeypatch.setattr(layer_norm, "layer_norm_rows",
+                        lambda x, w, b, eps, **k: calls.append(k) or F.layer_norm(x, (8,), w, b, eps))
+    assert torch.equal(layer.forward_plus(x, addend.double()),
+                       F.layer_norm(x, (8,), layer.weight, layer.bias) + addend.double())
+    assert calls == [{}]
+
+
+def test_kernel_refuses_an_addend_that_does_not_match_the_frames():
+    if layer_norm.triton is None:
+        pytest.skip("triton is not installed")
+    with pytest.raises(ValueError, match=r"an addend of shape \(4, 8\) expected"):
+        layer_norm.layer_norm_rows(torch.randn(3, 4, 8), torch.ones(8), torch.zeros(8), 1e-5,
+                                   addend=torch.zeros(5, 8))

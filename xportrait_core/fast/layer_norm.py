@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .probe import probed_once
 from .switches import switched_on
+from .triton_launch import launch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs usually lack it.
     import triton
@@ -50,10 +51,11 @@ def set_layer_norm_kernel(enabled: bool) -> None:
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_kernel(X, Y, W, B, rows_total, channels, x_row_stride, inv_channels, eps,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _layer_norm_kernel(X, Y, W, B, ADDEND, rows_total, channels, x_row_stride, period, inv_channels, eps,
+                           HAS_ADDEND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Program r: rows [r * BLOCK_R, (r + 1) * BLOCK_R) of X (rows `x_row_stride` elements apart, channels
-        # adjacent) into the contiguous Y (rows `channels` apart).
+        # adjacent) into the contiguous Y (rows `channels` apart); with HAS_ADDEND, row i of the contiguous
+        # (period, channels) ADDEND is added to every row r of Y with r % period == i, before the one rounding.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < channels
@@ -67,6 +69,9 @@ if triton is not None:
         weight = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         bias = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
+        if HAS_ADDEND:
+            addend_rows = (rows % period).to(tl.int64)[:, None]
+            y += tl.load(ADDEND + addend_rows * channels + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + rows64 * channels + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -87,9 +92,13 @@ def block_channels(channels: int) -> int:
 
 
 def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                    block_rows: Optional[int] = None) -> torch.Tensor:
+                    block_rows: Optional[int] = None, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.layer_norm(x, (C,), weight, bias, eps) over x's last dimension C, for x whose rows `rows_of` can view;
-    returned contiguous in x's dtype. Mean and variance in float32 from one read of each row."""
+    returned contiguous in x's dtype. Mean and variance in float32 from one read of each row.
+
+    addend (P, C), optional: added to the normalised rows as it broadcasts over x (..., P, C), i.e. row i of the
+    addend to every row of x whose index along x's second-to-last dimension is i, in the same pass (float32, one
+    rounding): the motion modules' frame encoding, added to each normalised token before its temporal attention."""
     rows = rows_of(x)
     if rows is None:
         raise ValueError("layer_norm_rows takes input whose rows lie at one stride, channels adjacent")
@@ -97,6 +106,12 @@ def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     if weight.shape != (channels,) or bias.shape != (channels,):
         raise ValueError(f"weight and bias of {channels} channels expected, got {tuple(weight.shape)} and "
                          f"{tuple(bias.shape)}")
+    if addend is not None:
+        if x.dim() < 2 or addend.shape != (x.shape[-2], channels):
+            raise ValueError(f"an addend of shape ({x.shape[-2] if x.dim() > 1 else '?'}, {channels}) expected "
+                             f"for input {tuple(x.shape)}, got {tuple(addend.shape)}")
+        if addend.device != x.device:
+            raise ValueError(f"the addend lies on {addend.device}, the input on {x.device}")
     width = block_channels(channels)
     if width > MAX_BLOCK_CHANNELS:
         raise ValueError(f"{channels} channels do not fit one program's row ({MAX_BLOCK_CHANNELS} at most)")
@@ -109,8 +124,12 @@ def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     count = rows.shape[0]
     grid = (triton.cdiv(count, block_rows),)
-    _layer_norm_kernel[grid](rows, out, weight, bias, count, channels, rows.stride(0), 1.0 / channels, eps,
-                             BLOCK_R=block_rows, BLOCK_C=width, num_warps=8 if width >= 2048 else 4)
+    # Without an addend the kernel never reads ADDEND: any tensor of the device stands in for the pointer.
+    addend_rows = out if addend is None else addend.contiguous()
+    period = 1 if addend is None else addend.shape[0]
+    launch(_layer_norm_kernel, grid, rows, out, weight, bias, addend_rows, count, channels, rows.stride(0), period,
+           1.0 / channels, eps, HAS_ADDEND=addend is not None, BLOCK_R=block_rows, BLOCK_C=width,
+           num_warps=8 if width >= 2048 else 4)
     return out
 
 
@@ -155,14 +174,25 @@ def with_kernel(base: type[nn.Module], defers: Optional[Callable[[nn.Module], bo
     they run)."""
 
     class LayerNormWithKernel(base):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def _kernel_applies(self, x: torch.Tensor) -> bool:
             weight, bias = self.weight, self.bias
-            if (weight is not None and bias is not None and len(self.normalized_shape) == 1
+            return (weight is not None and bias is not None and len(self.normalized_shape) == 1
                     and not (defers is not None and defers(self))
                     and weight.device == x.device and weight.dtype == x.dtype
-                    and bias.device == x.device and bias.dtype == x.dtype and supports(x)):
-                return layer_norm_rows(x, weight, bias, self.eps)
+                    and bias.device == x.device and bias.dtype == x.dtype and supports(x))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self._kernel_applies(x):
+                return layer_norm_rows(x, self.weight, self.bias, self.eps)
             return super().forward(x)
+
+        def forward_plus(self, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+            """self(x) + addend, addend (P, C) broadcast over x (..., P, C): in the kernel's one pass where it
+            applies (the addend in x's dtype and on its device), as two operations otherwise."""
+            if (addend.dtype == x.dtype and addend.device == x.device and x.dim() >= 2
+                    and addend.shape == (x.shape[-2], x.shape[-1]) and self._kernel_applies(x)):
+                return layer_norm_rows(x, self.weight, self.bias, self.eps, addend=addend)
+            return self(x) + addend
 
     LayerNormWithKernel.__name__ = LayerNormWithKernel.__qualname__ = f"{base.__name__}WithKernel"
     return LayerNormWithKernel
