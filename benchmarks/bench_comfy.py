@@ -80,7 +80,8 @@ def parse(argv=None):
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
                              "feed-forwards unsliced; flash_attention = PyTorch's flash / memory-efficient SDPA "
                              "instead of cuDNN's; graphs_off = no CUDA graphs; graphs_short_runs = graphs for runs of "
-                             "any length; several joined by + apply together (graphs_off+group_norm)")
+                             "any length; keep_graphs_off = KSampler's graphs recorded afresh every run; several "
+                             "joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -185,6 +186,24 @@ def cuda_graphs_off():
 
 
 @contextlib.contextmanager
+def kept_graphs_off():
+    """KSampler's window graphs recorded for each run and released at its end (before fast/kept_graphs.py), while
+    the graphs the A runs keep stay kept: alternating A B A B measures a kept run against a recorded one."""
+    from xportrait_core.sampling.video_denoiser import VideoDenoiser
+
+    init = VideoDenoiser.__init__
+
+    def init_without_kept_graphs(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "kept_graphs": None})
+
+    VideoDenoiser.__init__ = init_without_kept_graphs
+    try:
+        yield
+    finally:
+        VideoDenoiser.__init__ = init
+
+
+@contextlib.contextmanager
 def graphs_for_short_runs():
     """CUDA graphs for runs of any length (cuda_graphs.MIN_GRAPHED_STEPS at 0): the LCM path's 6 steps too."""
     from xportrait_core.fast import cuda_graphs
@@ -199,7 +218,7 @@ def graphs_for_short_runs():
 
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
-            "graphs_short_runs": graphs_for_short_runs}
+            "graphs_short_runs": graphs_for_short_runs, "keep_graphs_off": kept_graphs_off}
 
 
 @contextlib.contextmanager

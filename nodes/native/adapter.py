@@ -32,6 +32,7 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models
 
+from xportrait_core.fast.kept_graphs import KeptWindowGraphs
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
 
 log = logging.getLogger("xportrait")
@@ -158,6 +159,9 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self.__dict__["xportrait"] = xportrait
         self.memory_usage_factor = 1.0
         self._denoisers: dict[int, tuple[XPortraitJob, VideoDenoiser]] = {}
+        # KSampler's window graphs, kept from run to run while runs fit them (fast/kept_graphs.py); dropped when
+        # ComfyUI moves the model off the device (model_patcher's detach callback) or graphs stop applying.
+        self.kept_graphs = KeptWindowGraphs()
         self._run_seed: Optional[int] = None
         self._run_timesteps: Optional[list[int]] = None
         self._warned_control = False
@@ -233,11 +237,15 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         entry = self._denoisers.get(id(job))
         if entry is None or entry[0] is not job:
             seed = job.seed if self._run_seed is None else self._run_seed
+            graphs = self._graphs_apply(device)
+            if not graphs:
+                self.kept_graphs.release()
             denoiser = VideoDenoiser(self.xportrait, job.reference_latents,
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
                                      window=job.window, overlap=job.overlap, seed=seed,
-                                     timesteps=self._run_timesteps, cuda_graphs=self._graphs_apply(device))
+                                     timesteps=self._run_timesteps, cuda_graphs=graphs,
+                                     kept_graphs=self.kept_graphs)
             entry = self._denoisers[id(job)] = (job, denoiser)
         return entry[1]
 
@@ -288,6 +296,9 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
     try:
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                         *args, **kwargs)
+    except BaseException:
+        model.kept_graphs.release()  # a run that failed or was cancelled leaves no graphs behind
+        raise
     finally:
         model.end_run()
 
@@ -297,6 +308,9 @@ def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher
     model = XPortraitComfyModel(xportrait, device=offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
+    # ComfyUI moves the weights off the device: the kept graphs' addresses are stale and their memory is wanted.
+    patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY,
+                                  lambda patcher, unpatch_all: patcher.model.kept_graphs.release())
     return patcher
 
 

@@ -317,7 +317,18 @@ def graphs_policy_check(model) -> dict:
         adapter.end_run()
     finally:
         cuda_graphs.cuda_graphs_enabled, cuda_graphs.allocator_supports_graphs = saved
-    return {**decisions, "min_graphed_steps": cuda_graphs.MIN_GRAPHED_STEPS}
+    # Kept graphs (fast/kept_graphs.py) go when ComfyUI takes the model off its device.
+    import comfy.model_management as mm
+
+    released = []
+    adapter.kept_graphs.release = lambda: released.append(True)
+    try:
+        mm.load_models_gpu([model])
+        mm.unload_all_models()
+    finally:
+        del adapter.kept_graphs.release
+    return {**decisions, "min_graphed_steps": cuda_graphs.MIN_GRAPHED_STEPS, "kept_graphs_released_on_unload":
+            bool(released)}
 
 
 def main():

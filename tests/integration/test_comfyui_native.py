@@ -126,6 +126,12 @@ def test_ksampler_runs_too_short_to_repay_a_graph_recording_stay_eager(checks):
     assert result["steps_6"] is False and result["steps_30"] is True
 
 
+def test_kept_window_graphs_are_released_when_comfyui_unloads_the_model(checks):
+    """KSampler's graphs kept between runs hold addresses of the weights and GPU memory: unloading the model
+    (ComfyUI's detach) releases them."""
+    assert checks["graphs_policy"]["kept_graphs_released_on_unload"] is True
+
+
 def test_sampler_custom_and_sampler_custom_advanced_give_ksamplers_result(checks):
     """Same sigmas, sampler, cfg and seed: the same frames (the seed reaches the window offsets through every
     sampler node)."""

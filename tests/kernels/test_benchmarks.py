@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import golden_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,3 +225,17 @@ def test_comfy_benchmarks_graph_variants_joined_by_plus_apply_together_and_resto
     assert cuda_graphs.MIN_GRAPHED_STEPS == bar > 0
     with pytest.raises(argparse.ArgumentTypeError, match="no_such_variant"):
         bench.variant_name("graphs_off+no_such_variant")
+
+
+def test_comfy_benchmarks_keep_graphs_off_records_afresh_every_run_and_restores(tiny_model):
+    """bench_comfy.py --ab keep_graphs_off: inside it a VideoDenoiser gets no kept graphs (it records its own and
+    releases them), so the A runs' kept graphs stay untouched; outside it the keeper is used again."""
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+    from xportrait_core.sampling.video_denoiser import VideoDenoiser
+
+    bench = _bench_module("bench_comfy")
+    reference = torch.zeros(1, 4, 8, 8)
+    kept = KeptWindowGraphs()
+    with bench.apply_variant("keep_graphs_off"):
+        assert VideoDenoiser(tiny_model, reference, cuda_graphs=True, kept_graphs=kept).kept_graphs is None
+    assert VideoDenoiser(tiny_model, reference, cuda_graphs=True, kept_graphs=kept).kept_graphs is kept

@@ -287,6 +287,10 @@ class GuidanceGraphs:
         # A copy on the caller's stream: the next replay overwrites the graph's output buffer.
         return eps.clone()
 
+    def forget_bank(self) -> None:
+        """The next call computes (or replays) its timestep's bank afresh: the reference or the text changed."""
+        self._bank_t = None
+
     def release(self) -> None:
         """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
         stay reserved, out of reach of the VAE decode that follows sampling)."""
@@ -394,8 +398,22 @@ class WindowGraphs:
 
     def __init__(self, branches):
         self.branches = branches
+        self.motion_hints = branches.motion_hints  # the run's hint frames, copied into the graphs at every call
         self.enabled = True
         self._graphs: dict[str, GuidanceGraphs] = {}
+
+    def adopt(self, branches) -> None:
+        """Serve another run's `branches` with the graphs recorded so far (fast/kept_graphs.py checks that they
+        fit): its reference latents and texts are copied into the tensors the graphs read, its hints are read from
+        now on, and no bank of the last run is reused."""
+        static = self.branches
+        static.banks.reference_latents.copy_(branches.banks.reference_latents)
+        static.context.copy_(branches.context)
+        if static.uncond_context is not None and static.uncond_context is not static.context:
+            static.uncond_context.copy_(branches.uncond_context)
+        self.motion_hints = branches.motion_hints
+        for graphs in self._graphs.values():
+            graphs.forget_bank()
 
     @property
     def replays(self) -> int:
@@ -422,7 +440,7 @@ class WindowGraphs:
         if not self.enabled:
             return None
         try:
-            eps = self._graphs_for(kind).eps(x, int(t), *self.branches.motion_hints.frames(frame_indices))
+            eps = self._graphs_for(kind).eps(x, int(t), *self.motion_hints.frames(frame_indices))
         except GraphCaptureError as error:
             log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
             self.enabled = False

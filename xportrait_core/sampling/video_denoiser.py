@@ -47,12 +47,15 @@ class VideoDenoiser:
     cuda_graphs: replay the windows' work from CUDA graphs (`fast.cuda_graphs.WindowGraphs`; the caller checks
     that they apply: `cuda_graphs.graphs_apply`, no layer casting its weights as it runs); the reference net is
     then recorded per timestep instead of batched.
+    kept_graphs: a `fast.kept_graphs.KeptWindowGraphs` that serves the graphs (with cuda_graphs), owned by the
+        caller and outliving this denoiser, so that the next run like this one replays from its first window.
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0, window: int = 16, overlap: int = 4,
-                 seed: int = 0, timesteps: Optional[Sequence[int]] = None, cuda_graphs: bool = False):
+                 seed: int = 0, timesteps: Optional[Sequence[int]] = None, cuda_graphs: bool = False,
+                 kept_graphs=None):
         if reference_latents.ndim != 4:
             raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
         self.model = model
@@ -70,11 +73,12 @@ class VideoDenoiser:
         self._branches: Optional[XPortraitBranches] = None
         self._contexts: tuple = (None, None)
         self.cuda_graphs = bool(cuda_graphs)
+        self.kept_graphs = kept_graphs
         self._graphs: Optional[WindowGraphs] = None
 
     def release(self) -> None:
-        """Drop the cached bank and hint features (the end of a sampling run)."""
-        if self._graphs is not None:
+        """Drop the cached bank and hint features (the end of a sampling run); kept graphs stay with their owner."""
+        if self._graphs is not None and self.kept_graphs is None:
             self._graphs.release()
         self._graphs = None
         if self._branches is not None:
@@ -101,7 +105,8 @@ class VideoDenoiser:
             self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
                                                uncond_context=uncond_context, **self.hints)
             if self.cuda_graphs:
-                self._graphs = WindowGraphs(self._branches)
+                self._graphs = (WindowGraphs(self._branches) if self.kept_graphs is None
+                                else self.kept_graphs.serve(self._branches))
             elif self.timesteps:
                 self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             self._contexts = (context, uncond_context)
