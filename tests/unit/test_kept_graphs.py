@@ -8,38 +8,16 @@ import torch
 from xportrait_core.fast import cuda_graphs
 from xportrait_core.fast.kept_graphs import KeptWindowGraphs
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
+from graph_stand_ins import EagerGraphs
 
 FRAMES = 6
 
 
-class _EagerGraphs:
-    """Stands in for cuda_graphs.GuidanceGraphs: computes what a replay would (from the tensors a recording would
-    read, which `adopt` overwrites), and counts."""
-
-    made = []
-
-    def __init__(self, device, window_eps, compute_bank=None, stored_banks=None):
-        self.window_eps, self.compute_bank = window_eps, compute_bank
-        self.calls, self.released, self.replays, self.forgotten = 0, False, 0, 0
-        _EagerGraphs.made.append(self)
-
-    def eps(self, x, t, global_hint=None, local_hint=None):
-        self.calls += 1
-        timestep = torch.full((1,), int(t), dtype=torch.long)
-        return self.window_eps(x, timestep, global_hint, local_hint, self.compute_bank(timestep))
-
-    def forget_bank(self):
-        self.forgotten += 1
-
-    def release(self):
-        self.released = True
-
-
 @pytest.fixture
 def stand_in_graphs(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", _EagerGraphs)
-    _EagerGraphs.made.clear()
-    return _EagerGraphs.made
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", EagerGraphs)
+    EagerGraphs.made.clear()
+    return EagerGraphs.made
 
 
 def _job(model, seed: int):
