@@ -216,11 +216,7 @@ class GuidanceGraphs:
             raise KeyError(f"no precomputed reference bank for timestep {t}")
         stored = self._stored_banks[t]
         if self._static_bank is None:
-            from ..model.reference_bank import ReferenceBank  # noqa: PLC0415 - keeps this module free of the model
-
-            self._static_bank = ReferenceBank(stored.num_references)
-            self._static_bank.entries = [torch.empty(e.shape, dtype=e.dtype, device=self.device) for e in stored.entries]
-            self._static_bank.finish()
+            self._static_bank = _empty_like(_shape_of(stored), self.device)
         # On the caller's stream, which waited for the last replay that read the previous step's values; pinned
         # host banks copy without stalling the host.
         for target, entry in zip(self._static_bank.entries, stored.entries):
