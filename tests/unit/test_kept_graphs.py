@@ -30,12 +30,15 @@ def _job(model, seed: int):
                 context=torch.randn(1, 77, width, generator=g), uncond_context=torch.randn(1, 77, width, generator=g))
 
 
-def _run(model, job, kept=None, local_strength=0.5):
-    """One two-step guided run (both branches) of `job`: its eps, the denoiser released at the end as ComfyUI's
-    run does."""
+def _run(model, job, kept=None, local_strength=0.5, steps=None, graphs=None):
+    """Two guided steps (both branches) of `job`, of a run of `steps` steps (None: the length is not known): their
+    eps, the denoiser released at the end as ComfyUI's run does. graphs: whether graphs apply (default: with
+    `kept`)."""
+    timesteps = None if steps is None else [500, 400] + [300 - 10 * i for i in range(steps - 2)]
     denoiser = VideoDenoiser(model, job["reference"], global_hint=job["global_hint"], local_hint=job["local_hint"],
                              global_strength=1.0, local_strength=local_strength, overlap=4, seed=5,
-                             cuda_graphs=kept is not None, kept_graphs=kept)
+                             timesteps=timesteps, cuda_graphs=kept is not None if graphs is None else graphs,
+                             kept_graphs=kept)
     branches = [BranchInput(job["x"], True, job["context"]), BranchInput(job["x"].clone(), False,
                                                                            job["uncond_context"])]
     out = [torch.cat(denoiser(t, branches, same_latents=True)) for t in (500, 400)]
@@ -75,3 +78,92 @@ def test_other_settings_or_moved_weights_get_new_graphs_and_the_old_ones_go(tiny
         assert kept.graphs is not second and kept.served_again == 0
     finally:
         conv.weight = saved
+
+
+SHORT, LONG = cuda_graphs.MIN_GRAPHED_STEPS - 1, 30
+
+
+def _calls(stand_in_graphs) -> int:
+    """Window calls served through the (stood-in) graphs: a recording's first call and the replays."""
+    return sum(graphs.calls for graphs in stand_in_graphs)
+
+
+def test_a_short_run_records_only_when_it_repeats_the_last_run_and_later_runs_replay(tiny_model, stand_in_graphs):
+    """A run too short to repay a recording stays eager; the same run again (another seed, reference or hints of
+    the same shapes: a re-queued workflow) records and keeps the graphs; the next replays them."""
+    kept = KeptWindowGraphs()
+    jobs = [_job(tiny_model, seed) for seed in (11, 12, 13)]
+    for graphed, eager in zip(_run(tiny_model, jobs[0], kept, steps=SHORT), _run(tiny_model, jobs[0])):
+        assert (graphed - eager).abs().max() < 1e-5
+    assert kept.graphs is None and not stand_in_graphs and kept.recordings == 0
+    for graphed, eager in zip(_run(tiny_model, jobs[1], kept, steps=SHORT), _run(tiny_model, jobs[1])):
+        assert (graphed - eager).abs().max() < 1e-5
+    assert kept.recordings == 1 and kept.served_again == 0 and len(stand_in_graphs) == 1
+    calls = _calls(stand_in_graphs)
+    assert calls > 0
+    for graphed, eager in zip(_run(tiny_model, jobs[2], kept, steps=SHORT), _run(tiny_model, jobs[2])):
+        assert (graphed - eager).abs().max() < 1e-5
+    assert kept.recordings == 1 and kept.served_again == 1 and len(stand_in_graphs) == 1
+    assert _calls(stand_in_graphs) == 2 * calls  # every window of the third run through the kept graphs
+    # Kept graphs serve a fitting run whatever its length.
+    _run(tiny_model, jobs[0], kept, steps=2)
+    assert kept.recordings == 1 and kept.served_again == 2
+
+
+def test_a_short_run_unlike_the_last_one_stays_eager(tiny_model, stand_in_graphs):
+    kept = KeptWindowGraphs()
+    job = _job(tiny_model, 14)
+    _run(tiny_model, job, kept, steps=SHORT)
+    _run(tiny_model, job, kept, steps=SHORT, local_strength=0.75)  # a strength is recorded as a constant
+    two_references = {**job, "reference": torch.cat([job["reference"]] * 2)}
+    _run(tiny_model, two_references, kept, steps=SHORT, local_strength=0.75)
+    assert kept.graphs is None and not stand_in_graphs and kept.recordings == 0
+    # Each of them was remembered in turn: the last one, repeated, records.
+    _run(tiny_model, two_references, kept, steps=SHORT, local_strength=0.75)
+    assert kept.recordings == 1 and kept.graphs is not None
+
+
+def test_a_short_run_after_kept_graphs_of_another_run_releases_them_and_stays_eager(tiny_model, stand_in_graphs):
+    kept = KeptWindowGraphs()
+    job = _job(tiny_model, 15)
+    _run(tiny_model, job, kept, steps=LONG)
+    _run(tiny_model, job, kept, steps=SHORT, local_strength=0.75)
+    assert stand_in_graphs[0].released and kept.graphs is None and kept.recordings == 1
+    assert kept.served_again == 0
+
+
+def test_a_run_without_graphs_or_a_release_in_between_is_no_repeat(tiny_model, stand_in_graphs):
+    """The remembered run goes with the kept graphs: a run where graphs do not apply, or a release (ComfyUI
+    unloading the model, a failed run), leaves the next short run with nothing to repeat."""
+    kept = KeptWindowGraphs()
+    job = _job(tiny_model, 16)
+    _run(tiny_model, job, kept, steps=SHORT)
+    _run(tiny_model, job, kept, steps=SHORT, graphs=False)
+    _run(tiny_model, job, kept, steps=SHORT)
+    kept.release()
+    _run(tiny_model, job, kept, steps=SHORT)
+    assert kept.recordings == 0 and not stand_in_graphs
+    # With graphs kept, a run where they do not apply releases them.
+    _run(tiny_model, job, kept, steps=SHORT)
+    assert kept.recordings == 1
+    _run(tiny_model, job, kept, steps=SHORT, graphs=False)
+    assert stand_in_graphs[0].released and kept.graphs is None
+
+
+def test_a_run_long_enough_records_at_once_and_the_next_replays_as_before(tiny_model, stand_in_graphs):
+    kept = KeptWindowGraphs()
+    first, second = _job(tiny_model, 17), _job(tiny_model, 18)
+    _run(tiny_model, first, kept, steps=LONG)
+    assert kept.recordings == 1 and kept.served_again == 0
+    calls = _calls(stand_in_graphs)
+    _run(tiny_model, second, kept, steps=LONG)
+    assert kept.recordings == 1 and kept.served_again == 1 and _calls(stand_in_graphs) == 2 * calls
+
+
+def test_without_a_keeper_only_a_run_long_enough_records(tiny_model, stand_in_graphs):
+    """A denoiser given no kept graphs (each run its own) records only for a run that repays it alone."""
+    job = _job(tiny_model, 19)
+    _run(tiny_model, job, steps=SHORT, graphs=True)
+    assert not stand_in_graphs
+    _run(tiny_model, job, steps=LONG, graphs=True)
+    assert len(stand_in_graphs) == 1 and stand_in_graphs[0].released

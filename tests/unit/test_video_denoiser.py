@@ -93,6 +93,7 @@ def test_windows_replayed_from_graphs_give_the_eager_eps(tiny_model, inputs, mon
     from xportrait_core.fast import cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", EagerGraphs)
+    monkeypatch.setattr(cuda_graphs, "MIN_GRAPHED_STEPS", 2)  # this two-step run records (no kept graphs here)
     EagerGraphs.made.clear()
     cond = BranchInput(inputs["x"], True, inputs["context"])
     uncond = BranchInput(inputs["x"].clone(), False, inputs["uncond_context"])

@@ -32,7 +32,8 @@ blocks launch Inductor's kernels through Triton's own launcher: under that alloc
 `allocator_supports_graphs`).
 
 Recording costs about one eager step of host time with the GPU idle, and a replay saves only the host's lead over
-the GPU, so a short run loses: graphs serve runs of at least `MIN_GRAPHED_STEPS` steps (benchmarks/NOTES.md).
+the GPU, so a short run loses: graphs serve runs of at least `MIN_GRAPHED_STEPS` steps (benchmarks/NOTES.md),
+except that KSampler's kept graphs also serve a short run that repeats the previous one (fast/kept_graphs.py).
 """
 from __future__ import annotations
 
@@ -298,13 +299,20 @@ class GuidanceGraphs:
         torch.cuda.empty_cache()
 
 
+def repays_recording(steps: Optional[int]) -> bool:
+    """Whether a run of `steps` steps repays, on its own, the recording of its graphs (`MIN_GRAPHED_STEPS`; None:
+    the length is not known, graphs serve). The one place of the rule; KSampler's kept graphs
+    (fast/kept_graphs.py) make their one exception to it, for a repeated run."""
+    return steps is None or steps >= MIN_GRAPHED_STEPS
+
+
 def graphs_apply(device: torch.device, compiled: bool = False, steps: Optional[int] = None,
                  cuda_malloc_async: bool = True) -> bool:
     """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, an allocator they
     record under (`allocator_supports_graphs`; cuda_malloc_async=False keeps that allocator's runs eager), and a
-    run of `steps` steps long enough to repay the recording (`MIN_GRAPHED_STEPS`; None: the caller does not know,
-    graphs serve)."""
-    if steps is not None and steps < MIN_GRAPHED_STEPS:
+    run of `steps` steps that repays the recording (`repays_recording`; None: not checked here, as for a caller
+    that does not know the length, or one that applies the rule itself)."""
+    if not repays_recording(steps):
         return False
     return (torch.device(device).type == "cuda" and cuda_graphs_enabled()
             and allocator_supports_graphs(compiled=compiled, cuda_malloc_async=cuda_malloc_async))

@@ -14,8 +14,15 @@ texts, whether both branches share one text, the ControlNets' strengths (recorde
 hints are encoded. The graphs' first recording takes private copies of the latents and texts, so a later run's
 copy never writes into a tensor that ComfyUI keeps (its cached text conditioning, say).
 
-Kept graphs hold their memory pool between runs: the owner releases them when ComfyUI moves the model off the
-device (nodes/native/adapter.py registers that), when graphs stop applying, or when its sampling fails.
+Short runs. A run of fewer than `cuda_graphs.MIN_GRAPHED_STEPS` steps does not repay a recording on its own
+(`cuda_graphs.repays_recording`), so it runs eagerly, and its signature is remembered. A short run whose signature
+is the remembered one repeats the previous run (a user re-queueing the same workflow with another seed, say): such
+runs keep coming, so it records the graphs and keeps them, and every later run that fits them replays them from
+its first window, whatever its length. A run that fits kept graphs is always served them.
+
+Kept graphs hold their memory pool between runs: the owner releases them, and forgets the remembered run, when
+ComfyUI moves the model off the device (nodes/native/adapter.py registers that), when graphs do not apply to a
+run, or when its sampling fails.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from . import cuda_graphs
 from .cuda_graphs import WindowGraphs
 
 NETWORKS = ("unet", "reference_net", "global_control", "local_control")
@@ -55,32 +63,47 @@ def _take_private_copies(branches) -> None:
 
 
 class KeptWindowGraphs:
-    """One set of window graphs, kept across sampling runs while each run fits them (module docstring)."""
+    """One set of window graphs, kept across sampling runs while each run fits them, and the signature of the last
+    run (module docstring)."""
 
     def __init__(self):
         self._graphs: Optional[WindowGraphs] = None
-        self._signature: Optional[tuple] = None
+        self._signature: Optional[tuple] = None  # the last run's: of the kept graphs, or of an eager run
         self.served_again = 0  # runs served with graphs recorded by an earlier run
+        self.recordings = 0    # sets of graphs made (each recorded during its first run)
 
     @property
     def graphs(self) -> Optional[WindowGraphs]:
         return self._graphs
 
-    def serve(self, branches) -> WindowGraphs:
-        """The window graphs for a run of `branches`: the kept ones where the run fits them, else new ones."""
+    def serve(self, branches, steps: Optional[int] = None, graphs_apply: bool = True) -> Optional[WindowGraphs]:
+        """The window graphs for a run of `branches` and `steps` steps (None: not known): the kept ones where the
+        run fits them; new ones where the run repays them or repeats the last run; None (run eagerly) otherwise,
+        or where graphs do not apply to the run (`graphs_apply` False: they are released then)."""
+        if not graphs_apply:
+            self.release()
+            return None
         signature = run_signature(branches)
-        if self._graphs is not None and self._signature == signature:
-            if self._graphs.enabled:  # a failed recording stays failed for runs like it: no retry every run
-                self._graphs.adopt(branches)
-                self.served_again += 1
-            return self._graphs
+        if self._signature == signature:
+            if self._graphs is not None:
+                if self._graphs.enabled:  # a failed recording stays failed for runs like it: no retry every run
+                    self._graphs.adopt(branches)
+                    self.served_again += 1
+                return self._graphs
+            repeat = True  # the last run was this one, run eagerly
+        else:
+            repeat = False
         self.release()
+        self._signature = signature
+        if not (repeat or cuda_graphs.repays_recording(steps)):
+            return None
         _take_private_copies(branches)
-        self._graphs, self._signature = WindowGraphs(branches), signature
+        self._graphs = WindowGraphs(branches)
+        self.recordings += 1
         return self._graphs
 
     def release(self) -> None:
-        """Drop the graphs and their memory."""
+        """Drop the graphs and their memory, and forget the last run."""
         if self._graphs is not None:
             self._graphs.release()
         self._graphs = self._signature = None
