@@ -417,17 +417,41 @@ with torch.inference_mode():
     for d in by_host:
         d.release()
     torch.cuda.synchronize()
+    # Graphs kept across runs (fast/kept_graphs.py): a second run with another reference and text replays every
+    # window, its first included, and gives what eager gives for its own inputs.
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+
+    kept = KeptWindowGraphs()
+    other_reference = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    other_branches = [BranchInput(x_T, True, (inputs["context"] + 0.5).cuda()),
+                      BranchInput(x_T, False, inputs["uncond_context"].cuda())]
+    kept_difference, replays_before = 0.0, 0
+    for run_reference, run_branches in ((reference, branches), (other_reference, other_branches)):
+        by_host = [VideoDenoiser(model, run_reference, cuda_graphs=graphs, kept_graphs=kept if graphs else None,
+                                 **hints) for graphs in (False, True)]
+        replays_before = kept.graphs.replays if kept.graphs is not None else 0
+        for t in (999, 749, 499, 249):
+            eager_eps, kept_eps = (d(t, run_branches, same_latents=True) for d in by_host)
+            kept_difference = max([kept_difference]
+                                  + [float((a - b).abs().max()) for a, b in zip(eager_eps, kept_eps)])
+        for d in by_host:
+            d.release()
+    second_run_replays = kept.graphs.replays - replays_before
+    kept.release()
+    torch.cuda.synchronize()
 print("graphs", type(denoiser).__name__ == "GraphedDenoiser", "replays", replays, "kernels_by_address",
       len(by_address) > 0, "finite", bool(torch.isfinite(graphed).all()),
       "difference", float((graphed - eager).abs().max()), "window_replays", window_replays,
-      "window_difference", window_difference)
+      "window_difference", window_difference, "kept_replays", second_run_replays, "kept_difference",
+      kept_difference)
 """
 
 
 def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_what_eager_computes(tmp_path):
     """ComfyUI's default allocator, random tiny weights (no golden files needed on the GPU machine): the window
     and reference graphs record with the pack's Triton kernels launched by address, replay, and give the eager
-    run's latents (the same kernels; bf16); the same for KSampler's windows (VideoDenoiser with WindowGraphs)."""
+    run's latents (the same kernels; bf16); the same for KSampler's windows (VideoDenoiser with WindowGraphs), and
+    for a second KSampler run served by the first run's graphs (KeptWindowGraphs)."""
     import os
     import subprocess
     import sys
@@ -447,5 +471,7 @@ def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_wha
     assert float(words[9]) < 1e-2, result.stdout
     # KSampler's path: windows replayed (4 steps x 2 windows, less the warm-up and recording calls).
     assert words[10] == "window_replays" and int(words[11]) > 0 and float(words[13]) < 1e-2, result.stdout
+    # Kept graphs: the second run's 4 steps x 2 windows all replay, its first window included.
+    assert words[14] == "kept_replays" and int(words[15]) == 8 and float(words[17]) < 1e-2, result.stdout
     # Nothing recorded is freed after its recording (PyTorch warns at every such free, so at every ComfyUI run).
     assert "uncaptured free of a captured allocation" not in result.stderr, result.stderr[-2000:]
