@@ -19,7 +19,9 @@ comfy.ops layer classes; see README). --dtype takes X-Portrait Load Model's dtyp
 that node does for it (fp8_e4m3fn / fp8_e5m2: fp8 weights in the diffusion networks, compute in what ComfyUI casts
 them to; auto: ComfyUI's pick, its --fp8_e4m3fn-unet flag included). Prints one JSON object per measurement, with
 the peak allocated and reserved GPU memory and the model's weight bytes (model_gib; model_gib_compute_dtype: the
-same weights all in the compute dtype), from which the VRAM a user needs is stated.
+same weights all in the compute dtype), from which the VRAM a user needs is stated, and KSampler's kept-graphs
+counters (kept_graphs_served_again, kept_graphs_recordings: over the process so far), which show whether runs
+replayed graphs an earlier run recorded.
 
     COMFYUI_PATH=~/ComfyUI python benchmarks/bench_comfy.py --runs 3
     COMFYUI_PATH=... python benchmarks/bench_comfy.py --device cpu --config tiny --frames 4 --steps 2 --runs 1
@@ -79,8 +81,12 @@ def parse(argv=None):
                              "reference banks a timestep at a time (the tree before batched banks); group_norm = "
                              "the GroupNorm kernel off (ComfyUI's GroupNorm alone); whole_feed_forward = "
                              "feed-forwards unsliced; flash_attention = PyTorch's flash / memory-efficient SDPA "
-                             "instead of cuDNN's; graphs_off = no CUDA graphs; graphs_short_runs = graphs for runs of "
-                             "any length; several joined by + apply together (graphs_off+group_norm)")
+                             "instead of cuDNN's; graphs_off = no CUDA graphs; graphs_short_runs = graphs recorded for "
+                             "every run of any length; keep_graphs_off = KSampler's graphs recorded afresh every "
+                             "run (the graph variants leave the A runs' kept graphs alone); identical = B is A "
+                             "(the arms' bias); layer_norm = the LayerNorm kernel off (ComfyUI's LayerNorm alone); "
+                             "norm_fusions = the norms' fused forms off (timestep embedding, SiLU, frame encoding "
+                             "as operations of their own); several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -170,13 +176,35 @@ def flash_attention_only():
 
 
 @contextlib.contextmanager
+def kept_graphs_untouched():
+    """KSampler's denoisers get no kept graphs (fast/kept_graphs.py), so a B run neither replays, replaces nor
+    releases the graphs the A runs keep, nor changes which run they remember: A B A B then measures a kept A run
+    against the B arm. (Not itself a variant: the graph variants below apply it.)"""
+    from xportrait_core.sampling.video_denoiser import VideoDenoiser
+
+    init = VideoDenoiser.__init__
+
+    def init_without_kept_graphs(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "kept_graphs": None})
+
+    VideoDenoiser.__init__ = init_without_kept_graphs
+    try:
+        yield
+    finally:
+        VideoDenoiser.__init__ = init
+
+
+@contextlib.contextmanager
 def cuda_graphs_off():
     """Every window runs eagerly, our Sampler's and KSampler's, as XPORTRAIT_CUDA_GRAPHS=0 gives (graphs record
-    under ComfyUI's allocator where the pack's Triton kernels launch by address: fast/triton_launch.py)."""
+    under ComfyUI's allocator where the pack's Triton kernels launch by address: fast/triton_launch.py). KSampler's
+    kept graphs would be released by a run where graphs do not apply; here its denoisers do not reach them
+    (`kept_graphs_untouched`), so the A runs keep theirs."""
     saved = os.environ.get("XPORTRAIT_CUDA_GRAPHS")
     os.environ["XPORTRAIT_CUDA_GRAPHS"] = "0"
     try:
-        yield
+        with kept_graphs_untouched():
+            yield
     finally:
         if saved is None:
             del os.environ["XPORTRAIT_CUDA_GRAPHS"]
@@ -185,21 +213,72 @@ def cuda_graphs_off():
 
 
 @contextlib.contextmanager
+def kept_graphs_off():
+    """KSampler's window graphs recorded for each run (one that repays them: cuda_graphs.repays_recording) and
+    released at its end, as before fast/kept_graphs.py, while the graphs the A runs keep stay kept."""
+    with kept_graphs_untouched():
+        yield
+
+
+@contextlib.contextmanager
 def graphs_for_short_runs():
-    """CUDA graphs for runs of any length (cuda_graphs.MIN_GRAPHED_STEPS at 0): the LCM path's 6 steps too."""
+    """CUDA graphs recorded for every run of any length (cuda_graphs.MIN_GRAPHED_STEPS at 0: the LCM path's 6
+    steps too), each run its own, the A runs' kept graphs untouched. (For KSampler runs of 20+ steps this is
+    keep_graphs_off.)"""
     from xportrait_core.fast import cuda_graphs
 
     saved = cuda_graphs.MIN_GRAPHED_STEPS
     cuda_graphs.MIN_GRAPHED_STEPS = 0
     try:
-        yield
+        with kept_graphs_untouched():
+            yield
     finally:
         cuda_graphs.MIN_GRAPHED_STEPS = saved
 
 
+@contextlib.contextmanager
+def layer_norm_kernel_off():
+    """ComfyUI's (or PyTorch's) LayerNorm alone, as XPORTRAIT_LAYER_NORM_KERNEL=0 gives."""
+    from xportrait_core.fast import layer_norm
+
+    saved = layer_norm._enabled
+    layer_norm.set_layer_norm_kernel(False)
+    try:
+        yield
+    finally:
+        layer_norm.set_layer_norm_kernel(saved)
+
+
+
+@contextlib.contextmanager
+def norm_fusions_off():
+    """The norms' fused forms off (the tree before them): a ResBlock adds its timestep embedding and applies SiLU
+    as operations of their own, a motion block adds its frame encoding after the LayerNorm."""
+    import torch
+
+    from xportrait_core.model import blocks, temporal
+
+    def norm_silu(norm, x, shift=None):
+        if shift is not None:
+            x = x + shift[:, :, None, None]
+        return torch.nn.functional.silu(norm(x))
+
+    def norm_plus(norm, x, addend):
+        return norm(x) + addend
+
+    saved = blocks.norm_silu, temporal.norm_plus
+    blocks.norm_silu, temporal.norm_plus = norm_silu, norm_plus
+    try:
+        yield
+    finally:
+        blocks.norm_silu, temporal.norm_plus = saved
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
-            "graphs_short_runs": graphs_for_short_runs}
+            "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off,
+            "norm_fusions": norm_fusions_off, "keep_graphs_off": kept_graphs_off,
+            # B = A: the two arms' difference when nothing differs (the first arm's bias, the noise).
+            "identical": contextlib.nullcontext}
 
 
 @contextlib.contextmanager
@@ -279,6 +358,11 @@ def main(argv=None):
     records = []
 
     def emit(**record):
+        # KSampler's kept graphs (fast/kept_graphs.py), counted over the process so far (subtract the previous
+        # record's): runs that replayed graphs an earlier run recorded, and the sets of graphs recorded.
+        kept = getattr(comfy_model.model, "kept_graphs", None)
+        record.update(kept_graphs_served_again=getattr(kept, "served_again", None),
+                      kept_graphs_recordings=getattr(kept, "recordings", None))
         record.update(device=str(device), dtype=args.dtype, compiled=args.compile, compute_dtype=str(dtype).replace("torch.", ""),
                       storage_dtype=str(storage_dtype or dtype).replace("torch.", ""), model_gib=model_gib,
                       model_gib_compute_dtype=model_gib_compute_dtype, frames=args.frames,

@@ -40,6 +40,9 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("XPORTRAIT_GEGLU_KERNEL", "1", ON_OFF,
            "The Triton kernel for the feed-forward's value * gelu(gate) on CUDA half precision outside "
            "torch.compile and autograd; 0 uses PyTorch's gelu and multiply."),
+    Switch("XPORTRAIT_LAYER_NORM_KERNEL", "1", ON_OFF,
+           "The Triton LayerNorm kernel (one read and one write of each row) for CUDA half-precision activations "
+           "outside torch.compile and autograd; 0 uses PyTorch's LayerNorm."),
 )
 
 _BY_NAME = {switch.name: switch for switch in SWITCHES}

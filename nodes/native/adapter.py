@@ -32,6 +32,7 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models
 
+from xportrait_core.fast.kept_graphs import KeptWindowGraphs
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
 
 log = logging.getLogger("xportrait")
@@ -158,6 +159,9 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self.__dict__["xportrait"] = xportrait
         self.memory_usage_factor = 1.0
         self._denoisers: dict[int, tuple[XPortraitJob, VideoDenoiser]] = {}
+        # KSampler's window graphs, kept from run to run while runs fit them (fast/kept_graphs.py); dropped when
+        # ComfyUI moves the model off the device (model_patcher's detach callback) or graphs stop applying.
+        self.kept_graphs = KeptWindowGraphs()
         self._run_seed: Optional[int] = None
         self._run_timesteps: Optional[list[int]] = None
         self._warned_control = False
@@ -206,16 +210,16 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         return int(self.model_sampling.timestep(sigma.reshape(1)).reshape(-1)[0])
 
     def _graphs_apply(self, device: torch.device) -> bool:
-        """Whether this run's windows can replay from CUDA graphs: graphs apply on the device for a run of this
-        many steps (fast/cuda_graphs.py) and no layer casts or patches its weights as it runs (partial loading,
-        LoRA applied on the fly: host copies inside the call, which a recording cannot hold)."""
+        """Whether this run's windows can replay from CUDA graphs: graphs apply on the device (fast/cuda_graphs.py)
+        and no layer casts or patches its weights as it runs (partial loading, LoRA applied on the fly: host copies
+        inside the call, which a recording cannot hold). Whether the run is long enough to record them is the kept
+        graphs' decision (fast/kept_graphs.py): a short run that repeats the previous one records too."""
         from xportrait_core.fast import compilation, cuda_graphs
 
         from .operations import casts_weights_now
 
         xportrait = self.xportrait
-        steps = None if self._run_timesteps is None else len(self._run_timesteps)
-        if not cuda_graphs.graphs_apply(device, compiled=compilation.is_compiled(xportrait), steps=steps):
+        if not cuda_graphs.graphs_apply(device, compiled=compilation.is_compiled(xportrait)):
             return False
         networks = (xportrait.unet, xportrait.reference_net, xportrait.global_control, xportrait.local_control)
         return not any(casts_weights_now(layer) for network in networks for layer in network.modules())
@@ -233,11 +237,14 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         entry = self._denoisers.get(id(job))
         if entry is None or entry[0] is not job:
             seed = job.seed if self._run_seed is None else self._run_seed
+            # Where graphs do not apply, the denoiser has the kept graphs released.
+            graphs = self._graphs_apply(device)
             denoiser = VideoDenoiser(self.xportrait, job.reference_latents,
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
                                      window=job.window, overlap=job.overlap, seed=seed,
-                                     timesteps=self._run_timesteps, cuda_graphs=self._graphs_apply(device))
+                                     timesteps=self._run_timesteps, cuda_graphs=graphs,
+                                     kept_graphs=self.kept_graphs)
             entry = self._denoisers[id(job)] = (job, denoiser)
         return entry[1]
 
@@ -288,6 +295,9 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
     try:
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                         *args, **kwargs)
+    except BaseException:
+        model.kept_graphs.release()  # a run that failed or was cancelled leaves no graphs behind
+        raise
     finally:
         model.end_run()
 
@@ -297,7 +307,18 @@ def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher
     model = XPortraitComfyModel(xportrait, device=offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
+    patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, _on_detach)
     return patcher
+
+
+def _on_detach(patcher, unpatch_all: bool) -> None:
+    """ComfyUI unloads the model (`unpatch_all`: its weights go back to the offload device): the kept graphs'
+    addresses are stale and their memory is wanted. ComfyUI also detaches a loaded model with unpatch_all False
+    each time a sampler loads it again (model_management.load_models_gpu pops and re-loads every model it finds
+    loaded, itself included): its weights stay where they are, and so do the kept graphs; a clone loaded with
+    other weight patches (a LoRA) replaces weight tensors, which the kept graphs' signature sees."""
+    if unpatch_all:
+        patcher.model.kept_graphs.release()
 
 
 def unload_patched(unet, keep_model) -> None:

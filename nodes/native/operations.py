@@ -42,6 +42,7 @@ def comfy_operations(weight_dtype, compute_device):
 def casts_weights_now(layer) -> bool:
     """Whether a ComfyUI layer casts or patches its weights in this call: a layer left in system memory by
     partial loading, stored in another dtype than it computes in, or carrying LoRA patches applied on the fly.
-    The pack's GroupNorm kernel reads the weights as stored, so it leaves such a layer to ComfyUI's forward."""
+    The pack's GroupNorm and LayerNorm kernels read the weights as stored, so they leave such a layer to ComfyUI's
+    forward."""
     return bool(getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
                 or getattr(layer, "bias_function", None))

@@ -134,19 +134,71 @@ def test_geglu_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
     assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 4096, 320), (32, 1024, 640), (32, 256, 1280), (8192, 16, 320), (77, 768),
+                                   (5, 1000)])
+def test_layer_norm_kernel_matches_pytorch_at_the_models_shapes(shape, dtype):
+    """The LayerNorm kernel on the GPU at the transformer blocks', motion modules' and text encoder's shapes (and
+    an odd width), off-centre activations: within one rounding of float32 PyTorch, contiguous out; the kernel's
+    `supports` takes them, and a (tokens, channels) view of a channels-last map is read in place."""
+    from xportrait_core.fast import layer_norm
+
+    x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype)
+    weight = (torch.randn(shape[-1], device="cuda") * 0.5 + 1).to(dtype)
+    bias = torch.randn(shape[-1], device="cuda").to(dtype)
+    with torch.no_grad():
+        assert layer_norm.supports(x)
+    out = layer_norm.layer_norm_rows(x, weight, bias, 1e-5)
+    ref = F.layer_norm(x.float(), (shape[-1],), weight.float(), bias.float(), 1e-5)
+    assert out.is_contiguous() and out.dtype == dtype and out.shape == x.shape
+    assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+    if len(shape) == 3:
+        tokens = x[:2].transpose(1, 2).reshape(2, shape[-1], -1, 16).contiguous(memory_format=torch.channels_last)
+        tokens = tokens.flatten(2).transpose(1, 2)  # as a SpatialTransformer gives them: a view, no copy
+        assert layer_norm.rows_of(tokens) is not None
+        ref = F.layer_norm(tokens.float(), (shape[-1],), weight.float(), bias.float(), 1e-5)
+        err = (layer_norm.layer_norm_rows(tokens, weight, bias, 1e-5).float() - ref).abs().max().item()
+        assert err <= 2 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_norm_forms_match_the_separate_operations_at_the_models_shapes(dtype):
+    """A ResBlock's second norm (x + the timestep embedding's shift, GroupNorm, SiLU) and a motion block's attention
+    norm (LayerNorm plus the frame encoding) on the GPU at 64x64 / 16 frames: within one rounding of float32."""
+    from xportrait_core.fast.group_norm import group_norm_channels_last
+    from xportrait_core.fast.layer_norm import layer_norm_rows
+    from xportrait_core.model.temporal import PositionalEncoding
+
+    eps = torch.finfo(dtype).eps
+    x = (torch.randn(32, 320, 64, 64, device="cuda") * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    shift = (torch.randn(32, 320, device="cuda") * 3).to(dtype)
+    weight, bias = torch.randn(320, device="cuda").to(dtype), torch.randn(320, device="cuda").to(dtype)
+    out = group_norm_channels_last(x, 32, weight, bias, 1e-5, shift=shift, silu=True)
+    ref = F.silu(F.group_norm(x.float() + shift.float()[:, :, None, None], 32, weight.float(), bias.float(), 1e-5))
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item() + 1e-3
+    sequences = (torch.randn(8192, 16, 320, device="cuda") * 2 + 3).to(dtype)
+    addend = PositionalEncoding(320, 32).cuda().table(sequences)
+    out = layer_norm_rows(sequences, weight, bias, 1e-5, addend=addend)
+    ref = F.layer_norm(sequences.float(), (320,), weight.float(), bias.float(), 1e-5) + addend.float()
+    assert out.is_contiguous() and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item() + 1e-3
+
+
 def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
-    """The uncompiled bf16 channels-last path with the pack's GroupNorm and GEGLU kernels (the Load node's default:
-    a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within bf16 noise
-    of each other."""
+    """The uncompiled bf16 channels-last path with the pack's GroupNorm, LayerNorm and GEGLU kernels (the Load node's
+    default: a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within
+    bf16 noise of each other."""
     from xportrait_core.fast import geglu
     from xportrait_core.fast import group_norm
+    from xportrait_core.fast import layer_norm
     from xportrait_core.fast.prepare import prepare_model
     from xportrait_core.model.checkpoint import load_xportrait
 
     cases = {k: v.cuda() for k, v in golden_cases.items()}
     model = prepare_model(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda",
                                          operations=fast_operations()), channels_last=True)
-    calls = {"group_norm": 0, "geglu": 0}
+    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -160,19 +212,22 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
             return model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
                                   cases["local_hint"])
 
-    original = group_norm.group_norm_channels_last, geglu.gated_gelu
+    original = group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows
     try:
         group_norm.group_norm_channels_last = counted("group_norm", original[0])
         geglu.gated_gelu = counted("geglu", original[1])
+        layer_norm.layer_norm_rows = counted("layer_norm", original[2])
         with_kernels = predict()
-        assert calls["group_norm"] > 0 and calls["geglu"] > 0, calls
+        assert calls["group_norm"] > 0 and calls["geglu"] > 0 and calls["layer_norm"] > 0, calls
         group_norm.set_group_norm_kernel(False)
         geglu.set_geglu_kernel(False)
+        layer_norm.set_layer_norm_kernel(False)
         without = predict()
     finally:
-        group_norm.group_norm_channels_last, geglu.gated_gelu = original
+        group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows = original
         group_norm.set_group_norm_kernel(True)
         geglu.set_geglu_kernel(True)
+        layer_norm.set_layer_norm_kernel(True)
     assert ((with_kernels - without).norm() / without.norm()).item() < 2e-2
 
 
@@ -362,17 +417,41 @@ with torch.inference_mode():
     for d in by_host:
         d.release()
     torch.cuda.synchronize()
+    # Graphs kept across runs (fast/kept_graphs.py): a second run with another reference and text replays every
+    # window, its first included, and gives what eager gives for its own inputs.
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+
+    kept = KeptWindowGraphs()
+    other_reference = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    other_branches = [BranchInput(x_T, True, (inputs["context"] + 0.5).cuda()),
+                      BranchInput(x_T, False, inputs["uncond_context"].cuda())]
+    kept_difference, replays_before = 0.0, 0
+    for run_reference, run_branches in ((reference, branches), (other_reference, other_branches)):
+        by_host = [VideoDenoiser(model, run_reference, cuda_graphs=graphs, kept_graphs=kept if graphs else None,
+                                 **hints) for graphs in (False, True)]
+        replays_before = kept.graphs.replays if kept.graphs is not None else 0
+        for t in (999, 749, 499, 249):
+            eager_eps, kept_eps = (d(t, run_branches, same_latents=True) for d in by_host)
+            kept_difference = max([kept_difference]
+                                  + [float((a - b).abs().max()) for a, b in zip(eager_eps, kept_eps)])
+        for d in by_host:
+            d.release()
+    second_run_replays = kept.graphs.replays - replays_before
+    kept.release()
+    torch.cuda.synchronize()
 print("graphs", type(denoiser).__name__ == "GraphedDenoiser", "replays", replays, "kernels_by_address",
       len(by_address) > 0, "finite", bool(torch.isfinite(graphed).all()),
       "difference", float((graphed - eager).abs().max()), "window_replays", window_replays,
-      "window_difference", window_difference)
+      "window_difference", window_difference, "kept_replays", second_run_replays, "kept_difference",
+      kept_difference)
 """
 
 
 def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_what_eager_computes(tmp_path):
     """ComfyUI's default allocator, random tiny weights (no golden files needed on the GPU machine): the window
     and reference graphs record with the pack's Triton kernels launched by address, replay, and give the eager
-    run's latents (the same kernels; bf16); the same for KSampler's windows (VideoDenoiser with WindowGraphs)."""
+    run's latents (the same kernels; bf16); the same for KSampler's windows (VideoDenoiser with WindowGraphs), and
+    for a second KSampler run served by the first run's graphs (KeptWindowGraphs)."""
     import os
     import subprocess
     import sys
@@ -392,5 +471,7 @@ def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_wha
     assert float(words[9]) < 1e-2, result.stdout
     # KSampler's path: windows replayed (4 steps x 2 windows, less the warm-up and recording calls).
     assert words[10] == "window_replays" and int(words[11]) > 0 and float(words[13]) < 1e-2, result.stdout
+    # Kept graphs: the second run's 4 steps x 2 windows all replay, its first window included.
+    assert words[14] == "kept_replays" and int(words[15]) == 8 and float(words[17]) < 1e-2, result.stdout
     # Nothing recorded is freed after its recording (PyTorch warns at every such free, so at every ComfyUI run).
     assert "uncaptured free of a captured allocation" not in result.stderr, result.stderr[-2000:]

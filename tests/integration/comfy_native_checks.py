@@ -281,43 +281,76 @@ def partial_loading_check(handle, model) -> dict:
         ours_cast = sum(1 for m in handle.model.modules() if getattr(m, "comfy_cast_weights", False))
         ours_device = str(handle.model.compute_device)  # set by the node, not read off a weight
         ours_load_device = str(handle.patcher.load_device)
-        # The pack's GroupNorm kernel stands in front of ComfyUI's GroupNorm and must stand aside for these.
+        # The pack's GroupNorm and LayerNorm kernels stand in front of ComfyUI's norms and must stand aside for these.
         norms = [m for m in model.model.modules() if isinstance(m, comfy.ops.disable_weight_init.GroupNorm)]
         norm_classes = sorted({type(m).__name__ for m in norms})
         norms_left_to_comfyui = sum(casts_weights_now(m) for m in norms)
+        layer_norms = [m for m in model.model.modules() if isinstance(m, comfy.ops.disable_weight_init.LayerNorm)]
+        layer_norm_classes = sorted({type(m).__name__ for m in layer_norms})
+        layer_norms_left_to_comfyui = sum(casts_weights_now(m) for m in layer_norms)
         lowvram = bool(model.model.model_lowvram)
     finally:
         mm.unload_all_models()
         mm.is_device_cpu, mm.vram_state, mm.lowvram_available = saved
     return {"lowvram": lowvram, "layers_cast_on_the_fly": cast, "max_diff": float((partial - full).abs().max()),
             "max_abs": float(full.abs().max()), "group_norms": len(norms), "group_norm_classes": norm_classes,
-            "group_norms_left_to_comfyui": norms_left_to_comfyui,
+            "group_norms_left_to_comfyui": norms_left_to_comfyui, "layer_norms": len(layer_norms),
+            "layer_norm_classes": layer_norm_classes, "layer_norms_left_to_comfyui": layer_norms_left_to_comfyui,
             # Our own Sampler node on the same partially loaded networks.
             "sampler_layers_cast_on_the_fly": ours_cast, "sampler_device": ours_device,
             "sampler_load_device": ours_load_device, "sampler_max_diff": float((partial_ours - full_ours).abs().max()),
             "sampler_max_abs": float(full_ours.abs().max())}
 
 
-def graphs_policy_check(model) -> dict:
-    """The adapter's CUDA-graph decision for KSampler runs of 6 and 30 steps, graphs otherwise possible (stood in:
-    this machine has no GPU): a run shorter than MIN_GRAPHED_STEPS stays eager."""
-    import comfy.samplers
+def graphs_policy_check(handle, model) -> dict:
+    """KSampler runs through the adapter, graphs otherwise possible (stood in: this machine has no GPU;
+    tests/graph_stand_ins.py computes what a replay would, and counts): the LCM path's run (6 steps, cfg 1) stays
+    eager the first time, records when re-queued with another seed, replays the third time; a short run with
+    another strength stays eager; a run of MIN_GRAPHED_STEPS records at once and the next replays. ComfyUI's
+    loading of the model for each run leaves the kept graphs; unloading it releases them."""
+    import dataclasses
+
+    import comfy.model_management as mm
+    from graph_stand_ins import EagerGraphs
     from xportrait_core.fast import cuda_graphs
 
     adapter = model.model
-    saved = cuda_graphs.cuda_graphs_enabled, cuda_graphs.allocator_supports_graphs
-    cuda_graphs.cuda_graphs_enabled = lambda: True
-    cuda_graphs.allocator_supports_graphs = lambda compiled=False, cuda_malloc_async=True: True
-    decisions = {}
+    kept = adapter.kept_graphs
+    kept.release()
+    reference, motion, context, _ = stand_ins(6, 21)
+
+    def conditioning(local_strength):
+        return run_node("XPortraitConditioning", xportrait_model=handle, positive=[[context, {}]],
+                        negative=[[context, {}]], reference=reference,
+                        motion=dataclasses.replace(motion, local_strength=local_strength), seed=22, window_overlap=4)
+
+    usual, other = conditioning(0.8), conditioning(0.6)
+    saved = cuda_graphs.graphs_apply, cuda_graphs.GuidanceGraphs
+    cuda_graphs.graphs_apply = lambda device, compiled=False, steps=None, cuda_malloc_async=True: (
+        cuda_graphs.repays_recording(steps))
+    cuda_graphs.GuidanceGraphs = EagerGraphs
+    EagerGraphs.made.clear()
+    runs = []
     try:
-        for steps in (6, 30):
-            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
-            adapter.start_run(0, sigmas)
-            decisions[f"steps_{steps}"] = adapter._graphs_apply(torch.device("cuda"))
-        adapter.end_run()
+        for name, steps, (positive, negative, latent), seed in (
+                ("short", 6, usual, 1), ("short_again", 6, usual, 2), ("short_third", 6, usual, 3),
+                ("short_other_strength", 6, other, 4), ("long", cuda_graphs.MIN_GRAPHED_STEPS, other, 5),
+                ("long_again", cuda_graphs.MIN_GRAPHED_STEPS, other, 6)):
+            comfy_nodes.common_ksampler(model, seed, steps, 1.0, "lcm", "sgm_uniform", positive, negative, latent,
+                                        denoise=1.0)
+            runs.append({"name": name, "recordings": kept.recordings, "served_again": kept.served_again,
+                         "window_calls": sum(graphs.calls for graphs in EagerGraphs.made),
+                         "kept": kept.graphs is not None})
+        # Kept graphs (fast/kept_graphs.py) go when ComfyUI takes the model off its device.
+        mm.load_models_gpu([model])
+        kept_after_reload = kept.graphs is not None
+        mm.unload_all_models()
+        released_on_unload = kept.graphs is None
     finally:
-        cuda_graphs.cuda_graphs_enabled, cuda_graphs.allocator_supports_graphs = saved
-    return {**decisions, "min_graphed_steps": cuda_graphs.MIN_GRAPHED_STEPS}
+        cuda_graphs.graphs_apply, cuda_graphs.GuidanceGraphs = saved
+        kept.release()
+    return {"runs": runs, "min_graphed_steps": cuda_graphs.MIN_GRAPHED_STEPS,
+            "kept_graphs_kept_on_reload": kept_after_reload, "kept_graphs_released_on_unload": released_on_unload}
 
 
 def main():
@@ -334,7 +367,7 @@ def main():
         # Two overlapping windows averaged per frame, at 4 steps (ddim_uniform's 4 = the official 4 timesteps).
         "ksampler_windows": lambda: ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
                                                              with_custom_samplers=True),
-        "graphs_policy": lambda: graphs_policy_check(model),
+        "graphs_policy": lambda: graphs_policy_check(handle, model),
         "partial_loading": lambda: partial_loading_check(handle, model),
     }
     for name, check in checks.items():

@@ -111,6 +111,9 @@ def test_comfyui_partial_loading_runs_x_portrait(checks):
     # ComfyUI's GroupNorm with the pack's kernel in front, which leaves every layer cast on the fly to ComfyUI.
     assert result["group_norm_classes"] == ["GroupNormWithKernel"]
     assert result["group_norms"] > 20 and result["group_norms_left_to_comfyui"] == result["group_norms"]
+    # Likewise ComfyUI's LayerNorm (the transformer blocks' and motion modules' norms).
+    assert result["layer_norm_classes"] == ["LayerNormWithKernel"]
+    assert result["layer_norms"] > 20 and result["layer_norms_left_to_comfyui"] == result["layer_norms"]
     # Our Sampler node on the same partially loaded networks: computing on ComfyUI's device, the same frames.
     assert result["sampler_layers_cast_on_the_fly"] > 100
     assert result["sampler_device"] == result["sampler_load_device"]
@@ -118,12 +121,32 @@ def test_comfyui_partial_loading_runs_x_portrait(checks):
     assert result["max_diff"] < 1e-5 * result["max_abs"] + 1e-4
 
 
-def test_ksampler_runs_too_short_to_repay_a_graph_recording_stay_eager(checks):
-    """KSampler's run of 6 steps (the LCM path) runs its windows eagerly, one of 30 from CUDA graphs, where graphs
-    are otherwise possible (stood in on this CPU machine); the bar is cuda_graphs.MIN_GRAPHED_STEPS."""
+def test_ksampler_short_runs_record_graphs_only_when_re_queued_and_then_replay(checks):
+    """KSampler's run of 6 steps (the LCM path) runs eagerly the first time; queued again with another seed it
+    records the window graphs and keeps them; the third run replays them from its first window. A short run with
+    another strength stays eager; a run of MIN_GRAPHED_STEPS records at once, as before, and the next replays.
+    Graphs otherwise possible, stood in on this CPU machine (tests/graph_stand_ins.py)."""
     result = checks["graphs_policy"]
     assert 6 < result["min_graphed_steps"] <= 30
-    assert result["steps_6"] is False and result["steps_30"] is True
+    runs = {run["name"]: run for run in result["runs"]}
+    assert runs["short"] == {"name": "short", "recordings": 0, "served_again": 0, "window_calls": 0, "kept": False}
+    recorded = runs["short_again"]
+    assert recorded["recordings"] == 1 and recorded["served_again"] == 0 and recorded["window_calls"] > 0
+    third = runs["short_third"]
+    assert third["recordings"] == 1 and third["served_again"] == 1
+    assert third["window_calls"] == 2 * recorded["window_calls"]  # every window of the third run replayed
+    other = runs["short_other_strength"]
+    assert other["recordings"] == 1 and other["window_calls"] == third["window_calls"] and not other["kept"]
+    assert runs["long"]["recordings"] == 2 and runs["long"]["kept"]
+    assert runs["long_again"]["recordings"] == 2 and runs["long_again"]["served_again"] == 2
+
+
+def test_kept_window_graphs_are_released_when_comfyui_unloads_the_model(checks):
+    """KSampler's graphs kept between runs hold addresses of the weights and GPU memory: unloading the model
+    (ComfyUI's detach with its weights unpatched) releases them; ComfyUI's loading the loaded model again (at every
+    sampling run: a detach that leaves the weights in place) does not."""
+    assert checks["graphs_policy"]["kept_graphs_kept_on_reload"] is True
+    assert checks["graphs_policy"]["kept_graphs_released_on_unload"] is True
 
 
 def test_sampler_custom_and_sampler_custom_advanced_give_ksamplers_result(checks):
@@ -192,3 +215,5 @@ def test_bench_comfy_runs_on_the_cpu(checks):
     assert all(r["seconds"] > 0 for r in records)
     # Random weights initialised as PyTorch does: finite latents, so KSampler pairs its branches as a user's does.
     assert [r.get("finite") for r in records] == [True, True, True, None]
+    # KSampler's kept-graphs counters on every record (no graphs on the CPU: none served, none recorded).
+    assert all(r["kept_graphs_served_again"] == 0 and r["kept_graphs_recordings"] == 0 for r in records)

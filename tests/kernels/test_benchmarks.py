@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import golden_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,3 +225,106 @@ def test_comfy_benchmarks_graph_variants_joined_by_plus_apply_together_and_resto
     assert cuda_graphs.MIN_GRAPHED_STEPS == bar > 0
     with pytest.raises(argparse.ArgumentTypeError, match="no_such_variant"):
         bench.variant_name("graphs_off+no_such_variant")
+
+
+def test_comfy_benchmarks_kernel_off_variants_turn_their_kernel_off_and_back(monkeypatch):
+    """bench_comfy.py --ab group_norm / layer_norm: B runs with that kernel's switch off (as its environment
+    variable at 0 gives), A with it as it was, also after a B run that failed."""
+    from xportrait_core.fast import group_norm, layer_norm
+
+    bench = _bench_module("bench_comfy")
+    monkeypatch.setattr(group_norm, "_enabled", True)
+    monkeypatch.setattr(layer_norm, "_enabled", True)
+    for variant, module in (("group_norm", group_norm), ("layer_norm", layer_norm)):
+        with bench.VARIANTS[variant]():
+            assert not module._enabled
+            assert group_norm._enabled if module is layer_norm else layer_norm._enabled  # only its own kernel
+        assert module._enabled
+        with pytest.raises(RuntimeError):
+            with bench.VARIANTS[variant]():
+                raise RuntimeError("a B run failed")
+        assert module._enabled
+
+
+def test_comfy_benchmarks_norm_fusions_variant_runs_the_separate_operations_and_restores_the_fused_ones():
+    """bench_comfy.py --ab norm_fusions: B runs a ResBlock's and a motion block's norms as separate operations (the
+    fused forms never called), with the same result; A's fused forms come back, also after a B run that failed."""
+    from xportrait_core.model import blocks, temporal
+
+    bench = _bench_module("bench_comfy")
+    fused = blocks.norm_silu, temporal.norm_plus
+
+    class Norm(torch.nn.GroupNorm):
+        def forward_silu(self, x, shift=None):
+            raise AssertionError("the fused form ran under norm_fusions")
+
+    norm, x, shift = Norm(2, 4), torch.randn(2, 4, 3, 3), torch.randn(2, 4)
+    with bench.apply_variant("norm_fusions"):
+        assert (blocks.norm_silu, temporal.norm_plus) != fused
+        torch.testing.assert_close(blocks.norm_silu(norm, x, shift),
+                                   torch.nn.functional.silu(torch.nn.GroupNorm.forward(norm, x + shift[..., None, None])))
+    assert (blocks.norm_silu, temporal.norm_plus) == fused
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("norm_fusions+layer_norm"):
+            raise RuntimeError("a B run failed")
+    assert (blocks.norm_silu, temporal.norm_plus) == fused
+
+
+def test_comfy_benchmarks_keep_graphs_off_records_afresh_every_run_and_restores(tiny_model):
+    """bench_comfy.py --ab keep_graphs_off: inside it a VideoDenoiser gets no kept graphs (it records its own and
+    releases them), so the A runs' kept graphs stay untouched; outside it the keeper is used again."""
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+    from xportrait_core.sampling.video_denoiser import VideoDenoiser
+
+    bench = _bench_module("bench_comfy")
+    reference = torch.zeros(1, 4, 8, 8)
+    kept = KeptWindowGraphs()
+    with bench.apply_variant("keep_graphs_off"):
+        assert VideoDenoiser(tiny_model, reference, cuda_graphs=True, kept_graphs=kept).kept_graphs is None
+    assert VideoDenoiser(tiny_model, reference, cuda_graphs=True, kept_graphs=kept).kept_graphs is kept
+
+
+@pytest.mark.parametrize("variant", ["graphs_off", "keep_graphs_off", "graphs_short_runs"])
+def test_comfy_benchmarks_graph_variants_leave_the_a_runs_kept_graphs_alone(tiny_model, monkeypatch, variant):
+    """A B A B with a graph variant as B compares a kept A run against B: a B run, made as KSampler's adapter
+    makes it (graphs_off: graphs do not apply, which would release kept graphs), neither releases, replaces nor
+    replays the graphs the A runs keep (graphs stood in: tests/graph_stand_ins.py)."""
+    from graph_stand_ins import EagerGraphs
+    from xportrait_core.fast import cuda_graphs
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+    from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
+
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", EagerGraphs)
+    monkeypatch.delenv("XPORTRAIT_CUDA_GRAPHS", raising=False)
+    EagerGraphs.made.clear()
+    bench = _bench_module("bench_comfy")
+    g = torch.Generator().manual_seed(0)
+    h = tiny_model.config.image_size // 8
+    x, reference = torch.randn(4, 4, h, h, generator=g), torch.randn(1, 4, h, h, generator=g)
+    hint = torch.rand(4, 3, h * 8, h * 8, generator=g) * 2 - 1
+    context = torch.randn(1, 77, tiny_model.config.unet.context_dim, generator=g)
+
+    def run(kept, steps):
+        denoiser = VideoDenoiser(tiny_model, reference, global_hint=hint, local_hint=hint, seed=1,
+                                 timesteps=list(range(900, 900 - 10 * steps, -10)),
+                                 cuda_graphs=cuda_graphs.cuda_graphs_enabled(), kept_graphs=kept)
+        denoiser(900, [BranchInput(x, True, context)])
+        denoiser.release()
+
+    kept = KeptWindowGraphs()
+    run(kept, 30)
+    graphs = kept.graphs
+    with bench.apply_variant(variant):
+        run(kept, 30)
+        run(kept, 6)
+    assert kept.graphs is graphs and kept.recordings == 1 and kept.served_again == 0
+    assert not EagerGraphs.made[0].released
+    run(kept, 6)  # an A run after them: served the kept graphs
+    assert kept.served_again == 1
+
+
+def test_comfy_benchmarks_identical_variant_changes_nothing():
+    bench = _bench_module("bench_comfy")
+    assert bench.variant_name("identical") == "identical"
+    with bench.apply_variant("identical"):
+        pass

@@ -2,6 +2,7 @@
 `fast_operations()` uses it only where it applies. The kernel runs here in Triton's CPU interpreter."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from cuda_stand_in import CudaTensorStandIn
@@ -130,3 +131,61 @@ def test_a_layer_a_host_patches_at_every_call_keeps_its_bases_forward(monkeypatc
     layer.weight_function = [lambda w: w * 2]
     torch.testing.assert_close(layer(x), F.group_norm(x, 4, layer.weight * 2, layer.bias))
     assert calls == [1]
+
+
+SHIFT_SILU_CASES = r"""
+from xportrait_core.fast.group_norm import group_norm_channels_last
+results = []
+# A ResBlock's second norm: x + the timestep embedding's shift (N, C), normalised, then SiLU; tiles the rows and
+# channels do not fill, and a shift large against x (the statistics must be those of the sum).
+for shape, groups, blocks, dtype, silu, with_shift in (((2, 64, 5, 7), 32, (16, 32), torch.float16, True, True),
+                                                       ((1, 40, 9, 4), 4, (16, 16), torch.float32, True, False),
+                                                       ((3, 96, 4, 4), 32, (8, 64), torch.bfloat16, False, True),
+                                                       ((3, 96, 4, 4), 32, (8, 64), torch.bfloat16, True, True)):
+    x = (torch.randn(*shape) * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    shift = (torch.randn(shape[0], shape[1]) * 4).to(dtype) if with_shift else None
+    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+    out = group_norm_channels_last(x, groups, weight.to(dtype), bias.to(dtype), 1e-5, *blocks, shift=shift,
+                                   silu=silu)
+    summed = x.float() + (0 if shift is None else shift.float()[:, :, None, None])
+    ref = torch.nn.functional.group_norm(summed, groups, weight.to(dtype).float(), bias.to(dtype).float(), 1e-5)
+    ref = torch.nn.functional.silu(ref) if silu else ref
+    results.append([out.is_contiguous(memory_format=torch.channels_last), out.dtype == dtype,
+                    (out.float() - ref).abs().max().item(), ref.abs().max().item(), torch.finfo(dtype).eps])
+print(json.dumps(results))
+"""
+
+
+def test_kernel_adds_a_per_channel_shift_before_its_statistics_and_applies_silu_in_its_passes():
+    results = run_interpreted(SHIFT_SILU_CASES)
+    assert len(results) == 4
+    for channels_last, same_dtype, err, scale, eps in results:
+        assert channels_last and same_dtype
+        assert err <= 2 * eps * max(1.0, scale) + 1e-5, (err, scale, eps)  # one rounding of the output
+
+
+def test_off_the_kernel_norm_silu_is_the_bases_norm_after_the_sum_then_silu(monkeypatch):
+    """forward_silu where the kernel does not apply (here: the CPU, or a shift of another dtype): x plus the shift,
+    the base's GroupNorm, then SiLU, exactly as the separate operations give it."""
+    layer = fast_operations().GroupNorm(4, 8)
+    x, shift = torch.randn(2, 8, 3, 3), torch.randn(2, 8)
+    expected = F.silu(GroupNorm.forward(layer, x + shift[:, :, None, None]))
+    assert torch.equal(layer.forward_silu(x, shift), expected)
+    assert torch.equal(layer.forward_silu(x), F.silu(GroupNorm.forward(layer, x)))
+    # A shift in another dtype: the sum, the norm and SiLU as separate operations (the float64 sum is not in the
+    # weights' dtype, so the base's GroupNorm normalises it).
+    calls = []
+    monkeypatch.setattr(group_norm, "supports", lambda x: True)
+    monkeypatch.setattr(group_norm, "group_norm_channels_last",
+                        lambda x, *a, **k: calls.append(k) or GroupNorm.forward(layer, x))
+    assert torch.equal(layer.forward_silu(x, shift.double()),
+                       F.silu(GroupNorm.forward(layer, x + shift.double()[:, :, None, None])))
+    assert calls == []
+
+
+def test_kernel_refuses_a_shift_of_another_shape():
+    if group_norm.triton is None:
+        pytest.skip("triton is not installed")
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"a shift of shape \(2, 8\) expected"):
+        group_norm.group_norm_channels_last(x, 4, torch.ones(8), torch.zeros(8), 1e-5, shift=torch.zeros(8))

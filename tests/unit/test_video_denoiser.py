@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
+from graph_stand_ins import EagerGraphs
 
 FRAMES = 6
 
@@ -86,32 +87,14 @@ def test_latents_of_another_length_than_the_motion_are_refused(tiny_model, input
         _denoiser(tiny_model, inputs)(500, [BranchInput(inputs["x"][:5], True, inputs["context"])])
 
 
-class _EagerGraphs:
-    """Stands in for fast.cuda_graphs.GuidanceGraphs without a GPU: computes what a replay would, and counts."""
-
-    made = []
-
-    def __init__(self, device, window_eps, compute_bank=None, stored_banks=None):
-        self.window_eps, self.compute_bank = window_eps, compute_bank
-        self.calls, self.released, self.replays = 0, False, 0
-        _EagerGraphs.made.append(self)
-
-    def eps(self, x, t, global_hint=None, local_hint=None):
-        self.calls += 1
-        timestep = torch.full((1,), int(t), dtype=torch.long)
-        return self.window_eps(x, timestep, global_hint, local_hint, self.compute_bank(timestep))
-
-    def release(self):
-        self.released = True
-
-
 def test_windows_replayed_from_graphs_give_the_eager_eps(tiny_model, inputs, monkeypatch):
     """KSampler's path with CUDA graphs (fast.cuda_graphs.WindowGraphs): both branches in one batch, and the
     conditional branch alone (cfg 1), give what the eager windows give; the graphs go when the run ends."""
     from xportrait_core.fast import cuda_graphs
 
-    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", _EagerGraphs)
-    _EagerGraphs.made.clear()
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", EagerGraphs)
+    monkeypatch.setattr(cuda_graphs, "MIN_GRAPHED_STEPS", 2)  # this two-step run records (no kept graphs here)
+    EagerGraphs.made.clear()
     cond = BranchInput(inputs["x"], True, inputs["context"])
     uncond = BranchInput(inputs["x"].clone(), False, inputs["uncond_context"])
     eager = _denoiser(tiny_model, inputs)
@@ -123,22 +106,22 @@ def test_windows_replayed_from_graphs_give_the_eager_eps(tiny_model, inputs, mon
             assert (a - b).abs().max() < 1e-5
     alone = graphed(300, [cond])[0]  # both denoisers have drawn the same offsets so far
     assert (alone - eager(300, [cond])[0]).abs().max() < 1e-5
-    kinds = [g.window_eps.__name__ for g in _EagerGraphs.made]
-    assert kinds == ["window_eps", "eps_cond"] and all(g.calls > 0 for g in _EagerGraphs.made)
+    kinds = [g.window_eps.__name__ for g in EagerGraphs.made]
+    assert kinds == ["window_eps", "eps_cond"] and all(g.calls > 0 for g in EagerGraphs.made)
     graphed.release()
-    assert all(g.released for g in _EagerGraphs.made)
+    assert all(g.released for g in EagerGraphs.made)
 
 
 def test_a_failed_recording_warns_once_and_the_run_goes_on_eagerly(tiny_model, inputs, monkeypatch, caplog):
     from xportrait_core.fast import cuda_graphs
 
-    class Failing(_EagerGraphs):
+    class Failing(EagerGraphs):
         def eps(self, *args, **kwargs):
             self.calls += 1
             raise cuda_graphs.GraphCaptureError("RuntimeError: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", Failing)
-    _EagerGraphs.made.clear()
+    EagerGraphs.made.clear()
     cond = BranchInput(inputs["x"], True, inputs["context"])
     uncond = BranchInput(inputs["x"].clone(), False, inputs["uncond_context"])
     graphed = VideoDenoiser(tiny_model, inputs["reference"], global_hint=inputs["global_hint"],
@@ -151,4 +134,4 @@ def test_a_failed_recording_warns_once_and_the_run_goes_on_eagerly(tiny_model, i
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(first, expected))
     warnings = [r.getMessage() for r in caplog.records if "CUDA graph recording failed" in r.getMessage()]
     assert len(warnings) == 1 and "sampling continues without graphs" in warnings[0]
-    assert sum(g.calls for g in _EagerGraphs.made) == 1  # not tried again after the failure
+    assert sum(g.calls for g in EagerGraphs.made) == 1  # not tried again after the failure

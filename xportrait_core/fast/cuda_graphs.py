@@ -32,7 +32,8 @@ blocks launch Inductor's kernels through Triton's own launcher: under that alloc
 `allocator_supports_graphs`).
 
 Recording costs about one eager step of host time with the GPU idle, and a replay saves only the host's lead over
-the GPU, so a short run loses: graphs serve runs of at least `MIN_GRAPHED_STEPS` steps (benchmarks/NOTES.md).
+the GPU, so a short run loses: graphs serve runs of at least `MIN_GRAPHED_STEPS` steps (benchmarks/NOTES.md),
+except that KSampler's kept graphs also serve a short run that repeats the previous one (fast/kept_graphs.py).
 """
 from __future__ import annotations
 
@@ -283,6 +284,10 @@ class GuidanceGraphs:
         # A copy on the caller's stream: the next replay overwrites the graph's output buffer.
         return eps.clone()
 
+    def forget_bank(self) -> None:
+        """The next call computes (or replays) its timestep's bank afresh: the reference or the text changed."""
+        self._bank_t = None
+
     def release(self) -> None:
         """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
         stay reserved, out of reach of the VAE decode that follows sampling)."""
@@ -294,13 +299,20 @@ class GuidanceGraphs:
         torch.cuda.empty_cache()
 
 
+def repays_recording(steps: Optional[int]) -> bool:
+    """Whether a run of `steps` steps repays, on its own, the recording of its graphs (`MIN_GRAPHED_STEPS`; None:
+    the length is not known, graphs serve). The one place of the rule; KSampler's kept graphs
+    (fast/kept_graphs.py) make their one exception to it, for a repeated run."""
+    return steps is None or steps >= MIN_GRAPHED_STEPS
+
+
 def graphs_apply(device: torch.device, compiled: bool = False, steps: Optional[int] = None,
                  cuda_malloc_async: bool = True) -> bool:
     """Whether CUDA graphs can serve sampling on `device`: a CUDA device, graphs switched on, an allocator they
     record under (`allocator_supports_graphs`; cuda_malloc_async=False keeps that allocator's runs eager), and a
-    run of `steps` steps long enough to repay the recording (`MIN_GRAPHED_STEPS`; None: the caller does not know,
-    graphs serve)."""
-    if steps is not None and steps < MIN_GRAPHED_STEPS:
+    run of `steps` steps that repays the recording (`repays_recording`; None: not checked here, as for a caller
+    that does not know the length, or one that applies the rule itself)."""
+    if not repays_recording(steps):
         return False
     return (torch.device(device).type == "cuda" and cuda_graphs_enabled()
             and allocator_supports_graphs(compiled=compiled, cuda_malloc_async=cuda_malloc_async))
@@ -390,8 +402,22 @@ class WindowGraphs:
 
     def __init__(self, branches):
         self.branches = branches
+        self.motion_hints = branches.motion_hints  # the run's hint frames, copied into the graphs at every call
         self.enabled = True
         self._graphs: dict[str, GuidanceGraphs] = {}
+
+    def adopt(self, branches) -> None:
+        """Serve another run's `branches` with the graphs recorded so far (fast/kept_graphs.py checks that they
+        fit): its reference latents and texts are copied into the tensors the graphs read, its hints are read from
+        now on, and no bank of the last run is reused."""
+        static = self.branches
+        static.banks.reference_latents.copy_(branches.banks.reference_latents)
+        static.context.copy_(branches.context)
+        if static.uncond_context is not None and static.uncond_context is not static.context:
+            static.uncond_context.copy_(branches.uncond_context)
+        self.motion_hints = branches.motion_hints
+        for graphs in self._graphs.values():
+            graphs.forget_bank()
 
     @property
     def replays(self) -> int:
@@ -418,7 +444,7 @@ class WindowGraphs:
         if not self.enabled:
             return None
         try:
-            eps = self._graphs_for(kind).eps(x, int(t), *self.branches.motion_hints.frames(frame_indices))
+            eps = self._graphs_for(kind).eps(x, int(t), *self.motion_hints.frames(frame_indices))
         except GraphCaptureError as error:
             log.warning("X-Portrait: CUDA graph recording failed (%s); sampling continues without graphs", error)
             self.enabled = False

@@ -47,10 +47,11 @@ def set_group_norm_kernel(enabled: bool) -> None:
 if triton is not None:
 
     @triton.jit
-    def _channel_sums_kernel(X, PARTIAL, rows_total, channels, row_blocks, plane,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _channel_sums_kernel(X, SHIFT, PARTIAL, rows_total, channels, row_blocks, plane,
+                             HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Program (n, row block, channel block): per-channel sums of x and of x*x over BLOCK_R rows of sample n,
-        # written to PARTIAL[0, n, block, c] and PARTIAL[1, n, block, c] (`plane` elements apart).
+        # written to PARTIAL[0, n, block, c] and PARTIAL[1, n, block, c] (`plane` elements apart); with HAS_SHIFT,
+        # of x + SHIFT[n, c] instead.
         n = tl.program_id(0)
         block = tl.program_id(1)
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -60,15 +61,20 @@ if triton is not None:
         base = n.to(tl.int64) * rows_total * channels
         x = tl.load(X + base + rows.to(tl.int64)[:, None] * channels + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
+        if HAS_SHIFT:
+            shift = tl.load(SHIFT + n * channels + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = tl.where(mask, x + shift[None, :], 0.0)  # the rows past the end stay out of the sums
         out = (n * row_blocks + block).to(tl.int64) * channels + cols
         tl.store(PARTIAL + out, tl.sum(x, axis=0), mask=col_ok)
         tl.store(PARTIAL + plane + out, tl.sum(x * x, axis=0), mask=col_ok)
 
     @triton.jit
-    def _normalize_kernel(X, Y, TOTALS, W, B, rows_total, channels, num_groups, per_group, plane, inv_count, eps,
+    def _normalize_kernel(X, SHIFT, Y, TOTALS, W, B, rows_total, channels, num_groups, per_group, plane, inv_count,
+                          eps, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Each channel's group statistics from the group totals (sums of x and x*x, `plane` elements apart), then
-        # y = (x - mean) * rstd * weight + bias as one multiply-add, rounded once to Y's dtype.
+        # y = (x - mean) * rstd * weight + bias as one multiply-add (x + SHIFT[n, c] for x with HAS_SHIFT), then
+        # y * sigmoid(y) with SILU, rounded once to Y's dtype.
         n = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -78,36 +84,54 @@ if triton is not None:
         variance = tl.maximum(tl.load(TOTALS + plane + group, mask=col_ok, other=0.0) * inv_count - mean * mean, 0.0)
         scale = tl.rsqrt(variance + eps) * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         shift = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
+        if HAS_SHIFT:  # (x + s) * scale + shift = x * scale + (s * scale + shift)
+            shift += tl.load(SHIFT + n * channels + cols, mask=col_ok, other=0.0).to(tl.float32) * scale
         mask = (rows < rows_total)[:, None] & col_ok[None, :]
         offsets = n.to(tl.int64) * rows_total * channels + rows.to(tl.int64)[:, None] * channels + cols[None, :]
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         y = x * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float, block_rows: int = BLOCK_ROWS,
-                             block_channels: int = BLOCK_CHANNELS) -> torch.Tensor:
+                             block_channels: int = BLOCK_CHANNELS, shift: Optional[torch.Tensor] = None,
+                             silu: bool = False) -> torch.Tensor:
     """F.group_norm(x, num_groups, weight, bias, eps) for x (N, C, H, W) in channels-last
     memory, returned channels-last in x's dtype. Statistics in float32, the variance as E[x^2] - E[x]^2 over
     each group (tested on activations off centre). Five launches: the two passes, their buffers and one
-    reduction of the per-block sums to group totals (the host's cost matters where no CUDA graph records them)."""
+    reduction of the per-block sums to group totals (the host's cost matters where no CUDA graph records them).
+
+    shift (N, C), optional: normalises x + shift[:, :, None, None] instead (a ResBlock's timestep embedding, added
+    in float32 without a pass of its own); silu: returns silu of the result (the activation after a ResBlock's
+    norms), in the same pass."""
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("group_norm_channels_last takes channels-last input")
     n, channels, height, width = x.shape
     if channels % num_groups:
         raise ValueError(f"{channels} channels do not split into {num_groups} groups")
+    if shift is not None:
+        if shift.shape != (n, channels):
+            raise ValueError(f"a shift of shape ({n}, {channels}) expected, got {tuple(shift.shape)}")
+        if shift.device != x.device:
+            raise ValueError(f"the shift lies on {shift.device}, the input on {x.device}")
+        shift = shift.contiguous()
     rows = height * width
     row_blocks = triton.cdiv(rows, block_rows)
     per_group = channels // num_groups
     grid = (n, row_blocks, triton.cdiv(channels, block_channels))
     partial = torch.empty(2, n, row_blocks, channels, device=x.device, dtype=torch.float32)
-    launch(_channel_sums_kernel, grid, x, partial, rows, channels, row_blocks, n * row_blocks * channels,
-           BLOCK_R=block_rows, BLOCK_C=block_channels)
+    # Without a shift the kernels never read SHIFT: x stands in for the pointer.
+    shift_or_x = x if shift is None else shift
+    launch(_channel_sums_kernel, grid, x, shift_or_x, partial, rows, channels, row_blocks, n * row_blocks * channels,
+           HAS_SHIFT=shift is not None, BLOCK_R=block_rows, BLOCK_C=block_channels)
     totals = partial.view(2, n, row_blocks, num_groups, per_group).sum(dim=(2, 4))  # (2, N, groups)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    launch(_normalize_kernel, grid, x, out, totals, weight, bias, rows, channels, num_groups, per_group,
-           n * num_groups, 1.0 / (rows * per_group), eps, BLOCK_R=block_rows, BLOCK_C=block_channels)
+    launch(_normalize_kernel, grid, x, shift_or_x, out, totals, weight, bias, rows, channels, num_groups, per_group,
+           n * num_groups, 1.0 / (rows * per_group), eps, HAS_SHIFT=shift is not None, SILU=bool(silu),
+           BLOCK_R=block_rows, BLOCK_C=block_channels)
     return out
 
 
@@ -150,12 +174,26 @@ def with_kernel(base: type[nn.Module], defers: Optional[Callable[[nn.Module], bo
     that cast or patch their weights as they run)."""
 
     class GroupNormWithKernel(base):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if (self.affine and not (defers is not None and defers(self))
+        def _kernel_applies(self, x: torch.Tensor) -> bool:
+            return (self.affine and not (defers is not None and defers(self))
                     and self.weight.device == x.device and self.weight.dtype == x.dtype
-                    and self.bias.device == x.device and self.bias.dtype == x.dtype and supports(x)):
+                    and self.bias.device == x.device and self.bias.dtype == x.dtype and supports(x))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self._kernel_applies(x):
                 return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
             return super().forward(x)
+
+        def forward_silu(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+            """silu(self(x + shift[:, :, None, None])), shift (N, C) optional: in the kernel's passes where it
+            applies (the shift in x's dtype and on its device), as separate operations otherwise."""
+            if ((shift is None or (shift.dtype == x.dtype and shift.device == x.device
+                                   and shift.shape == x.shape[:2])) and self._kernel_applies(x)):
+                return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps, shift=shift,
+                                                silu=True)
+            if shift is not None:
+                x = x + shift[:, :, None, None]
+            return F.silu(self(x))
 
     GroupNormWithKernel.__name__ = GroupNormWithKernel.__qualname__ = f"{base.__name__}WithKernel"
     return GroupNormWithKernel

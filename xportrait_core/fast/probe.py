@@ -2,7 +2,8 @@
 
 Triton can be installed yet unable to build its launcher (no C compiler, say), and a kernel can build yet compute
 wrong values on a Triton or GPU it was never run on: each of the pack's kernels (frame attention, GroupNorm,
-GEGLU) is run once on fixed values and compared with PyTorch's result before it is used, and the answer is kept.
+LayerNorm, GEGLU) is run once on fixed values and compared with PyTorch's result before it is used, and the answer
+is kept.
 """
 from __future__ import annotations
 

@@ -22,6 +22,32 @@ def normalization(channels: int, operations: Operations) -> nn.Module:
     return operations.GroupNorm(32, channels)
 
 
+def norm_silu(norm: nn.Module, x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(norm(x + shift[:, :, None, None])), shift (N, C) optional.
+
+    A norm layer that offers `forward_silu(x, shift)` (the accelerated GroupNorm of fast/group_norm.py) computes it
+    in its own passes over x: the sum and the activation would otherwise be two more passes of their own.
+    """
+    fused = getattr(norm, "forward_silu", None)
+    if fused is not None:
+        return fused(x, shift)
+    if shift is not None:
+        x = x + shift[:, :, None, None]
+    return F.silu(norm(x))
+
+
+def norm_plus(norm: nn.Module, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+    """norm(x) + addend, addend (P, C) broadcast over x (..., P, C).
+
+    A norm layer that offers `forward_plus(x, addend)` (the accelerated LayerNorm of fast/layer_norm.py) adds it as
+    it writes its output: the broadcast sum would otherwise be a pass of its own.
+    """
+    fused = getattr(norm, "forward_plus", None)
+    if fused is not None:
+        return fused(x, addend)
+    return norm(x) + addend
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, shape (N, dim), float32."""
     half = dim // 2
@@ -64,9 +90,13 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # in_layers and out_layers keep their Sequential form for the checkpoint's keys; they run as norm_silu then
+        # the convolution, the timestep embedding added inside the second norm_silu (the dropout is inactive).
+        norm_in, _, conv_in = self.in_layers
+        h = conv_in(norm_silu(norm_in, x))
+        norm_out, _, _, conv_out = self.out_layers
+        h = conv_out(norm_silu(norm_out, h, self.emb_layers(emb).type(h.dtype)))
+        return self.skip_connection(x) + h
 
 
 class Downsample(nn.Module):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .blocks import Attention, FeedForward
+from .blocks import Attention, FeedForward, norm_plus
 from .config import MotionModuleConfig
 from .operations import Operations, operations_or_default
 
@@ -38,10 +38,15 @@ class PositionalEncoding(nn.Module):
         pe[0, :, 1::2] = torch.cos(position * div_term)
         self.register_buffer("pe", pe)
 
+    def table(self, like: torch.Tensor) -> torch.Tensor:
+        """The encoding of frames 0..F-1 for sequences `like` (..., F, C): (F, C) in like's dtype, on its device.
+
+        A host that loads the networks partially (ComfyUI's --lowvram) moves only layers with weights, so this
+        buffer can still lie in system memory while the activations are on the GPU."""
+        return self.pe[0, : like.shape[-2]].to(like.device, like.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A host that loads the networks partially (ComfyUI's --lowvram) moves only layers with weights, so this
-        # buffer can still lie in system memory while the activations are on the GPU.
-        return x + self.pe[:, : x.shape[1]].to(x.device, x.dtype)
+        return x + self.table(x)
 
 
 class TemporalSelfAttention(Attention):
@@ -49,9 +54,10 @@ class TemporalSelfAttention(Attention):
         super().__init__(dim, heads, dim // heads, operations=operations)
         self.pos_encoder = PositionalEncoding(dim, max_frames)
 
-    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
-        """sequences (windows * pixels, frames, C): attention along frames, with the frame-index encoding."""
-        return super().forward(self.pos_encoder(sequences))
+    def forward(self, sequences: torch.Tensor, encoded: bool = False) -> torch.Tensor:
+        """sequences (windows * pixels, frames, C): attention along frames, with the frame-index encoding added
+        here, or already by the caller (`encoded`: the block adds it as it normalises)."""
+        return super().forward(sequences if encoded else self.pos_encoder(sequences))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -66,7 +72,8 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
-            sequences = attn(norm(sequences)) + sequences
+            encoded = norm_plus(norm, sequences, attn.pos_encoder.table(sequences))
+            sequences = attn(encoded, encoded=True) + sequences
         return self.ff(self.ff_norm(sequences)) + sequences
 
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..fast.cuda_graphs import WindowGraphs
+from ..fast.cuda_graphs import WindowGraphs, repays_recording
 from ..model.xportrait import XPortrait
 from .batched_banks import BatchedReferenceBanks
 from .branches import XPortraitBranches
@@ -44,15 +44,20 @@ class VideoDenoiser:
     timesteps: the run's timesteps in the order the sampler will ask for them, when the host knows them (ComfyUI's
     sigmas): their reference banks are then computed several at a time (`BatchedReferenceBanks`); other
     timesteps, or None, compute one bank per timestep.
-    cuda_graphs: replay the windows' work from CUDA graphs (`fast.cuda_graphs.WindowGraphs`; the caller checks
-    that they apply: `cuda_graphs.graphs_apply`, no layer casting its weights as it runs); the reference net is
-    then recorded per timestep instead of batched.
+    cuda_graphs: CUDA graphs can replay the windows' work (`fast.cuda_graphs.WindowGraphs`; the caller checks
+    that they apply on the device: `cuda_graphs.graphs_apply`, no layer casting its weights as it runs); the run's
+    length then decides (`cuda_graphs.repays_recording` of len(timesteps), or kept_graphs' rule). With graphs the
+    reference net is recorded per timestep instead of batched.
+    kept_graphs: a `fast.kept_graphs.KeptWindowGraphs` that serves the graphs, owned by the caller and outliving
+        this denoiser, so that the next run like this one replays from its first window; with cuda_graphs False
+        it is told so (and drops its graphs).
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0, window: int = 16, overlap: int = 4,
-                 seed: int = 0, timesteps: Optional[Sequence[int]] = None, cuda_graphs: bool = False):
+                 seed: int = 0, timesteps: Optional[Sequence[int]] = None, cuda_graphs: bool = False,
+                 kept_graphs=None):
         if reference_latents.ndim != 4:
             raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
         self.model = model
@@ -70,11 +75,12 @@ class VideoDenoiser:
         self._branches: Optional[XPortraitBranches] = None
         self._contexts: tuple = (None, None)
         self.cuda_graphs = bool(cuda_graphs)
+        self.kept_graphs = kept_graphs
         self._graphs: Optional[WindowGraphs] = None
 
     def release(self) -> None:
-        """Drop the cached bank and hint features (the end of a sampling run)."""
-        if self._graphs is not None:
+        """Drop the cached bank and hint features (the end of a sampling run); kept graphs stay with their owner."""
+        if self._graphs is not None and self.kept_graphs is None:
             self._graphs.release()
         self._graphs = None
         if self._branches is not None:
@@ -100,9 +106,12 @@ class VideoDenoiser:
             self.release()
             self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
                                                uncond_context=uncond_context, **self.hints)
-            if self.cuda_graphs:
+            steps = len(self.timesteps) if self.timesteps else None
+            if self.kept_graphs is not None:
+                self._graphs = self.kept_graphs.serve(self._branches, steps, graphs_apply=self.cuda_graphs)
+            elif self.cuda_graphs and repays_recording(steps):
                 self._graphs = WindowGraphs(self._branches)
-            elif self.timesteps:
+            if self._graphs is None and self.timesteps:
                 self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             self._contexts = (context, uncond_context)
         return self._branches
