@@ -87,6 +87,13 @@ def parse(argv=None):
                              "(the arms' bias); layer_norm = the LayerNorm kernel off (ComfyUI's LayerNorm alone); "
                              "norm_fusions = the norms' fused forms off (timestep embedding, SiLU, frame encoding "
                              "as operations of their own); several joined by + apply together (graphs_off+group_norm)")
+    parser.add_argument("--profile-sources", action="store_true",
+                        help="with --profile: record shapes and Python stacks in the profiled run, and add a table of "
+                             "the kernels named by --profile-sources-kernel by the operator, shapes and pack source "
+                             "line that launched them (eager runs only: a replayed graph's kernels have no operator)")
+    parser.add_argument("--profile-sources-kernel", default="native::elementwise_kernel<",
+                        help="the kernel-name fragment --profile-sources attributes (default: PyTorch's "
+                             "unvectorised elementwise kernel)")
     parser.add_argument("--compile", action="store_true",
                         help="X-Portrait Load Model's compile option (the first run compiles: minutes)")
     args = parser.parse_args(argv)
@@ -299,6 +306,32 @@ def variant_name(name: str) -> str:
     return name
 
 
+def kernel_sources(events, fragment: str, rows: int = 40) -> str:
+    """The kernels whose name holds `fragment`, by what launched them: the innermost operator and its callers (up to
+    three), the innermost's input shapes, and the first line of the pack (or, failing that, of ComfyUI) on the Python
+    stack; sorted by device time. `events`: a profile's `events()` recorded with shapes and stacks."""
+    totals: dict[tuple, list] = {}
+    for event in events:
+        kernels = [k for k in getattr(event, "kernels", []) if fragment in k.name]
+        if not kernels:
+            continue
+        chain, parent = [event.name], event.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        stack = list(getattr(event, "stack", None) or [])
+        site = next((frame for frame in stack if "xportrait_core" in frame or "/nodes/" in frame), None)
+        site = site or next((frame for frame in stack if "comfy" in frame), "?")
+        key = (" < ".join(chain), str(getattr(event, "input_shapes", ""))[:90], site)
+        entry = totals.setdefault(key, [0, 0.0])
+        entry[0] += len(kernels)
+        entry[1] += sum(k.duration for k in kernels) / 1e3  # microseconds to milliseconds
+    lines = [f"kernels named *{fragment}* by launching operator, shapes and source (launches, device ms):"]
+    for (chain, shapes, site), (count, ms) in sorted(totals.items(), key=lambda item: -item[1][1])[:rows]:
+        lines.append(f"{count:7d} {ms:9.2f} ms  {chain}  {shapes}  {site}")
+    return "\n".join(lines) + "\n"
+
+
 def initialise_like_torch(model) -> None:
     """PyTorch's default initialisation for every layer. ComfyUI's layer classes skip it (their weights always come
     from a file), which leaves a random-weight model with whatever memory held: NaN latents, and then a KSampler
@@ -414,7 +447,8 @@ def main(argv=None):
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sync()
-        with profile(activities=activities) as prof:
+        sources = args.profile_sources
+        with profile(activities=activities, record_shapes=sources, with_stack=sources) as prof:
             start = time.perf_counter()
             fn()
             sync()
@@ -428,8 +462,10 @@ def main(argv=None):
         args.profile.mkdir(parents=True, exist_ok=True)
         tables = [f"{name}: wall {wall:.3f} s, device busy {busy:.3f} s (kernels summed)\n"]
         if device.type == "cuda":
-            tables.append(averages.table(sort_by=device_key, row_limit=40))
+            tables.append(averages.table(sort_by=device_key, row_limit=40, max_name_column_width=110))
         tables.append(averages.table(sort_by="cpu_time_total", row_limit=30))
+        if sources:
+            tables.append(kernel_sources(prof.events(), args.profile_sources_kernel))
         (args.profile / f"profile_{name}.txt").write_text("\n".join(tables))
         return {"profiled_wall_s": round(wall, 4), "profiled_device_busy_s": round(busy, 4)}
 

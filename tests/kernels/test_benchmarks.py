@@ -328,3 +328,30 @@ def test_comfy_benchmarks_identical_variant_changes_nothing():
     assert bench.variant_name("identical") == "identical"
     with bench.apply_variant("identical"):
         pass
+
+
+def test_comfy_benchmarks_attribute_kernels_to_the_operator_shapes_and_pack_line_that_launched_them():
+    """bench_comfy.py --profile-sources: the unvectorised elementwise kernels counted by the innermost operator and
+    its callers, its shapes and the first pack line on its stack, the largest device time first."""
+    from types import SimpleNamespace as Event
+
+    bench = _bench_module("bench_comfy")
+    kernel = lambda name, us: Event(name=name, duration=us)  # noqa: E731
+    module = Event(name="aten::reshape", cpu_parent=None)
+    clone = Event(name="aten::clone", cpu_parent=module)
+    stack = ["/opt/comfy/samplers.py(10): f", "/repo/xportrait_core/model/temporal.py(104): forward"]
+    events = [
+        Event(name="aten::copy_", cpu_parent=clone, input_shapes=[[8, 16, 320]], stack=stack,
+              kernels=[kernel("void at::native::elementwise_kernel<128, 4, copy>", 30.0)]),
+        Event(name="aten::copy_", cpu_parent=clone, input_shapes=[[8, 16, 320]], stack=stack,
+              kernels=[kernel("void at::native::elementwise_kernel<128, 4, copy>", 20.0)]),
+        Event(name="aten::add", cpu_parent=None, input_shapes=[[2, 4], [4]], stack=["/opt/comfy/k.py(3): g"],
+              kernels=[kernel("void at::native::elementwise_kernel<128, 4, add>", 10.0),
+                       kernel("void at::native::vectorized_elementwise_kernel<8, add>", 99.0)]),
+        Event(name="aten::mm", cpu_parent=None, input_shapes=[], stack=[], kernels=[kernel("nvjet_gemm", 500.0)]),
+    ]
+    table = bench.kernel_sources(events, "native::elementwise_kernel<").splitlines()
+    assert len(table) == 3
+    assert table[1].split()[:2] == ["2", "0.05"] and "aten::copy_ < aten::clone < aten::reshape" in table[1]
+    assert "[[8, 16, 320]]" in table[1] and "temporal.py(104)" in table[1]
+    assert table[2].split()[:2] == ["1", "0.01"] and "aten::add" in table[2] and "/opt/comfy/k.py(3)" in table[2]
