@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from pack_loader import ROOT
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 CHECKS = Path(__file__).with_name("comfy_native_checks.py")
