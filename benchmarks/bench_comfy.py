@@ -86,7 +86,9 @@ def parse(argv=None):
                              "run (the graph variants leave the A runs' kept graphs alone); identical = B is A "
                              "(the arms' bias); layer_norm = the LayerNorm kernel off (ComfyUI's LayerNorm alone); "
                              "norm_fusions = the norms' fused forms off (timestep embedding, SiLU, frame encoding "
-                             "as operations of their own); several joined by + apply together (graphs_off+group_norm)")
+                             "as operations of their own); sampler_eager_under_async = our Sampler without graphs "
+                             "under ComfyUI's allocator; recorded_reference_net = graphs record the reference net "
+                             "per step instead of copying batched banks; several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--profile-sources", action="store_true",
                         help="with --profile: record shapes and Python stacks in the profiled run, and add a table of "
                              "the kernels named by --profile-sources-kernel by the operator, shapes and pack source "
@@ -280,12 +282,40 @@ def norm_fusions_off():
     finally:
         blocks.norm_silu, temporal.norm_plus = saved
 
+
+@contextlib.contextmanager
+def sampler_eager_under_async():
+    """Our Sampler without graphs under ComfyUI's allocator (its rule before batched banks went into graphs)."""
+    from xportrait_core.sampling import pipeline
+
+    saved = pipeline.sampler_graph_rules
+    pipeline.sampler_graph_rules = lambda steps: dict(saved(steps), cuda_malloc_async=False)
+    try:
+        yield
+    finally:
+        pipeline.sampler_graph_rules = saved
+
+
+@contextlib.contextmanager
+def recorded_reference_net():
+    """Graphs record the reference net at batch 1 per timestep instead of copying each step's bank from the batched
+    banks (the graphed paths before that)."""
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+
+    saved = BatchedReferenceBanks.stored
+    BatchedReferenceBanks.stored = None
+    try:
+        yield
+    finally:
+        BatchedReferenceBanks.stored = saved
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
             "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off,
             "norm_fusions": norm_fusions_off, "keep_graphs_off": kept_graphs_off,
             # B = A: the two arms' difference when nothing differs (the first arm's bias, the noise).
-            "identical": contextlib.nullcontext}
+            "identical": contextlib.nullcontext, "sampler_eager_under_async": sampler_eager_under_async,
+            "recorded_reference_net": recorded_reference_net}
 
 
 @contextlib.contextmanager

@@ -238,15 +238,16 @@ def test_without_cuda_graphs_the_banks_of_sixteen_timesteps_come_from_one_call(t
     np.testing.assert_allclose(batched, per_step, atol=2e-5, rtol=0)
 
 
-def test_the_pipeline_asks_for_graphs_for_its_run_length_and_not_under_cuda_malloc_async(tiny_model, inputs,
-                                                                                        monkeypatch):
+def test_the_pipeline_asks_for_graphs_for_its_run_length_under_either_allocator(tiny_model, inputs, monkeypatch):
     """Our Sampler and the CLI ask `cuda_graphs` once for the banks and once for the denoiser, with the run's
-    length (the LCM path's few steps stay eager) and cuda_malloc_async=False (under ComfyUI's allocator its
-    batched banks beat graphs)."""
+    length (the LCM path's few steps stay eager), under ComfyUI's allocator too: their batched banks go into the
+    graphs as the banks they copy each step from."""
     from xportrait_core.fast import cuda_graphs
 
     asked = []
     monkeypatch.setattr(cuda_graphs, "graphs_apply", lambda device, compiled=False, **rules: asked.append(rules)
                         and False)
     _animate(tiny_model, inputs, seed=5, steps=6, window=FRAMES, overlap=0)
-    assert asked == [dict(steps=7, cuda_malloc_async=False)] * 2  # 6 steps: the official schedule's 7 timesteps
+    # 6 steps: the official schedule's 7 timesteps; cuda_malloc_async at its default (True) or not given.
+    with_default = [dict(dict(cuda_malloc_async=True), **rules) for rules in asked]
+    assert with_default == [dict(steps=7, cuda_malloc_async=True)] * 2

@@ -1,8 +1,9 @@
 """CUDA graphs of the guided denoiser's GPU work: record the kernels once, replay them at every window.
 
 `with_cuda_graphs(denoiser)` wraps a `sampling.guidance.GuidedDenoiser` in a `GraphedDenoiser` where graphs can
-run (a CUDA device, the native allocator, XPORTRAIT_CUDA_GRAPHS not 0): the same `denoise(x, t, frame_indices)`,
-whose window work replays from graphs of the denoiser's own `window_eps` and its banks' `compute`.
+run (a CUDA device, an allocator they record under, XPORTRAIT_CUDA_GRAPHS not 0): the same
+`denoise(x, t, frame_indices)`, whose window work replays from graphs of the denoiser's own `window_eps` and its
+banks' `compute` (or their `stored` banks).
 
 A guided window step launches thousands of kernels (four networks); eagerly, and even more so through the guards
 of `torch.compile`'s regions, the host takes about as long to launch them as the GPU takes to run them, and the
@@ -12,15 +13,18 @@ memory pool:
     reference graph   static timestep -> reference bank                          (replayed once per timestep)
     window graph      static window latents, timestep, hints, bank -> guided eps  (replayed for every window)
 
-In low-VRAM mode the reference net has left the GPU and the banks were computed before sampling: each step's bank
-is then copied into one bank of fixed addresses instead of replaying a reference graph, and the window graph holds
-both guidance branches one after the other (their activations share the graph's memory, as they would eagerly).
+Banks computed outside the graphs come as `stored` banks instead of a reference graph: in low-VRAM mode (the
+reference net has left the GPU; the banks were computed before sampling) and on the uncompiled path, whose banks
+come a chunk of timesteps per reference-net call (sampling/batched_banks.py). Each step's bank is then copied into
+one bank of fixed addresses; in low-VRAM mode the window graph holds both guidance branches one after the other
+(their activations share the graph's memory, as they would eagerly).
 
 The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
 recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
 thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
-ordered after and before the caller's stream. Every input is copied into a static buffer before a replay; everything else the graphs read
-(weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
+ordered after and before the caller's stream. Every input is copied into a static buffer before a replay;
+everything else the graphs read (weights, contexts, reference latents) must keep its address while they live, so
+graphs last one sampling run
 (`GraphedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
 step, say) `GraphCaptureError` says so and `GraphedDenoiser` goes on with the eager denoiser.
 
@@ -161,8 +165,9 @@ class GuidanceGraphs:
     window_eps(x, t, global_hint, local_hint, bank) -> eps is the eager computation of one window, with t a device
     tensor of shape (1,) (None where only `reference_bank` is used). The reference bank it reads comes from one of:
       compute_bank(t) -> ReferenceBank   the reference net, recorded as the reference graph; or
-      stored_banks {timestep: bank}      banks computed before sampling (low-VRAM mode), copied at each step into a
-                                         bank of fixed addresses on the device.
+      stored_banks {timestep: bank}      banks computed outside the graphs (before sampling in low-VRAM mode, or a
+                                         chunk of timesteps per reference-net call: batched_banks.py), copied at
+                                         each step into a bank of fixed addresses on the device.
     Windows of another shape or other hints get their own window graph.
     """
 
@@ -286,6 +291,19 @@ class GuidanceGraphs:
 
     def forget_bank(self) -> None:
         """The next call computes (or replays) its timestep's bank afresh: the reference or the text changed."""
+        self._bank_t = None
+
+    @property
+    def reads_stored_banks(self) -> bool:
+        """Whether the bank comes from stored banks (else from the recorded reference net)."""
+        return self._stored_banks is not None
+
+    def use_stored_banks(self, stored_banks) -> None:
+        """Read the stored banks of another run from now on (kept graphs serving it: fast/kept_graphs.py); they
+        land in the same fixed bank, so the window graphs recorded so far stay valid."""
+        if self._stored_banks is None:
+            raise RuntimeError("these graphs record the reference net; they have no stored banks to replace")
+        self._stored_banks = stored_banks
         self._bank_t = None
 
     def release(self) -> None:
@@ -416,7 +434,14 @@ class WindowGraphs:
         if static.uncond_context is not None and static.uncond_context is not static.context:
             static.uncond_context.copy_(branches.uncond_context)
         self.motion_hints = branches.motion_hints
+        # Banks computed outside the graphs (batched_banks.py) come from the new run's own source, planned for its
+        # timesteps; the last run's chunk goes.
+        stored = getattr(branches.banks, "stored", None)
+        if stored is not None:
+            static.banks.release()
         for graphs in self._graphs.values():
+            if stored is not None and graphs.reads_stored_banks:
+                graphs.use_stored_banks(stored)
             graphs.forget_bank()
 
     @property
@@ -435,8 +460,9 @@ class WindowGraphs:
                 window_eps = branches.eps_cond
             else:
                 raise ValueError(f"unknown window kind {kind!r}: expected 'both' or 'cond'")
-            graphs = self._graphs[kind] = GuidanceGraphs(branches.model.device, window_eps,
-                                                         compute_bank=branches.banks.compute)
+            stored = getattr(branches.banks, "stored", None)
+            source = {"stored_banks": stored} if stored is not None else {"compute_bank": branches.banks.compute}
+            graphs = self._graphs[kind] = GuidanceGraphs(branches.model.device, window_eps, **source)
         return graphs
 
     @torch.no_grad()

@@ -126,6 +126,12 @@ def _text_contexts(model: XPortrait, context, uncond_context, guidance_scale: fl
 
 
 @torch.no_grad()
+def sampler_graph_rules(steps: int) -> dict:
+    """What the X-Portrait Sampler's run asks of `cuda_graphs.graphs_apply`: graphs for a run of `steps` steps under
+    either allocator (its banks come batched into the graphs, as in the eager path)."""
+    return dict(steps=steps)
+
+
 def animate_latents(
     model: XPortrait,
     reference: Union[ArrayLike, Sequence[ArrayLike]],
@@ -229,9 +235,7 @@ def animate_latents(
                                         batch_branches=not low_vram)
     denoise = denoiser
     compiled = is_compiled(model)
-    # Not under cudaMallocAsync (ComfyUI's default): there this eager path, with the reference net of many
-    # timesteps in one call, was faster than graphs replaying it at batch 1 a step (benchmarks/NOTES.md).
-    graph_rules = dict(steps=len(timesteps), cuda_malloc_async=False)
+    graph_rules = sampler_graph_rules(len(timesteps))
     graphs = cuda_graphs.graphs_apply(model.device, compiled, **graph_rules)
     try:
         if low_vram and denoiser.needs_cond:
@@ -240,8 +244,10 @@ def animate_latents(
             with offload.resident(model, "reference_net"):
                 branches.banks = offload.precompute_reference_banks(
                     branches.banks, timesteps, cuda_graphs=graphs)
-        elif denoiser.needs_cond and not graphs:
-            # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
+        elif denoiser.needs_cond and not (graphs and compiled):
+            # The reference net of several timesteps in one call, not one call a step: without graphs that saves
+            # launches, with them (uncompiled) the graphs copy each step's bank from these, computed outside the
+            # recordings. Compiled blocks keep the recorded batch-1 pass (batched rows are another shape to compile).
             # The samplers walk the (increasing) timesteps from last to first.
             denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
         denoise = cuda_graphs.with_cuda_graphs(denoiser, **graph_rules)
