@@ -197,10 +197,16 @@ def kept_graphs_untouched():
         init(self, *args, **{**kwargs, "kept_graphs": None})
 
     VideoDenoiser.__init__ = init_without_kept_graphs
+    SAMPLER_KEPT_GRAPHS["on"] = False  # our Sampler's runs likewise (the `sampler` measure reads this)
     try:
         yield
     finally:
         VideoDenoiser.__init__ = init
+        SAMPLER_KEPT_GRAPHS["on"] = True
+
+
+# Whether the `sampler` measure passes the handle's KeptSamplerGraphs (off inside the graph variants' B runs).
+SAMPLER_KEPT_GRAPHS = {"on": True}
 
 
 @contextlib.contextmanager
@@ -291,7 +297,8 @@ def sampler_eager_under_async():
     saved = pipeline.sampler_graph_rules
     pipeline.sampler_graph_rules = lambda steps: dict(saved(steps), cuda_malloc_async=False)
     try:
-        yield
+        with kept_graphs_untouched():
+            yield
     finally:
         pipeline.sampler_graph_rules = saved
 
@@ -305,7 +312,8 @@ def recorded_reference_net():
     saved = BatchedReferenceBanks.stored
     BatchedReferenceBanks.stored = None
     try:
-        yield
+        with kept_graphs_untouched():
+            yield
     finally:
         BatchedReferenceBanks.stored = saved
 
@@ -425,7 +433,9 @@ def main(argv=None):
         # record's): runs that replayed graphs an earlier run recorded, and the sets of graphs recorded.
         kept = getattr(comfy_model.model, "kept_graphs", None)
         record.update(kept_graphs_served_again=getattr(kept, "served_again", None),
-                      kept_graphs_recordings=getattr(kept, "recordings", None))
+                      kept_graphs_recordings=getattr(kept, "recordings", None),
+                      sampler_kept_graphs_served_again=handle.kept_graphs.served_again,
+                      sampler_kept_graphs_recordings=handle.kept_graphs.recordings)
         record.update(device=str(device), dtype=args.dtype, compiled=args.compile, compute_dtype=str(dtype).replace("torch.", ""),
                       storage_dtype=str(storage_dtype or dtype).replace("torch.", ""), model_gib=model_gib,
                       model_gib_compute_dtype=model_gib_compute_dtype, frames=args.frames,
@@ -537,7 +547,8 @@ def main(argv=None):
         prepared = handle.ready()
         outputs["sampler"] = animate_latents(
             prepared, image, global_hint=torch.as_tensor(global_hint), local_hint=torch.as_tensor(local_hint),
-            steps=args.steps, guidance_scale=5.0, overlap=4, seed=999, context=context, uncond_context=context)
+            steps=args.steps, guidance_scale=5.0, overlap=4, seed=999, context=context, uncond_context=context,
+            kept_graphs=handle.kept_graphs if SAMPLER_KEPT_GRAPHS["on"] else None)
 
     def ksampler(name, model, steps, cfg, sampler, scheduler, decode=False):
         def run():

@@ -400,6 +400,31 @@ class GraphedDenoiser:
             self._graphs.release()
         self._graphs = self._graphs_banks = None
 
+    def adopt(self, denoiser) -> None:
+        """Serve another run's `denoiser` (same model, shapes and settings: fast/kept_graphs.py checks) with the
+        graphs recorded so far: its reference latents and texts are copied into the tensors the graphs read, its
+        hints are read from now on, banks computed outside the graphs come from its own source, and no bank of the
+        last run is reused."""
+        static, branches = self.denoiser.branches, denoiser.branches
+        static.banks.reference_latents.copy_(branches.banks.reference_latents)
+        static.context.copy_(branches.context)
+        if static.uncond_context is not None and static.uncond_context is not static.context:
+            static.uncond_context.copy_(branches.uncond_context)
+        static.motion_hints = branches.motion_hints
+        stored = getattr(branches.banks, "stored", None)
+        if self._graphs is not None:
+            if stored is not None and self._graphs.reads_stored_banks:
+                static.banks.release()
+                static.banks = self._graphs_banks = branches.banks
+                self._graphs.use_stored_banks(stored)
+            self._graphs.forget_bank()
+
+    def end_run(self) -> None:
+        """What one run cached goes (its banks, its hint features: the graphs read copies of a window's hints); the
+        graphs stay, for kept graphs' next run, which `adopt`s its own."""
+        self.denoiser.release()
+        self.denoiser.branches.motion_hints = None
+
     def release(self) -> None:
         """Drop the graphs and their memory pool, and the denoiser's cached banks (when sampling ends or is
         cancelled)."""
