@@ -229,3 +229,23 @@ def restart_with_allocator(name: str) -> None:
 def require_device(device: str, script: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{script} needs a CUDA GPU (or --device cpu --config tiny for a smoke test)")
+
+
+def time_norm_variants(where: str, variants: dict, exact: torch.Tensor, moved: int) -> None:
+    """Time each of `variants` {name: fn} with Triton's do_bench and print one JSON line per variant: its time, the
+    bandwidth at `moved` bytes (one read and one write of the activation: the least any version moves) and its
+    relative error against `exact`; a variant that fails prints its error instead."""
+    from triton.testing import do_bench
+
+    for name, fn in variants.items():
+        try:
+            out = fn()
+            err = float((out.float() - exact).norm() / exact.norm())
+            ms = do_bench(fn, warmup=25, rep=200)
+        except Exception as exc:
+            print(json.dumps({"where": where, "variant": name, "error": str(exc).splitlines()[0][:160]}),
+                  flush=True)
+            continue
+        print(json.dumps({"where": where, "variant": name, "ms": round(ms, 4),
+                          "GB/s at one read + one write": round(moved / ms / 1e6), "rel_err": round(err, 5)}),
+              flush=True)

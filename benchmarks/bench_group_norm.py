@@ -15,7 +15,6 @@ quotes the figures): the kernel took a third to a seventh of PyTorch's time at m
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import time_norm_variants  # noqa: E402
 from xportrait_core.fast import group_norm  # noqa: E402
 
 
@@ -49,8 +49,6 @@ SHAPES = (
 
 
 def main():
-    from triton.testing import do_bench
-
     dtype = torch.bfloat16
     torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape
     compiled = torch.compile(group_norm_pytorch, dynamic=False)
@@ -65,21 +63,10 @@ def main():
         variants = {"PyTorch (eager)": lambda: group_norm_pytorch(x, 32, weight, bias, 1e-6, silu),
                     "Inductor (the pack with --compile)": lambda: compiled(x, 32, weight, bias, 1e-6, silu)}
         for rows, cols in ((64, 64), (32, 64), (128, 64), (16, 128)):
-            # The kernel normalises only; the SiLU after it is PyTorch's, as in the pack.
-            variants[f"kernel {rows}x{cols}"] = lambda r=rows, c=cols: (F.silu if silu else (lambda y: y))(
-                group_norm.group_norm_channels_last(x, 32, weight, bias, 1e-6, r, c))
-        for name, fn in variants.items():
-            try:
-                out = fn()
-                err = float((out.float() - exact).norm() / exact.norm())
-                ms = do_bench(fn, warmup=25, rep=200)
-            except Exception as exc:
-                print(json.dumps({"where": where, "variant": name, "error": str(exc).splitlines()[0][:160]}),
-                      flush=True)
-                continue
-            print(json.dumps({"where": where, "variant": name, "ms": round(ms, 4),
-                              "GB/s at one read + one write": round(moved / ms / 1e6), "rel_err": round(err, 5)}),
-                  flush=True)
+            # SiLU in the kernel's writing pass, as the pack's ResBlocks ask for it (blocks.norm_silu).
+            variants[f"kernel {rows}x{cols}"] = lambda r=rows, c=cols: group_norm.group_norm_channels_last(
+                x, 32, weight, bias, 1e-6, r, c, silu=silu)
+        time_norm_variants(where, variants, exact, moved)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ The kernel is kept only if the job-level A/B (bench_comfy.py --ab layer_norm) ag
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import time_norm_variants  # noqa: E402
 from xportrait_core.fast import layer_norm  # noqa: E402
 
 # (where, rows, channels): LayerNorm inputs of a guided 16-frame window at 512x512 (both branches, batch 32):
@@ -37,8 +37,6 @@ def layer_norm_pytorch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def main():
-    from triton.testing import do_bench
-
     dtype = torch.bfloat16
     torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape
     compiled = torch.compile(layer_norm_pytorch, dynamic=False)
@@ -55,18 +53,7 @@ def main():
         for block_rows in (1, 2, 4, 8, 16):
             variants[f"kernel {block_rows} rows a program"] = lambda r=block_rows: layer_norm.layer_norm_rows(
                 x, weight, bias, 1e-5, r)
-        for name, fn in variants.items():
-            try:
-                out = fn()
-                err = float((out.float() - exact).norm() / exact.norm())
-                ms = do_bench(fn, warmup=25, rep=200)
-            except Exception as exc:
-                print(json.dumps({"where": where, "variant": name, "error": str(exc).splitlines()[0][:160]}),
-                      flush=True)
-                continue
-            print(json.dumps({"where": where, "variant": name, "ms": round(ms, 4),
-                              "GB/s at one read + one write": round(moved / ms / 1e6), "rel_err": round(err, 5)}),
-                  flush=True)
+        time_norm_variants(where, variants, exact, moved)
 
 
 if __name__ == "__main__":
