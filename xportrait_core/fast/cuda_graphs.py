@@ -346,6 +346,17 @@ def with_cuda_graphs(denoiser, steps: Optional[int] = None, cuda_malloc_async: b
     return denoiser
 
 
+def _copy_run_inputs(static, branches):
+    """Copy another run's reference latents and texts (`branches`) into the tensors the recorded run's `static`
+    branches hold, which the graphs read; returns the other run's stored banks (None where its banks are computed
+    by the reference net itself)."""
+    static.banks.reference_latents.copy_(branches.banks.reference_latents)
+    static.context.copy_(branches.context)
+    if static.uncond_context is not None and static.uncond_context is not static.context:
+        static.uncond_context.copy_(branches.uncond_context)
+    return getattr(branches.banks, "stored", None)
+
+
 class GraphedDenoiser:
     """A `GuidedDenoiser` whose window work replays from CUDA graphs: `denoise(x_window, t, frame_indices)` as the
     denoiser's, t an int.
@@ -406,12 +417,8 @@ class GraphedDenoiser:
         hints are read from now on, banks computed outside the graphs come from its own source, and no bank of the
         last run is reused."""
         static, branches = self.denoiser.branches, denoiser.branches
-        static.banks.reference_latents.copy_(branches.banks.reference_latents)
-        static.context.copy_(branches.context)
-        if static.uncond_context is not None and static.uncond_context is not static.context:
-            static.uncond_context.copy_(branches.uncond_context)
+        stored = _copy_run_inputs(static, branches)
         static.motion_hints = branches.motion_hints
-        stored = getattr(branches.banks, "stored", None)
         if self._graphs is not None:
             if stored is not None and self._graphs.reads_stored_banks:
                 static.banks.release()
@@ -454,14 +461,10 @@ class WindowGraphs:
         fit): its reference latents and texts are copied into the tensors the graphs read, its hints are read from
         now on, and no bank of the last run is reused."""
         static = self.branches
-        static.banks.reference_latents.copy_(branches.banks.reference_latents)
-        static.context.copy_(branches.context)
-        if static.uncond_context is not None and static.uncond_context is not static.context:
-            static.uncond_context.copy_(branches.uncond_context)
+        stored = _copy_run_inputs(static, branches)
         self.motion_hints = branches.motion_hints
         # Banks computed outside the graphs (batched_banks.py) come from the new run's own source, planned for its
         # timesteps; the last run's chunk goes.
-        stored = getattr(branches.banks, "stored", None)
         if stored is not None:
             static.banks.release()
         for graphs in self._graphs.values():
