@@ -197,12 +197,13 @@ def kept_graphs_untouched():
         init(self, *args, **{**kwargs, "kept_graphs": None})
 
     VideoDenoiser.__init__ = init_without_kept_graphs
+    sampler_kept = SAMPLER_KEPT_GRAPHS["on"]
     SAMPLER_KEPT_GRAPHS["on"] = False  # our Sampler's runs likewise (the `sampler` measure reads this)
     try:
         yield
     finally:
         VideoDenoiser.__init__ = init
-        SAMPLER_KEPT_GRAPHS["on"] = True
+        SAMPLER_KEPT_GRAPHS["on"] = sampler_kept
 
 
 # Whether the `sampler` measure passes the handle's KeptSamplerGraphs (off inside the graph variants' B runs).
