@@ -261,13 +261,16 @@ def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_
         assert ((a - b).norm() / a.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("low_vram", [False, True], ids=["batched branches, live banks", "low-VRAM"])
-def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vram):
+@pytest.mark.parametrize("low_vram,batched_banks", [(False, False), (False, True), (True, False)],
+                         ids=["batched branches, live banks", "batched branches, batched banks", "low-VRAM"])
+def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vram, batched_banks):
     """The recorded graphs replay the eager computation exactly (two windows a step; the first step runs eagerly
-    as the warm-up): with both branches in one batch and the reference graph serving both windows, and as
-    low-VRAM mode samples (branches one after the other, banks precomputed and copied into fixed buffers)."""
+    as the warm-up): with both branches in one batch and the reference graph serving both windows, with the banks
+    of several timesteps per reference-net call copied into fixed buffers (the uncompiled path), and as low-VRAM
+    mode samples (branches one after the other, banks precomputed and copied into fixed buffers)."""
     from xportrait_core.fast import offload
     from xportrait_core.fast.cuda_graphs import GraphedDenoiser
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
     from xportrait_core.sampling.guidance import GuidedDenoiser
     from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
@@ -284,6 +287,8 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
         if low_vram:
             branches = denoiser.branches
             branches.banks = offload.precompute_reference_banks(branches.banks, timesteps, cuda_graphs=graphs)
+        if batched_banks:
+            denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
         if graphs:
             denoiser = GraphedDenoiser(denoiser)
         out = sample_ddim(denoiser, golden_cases[f"{name}_x_T"].cuda(), cuda_model.alphas_cumprod,
@@ -297,7 +302,7 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
     graphed, replays = run(True)
     # Live banks: steps 2-4, two windows each (the first step's bank is eager, so its second window is too).
     # Stored banks have fixed addresses from the start: the first step's second window replays already.
-    assert replays == (7 if low_vram else 6)
+    assert replays == (7 if low_vram or batched_banks else 6)
     torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=1e-6)
     # And both are the official run (float32 on the GPU: the CPU golden tolerance, loosened for GPU kernels).
     torch.testing.assert_close(graphed.cpu(), golden_cases[f"{name}_out"], atol=1e-3, rtol=1e-3)
@@ -318,10 +323,14 @@ cases = load_file(sys.argv[2])
 model = load_xportrait(sys.argv[1], XPortraitConfig.tiny(), dtype=torch.bfloat16, device="cuda",
                        operations=fast_operations())
 name = "sample20_overlap4"
-denoiser = with_cuda_graphs(GuidedDenoiser.for_model(
+guided = GuidedDenoiser.for_model(
     model, cases[name + "_reference_latent"], global_hint=cases[name + "_global_hint"],
     local_hint=cases[name + "_local_hint"], guidance_scale=5.0, context=cases[name + "_context"],
-    uncond_context=cases[name + "_uncond_context"]))
+    uncond_context=cases[name + "_uncond_context"])
+if sys.argv[3:] == ["batched"]:  # the uncompiled pipeline's banks, copied into the graphs at each step
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+    guided.branches.banks = BatchedReferenceBanks(guided.branches.banks, ddim_timesteps(4).flip(0))
+denoiser = with_cuda_graphs(guided)
 out = sample_ddim(denoiser, cases[name + "_x_T"].cuda(), model.alphas_cumprod, ddim_timesteps(4), eta=0.0,
                   window=16, overlap=4, window_offsets=cases[name + "_window_offsets"])
 denoiser.release()
@@ -330,7 +339,9 @@ print("graphs", type(denoiser).__name__ == "GraphedDenoiser", "finite", bool(tor
 """
 
 
-def test_sampling_under_the_cuda_malloc_async_allocator_records_graphs_and_runs(golden_state_dict_path, tmp_path):
+@pytest.mark.parametrize("banks", ["live", "batched"])
+def test_sampling_under_the_cuda_malloc_async_allocator_records_graphs_and_runs(golden_state_dict_path, tmp_path,
+                                                                                banks):
     """ComfyUI's default allocator: recording there with the pack's Triton kernels inside aborted the process until
     they launched by address while recording (fast/triton_launch.py); sampling must record, replay and complete
     with the official result (bf16)."""
@@ -345,7 +356,7 @@ def test_sampling_under_the_cuda_malloc_async_allocator_records_graphs_and_runs(
     script = tmp_path / "run.py"
     script.write_text(ASYNC_ALLOCATOR_RUN)
     result = subprocess.run([sys.executable, str(script), str(golden_state_dict_path),
-                             str(golden_state_dict_path.parent / "tiny_cases.safetensors")], env=env,
+                             str(golden_state_dict_path.parent / "tiny_cases.safetensors"), banks], env=env,
                             capture_output=True, text=True, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     words = result.stdout.split()
