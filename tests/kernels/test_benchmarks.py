@@ -355,3 +355,17 @@ def test_comfy_benchmarks_attribute_kernels_to_the_operator_shapes_and_pack_line
     assert table[1].split()[:2] == ["2", "0.05"] and "aten::copy_ < aten::clone < aten::reshape" in table[1]
     assert "[[8, 16, 320]]" in table[1] and "temporal.py(104)" in table[1]
     assert table[2].split()[:2] == ["1", "0.01"] and "aten::add" in table[2] and "/opt/comfy/k.py(3)" in table[2]
+
+
+def test_comfy_benchmarks_conv_bias_variant_turns_the_kernel_off_and_back(monkeypatch):
+    from xportrait_core.fast import conv_bias
+
+    bench = _bench_module("bench_comfy")
+    monkeypatch.setattr(conv_bias, "_enabled", True)
+    with bench.apply_variant("conv_bias"):
+        assert not conv_bias._enabled
+    assert conv_bias._enabled
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("conv_bias+layer_norm"):
+            raise RuntimeError("a B run failed")
+    assert conv_bias._enabled
