@@ -305,8 +305,15 @@ VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole
 
 @contextlib.contextmanager
 def apply_variant(name: str):
-    """The named variant; several joined by "+" apply together (graphs_off+group_norm: both)."""
+    """The named variant; several joined by "+" apply together (graphs_off+group_norm: both).
+
+    Every variant but `identical` runs without the A runs' kept graphs (`kept_graphs_untouched`): those hold A's
+    kernels and settings, which a B arm would otherwise replay, and a B run must not replace them. Such a B arm
+    records its own graphs at every run, so read a kernel variant against the keep_graphs_off arm, which does the
+    same with A's code."""
     with contextlib.ExitStack() as stack:
+        if name != "identical":
+            stack.enter_context(kept_graphs_untouched())
         for part in name.split("+"):
             stack.enter_context(VARIANTS[part]())
         yield

@@ -330,6 +330,20 @@ def test_comfy_benchmarks_identical_variant_changes_nothing():
         pass
 
 
+def test_comfy_benchmarks_kernel_variants_never_reach_the_a_runs_kept_graphs(tiny_model):
+    """A kernel variant's B run (here layer_norm) gets no kept graphs: the A runs' were recorded with A's kernels,
+    which it would otherwise replay. `identical` keeps them, as A does."""
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+    from xportrait_core.sampling.video_denoiser import VideoDenoiser
+
+    bench = _bench_module("bench_comfy")
+    reference, kept = torch.zeros(1, 4, 8, 8), KeptWindowGraphs()
+    with bench.apply_variant("layer_norm"):
+        assert VideoDenoiser(tiny_model, reference, cuda_graphs=True, kept_graphs=kept).kept_graphs is None
+    with bench.apply_variant("identical"):
+        assert VideoDenoiser(tiny_model, reference, cuda_graphs=True, kept_graphs=kept).kept_graphs is kept
+
+
 def test_comfy_benchmarks_attribute_kernels_to_the_operator_shapes_and_pack_line_that_launched_them():
     """bench_comfy.py --profile-sources: the unvectorised elementwise kernels counted by the innermost operator and
     its callers, its shapes and the first pack line on its stack, the largest device time first."""
