@@ -19,10 +19,11 @@ both guidance branches one after the other (their activations share the graph's 
 The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
 recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
 thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
-ordered after and before the caller's stream. Every input is copied into a static buffer before a replay; everything else the graphs read
-(weights, contexts, reference latents) must keep its address while they live, so graphs last one sampling run
-(`GraphedDenoiser.release` drops them and their memory pool). Where recording fails (a host sync inside the
-step, say) `GraphCaptureError` says so and `GraphedDenoiser` goes on with the eager denoiser.
+ordered after and before the caller's stream. Every input is copied into a static buffer before a replay;
+everything else the graphs read (weights, contexts, reference latents) must keep its address while they live, so
+graphs last one sampling run (`GraphedDenoiser.release` drops them and their memory pool; KSampler's kept graphs
+outlive it: fast/kept_graphs.py). Where recording fails (a host sync inside the step, say) `GraphCaptureError`
+says so and `GraphedDenoiser` goes on with the eager denoiser.
 
 Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the memory a recording allocates is not mapped yet
 while it records, and Triton's kernel launcher rejects those pointers; freeing the tensors of the failed recording

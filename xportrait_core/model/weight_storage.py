@@ -3,8 +3,9 @@
 What is stored narrow: the weights and biases of every Linear and Conv2d of the four diffusion networks (UNet with
 its motion modules, reference net, both ControlNets): nearly all of their bytes, and the weights sampling keeps on
 the GPU. Everything else stays in the compute dtype: the networks' norms (a few thousand per-channel scales, which
-the GroupNorm and LayerNorm kernels then still read as they are), buffers such as the motion modules' positional encodings, and
-the whole VAE and text encoder (they run once per job, and ComfyUI keeps its own VAE and CLIP apart likewise).
+the GroupNorm and LayerNorm kernels then still read as they are), buffers such as the motion modules' positional
+encodings, and the whole VAE and text encoder (they run once per job, and ComfyUI keeps its own VAE and CLIP apart
+likewise).
 
 The narrow weights only work in layers that cast their weights to the input's dtype at every call
 (`Operations.casts_weights`: ComfyUI's comfy.ops manual-cast classes, or `casting_operations()`); each call then
