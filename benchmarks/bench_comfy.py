@@ -88,7 +88,8 @@ def parse(argv=None):
                              "norm_fusions = the norms' fused forms off (timestep embedding, SiLU, frame encoding "
                              "as operations of their own); sampler_eager_under_async = our Sampler without graphs "
                              "under ComfyUI's allocator; recorded_reference_net = graphs record the reference net "
-                             "per step instead of copying batched banks; several joined by + apply together (graphs_off+group_norm)")
+                             "per step instead of copying batched banks; conv_bias = convolutions' biases added by "
+                             "PyTorch; several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--profile-sources", action="store_true",
                         help="with --profile: record shapes and Python stacks in the profiled run, and add a table of "
                              "the kernels named by --profile-sources-kernel by the operator, shapes and pack source "
@@ -318,13 +319,28 @@ def recorded_reference_net():
     finally:
         BatchedReferenceBanks.stored = saved
 
+
+@contextlib.contextmanager
+def conv_bias_kernel_off():
+    """Convolutions add their biases through PyTorch (the unvectorised broadcast sum), as
+    XPORTRAIT_CONV_BIAS_KERNEL=0 gives."""
+    from xportrait_core.fast import conv_bias
+
+    saved = conv_bias._enabled
+    conv_bias.set_conv_bias_kernel(False)
+    try:
+        yield
+    finally:
+        conv_bias.set_conv_bias_kernel(saved)
+
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
             "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off,
             "norm_fusions": norm_fusions_off, "keep_graphs_off": kept_graphs_off,
             # B = A: the two arms' difference when nothing differs (the first arm's bias, the noise).
             "identical": contextlib.nullcontext, "sampler_eager_under_async": sampler_eager_under_async,
-            "recorded_reference_net": recorded_reference_net}
+            "recorded_reference_net": recorded_reference_net, "conv_bias": conv_bias_kernel_off}
 
 
 @contextlib.contextmanager

@@ -185,10 +185,34 @@ def test_fused_norm_forms_match_the_separate_operations_at_the_models_shapes(dty
     assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 320, 64, 64), (32, 1280, 16, 16), (16, 640, 32, 32)])
+def test_conv_bias_kernel_matches_pytorchs_biased_convolution_and_sum(shape, dtype):
+    """A convolution on the GPU at UNet shapes, channels-last: the fast Conv2d (bias added by the kernel) against
+    PyTorch's biased convolution, alone and with a residual (a ResBlock's skip), within one rounding."""
+    from xportrait_core.fast import conv_bias
+
+    n, channels, side, _ = shape
+    conv = conv_bias.with_kernel(torch.nn.Conv2d)(channels, channels, 3, padding=1).cuda().to(dtype)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert conv_bias.supports(x)
+        reference = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        out, summed = conv(x), conv.forward_plus(x, residual)
+    eps = torch.finfo(dtype).eps
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert (out.float() - reference.float()).abs().max().item() <= 2 * eps * reference.abs().max().item() + 1e-3
+    expected = reference.float() + residual.float()
+    assert (summed.float() - expected).abs().max().item() <= 4 * eps * expected.abs().max().item() + 1e-3
+
+
 def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
     """The uncompiled bf16 channels-last path with the pack's GroupNorm, LayerNorm and GEGLU kernels (the Load node's
     default: a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within
     bf16 noise of each other."""
+    from xportrait_core.fast import conv_bias
     from xportrait_core.fast import geglu
     from xportrait_core.fast import group_norm
     from xportrait_core.fast import layer_norm
@@ -198,7 +222,7 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
     cases = {k: v.cuda() for k, v in golden_cases.items()}
     model = prepare_model(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda",
                                          operations=fast_operations()), channels_last=True)
-    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0}
+    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0, "conv_bias": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -212,22 +236,27 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
             return model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
                                   cases["local_hint"])
 
-    original = group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows
+    original = (group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows,
+                conv_bias.add_channel_bias)
     try:
         group_norm.group_norm_channels_last = counted("group_norm", original[0])
         geglu.gated_gelu = counted("geglu", original[1])
         layer_norm.layer_norm_rows = counted("layer_norm", original[2])
+        conv_bias.add_channel_bias = counted("conv_bias", original[3])
         with_kernels = predict()
-        assert calls["group_norm"] > 0 and calls["geglu"] > 0 and calls["layer_norm"] > 0, calls
+        assert all(count > 0 for count in calls.values()), calls
         group_norm.set_group_norm_kernel(False)
         geglu.set_geglu_kernel(False)
         layer_norm.set_layer_norm_kernel(False)
+        conv_bias.set_conv_bias_kernel(False)
         without = predict()
     finally:
-        group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows = original
+        (group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows,
+         conv_bias.add_channel_bias) = original
         group_norm.set_group_norm_kernel(True)
         geglu.set_geglu_kernel(True)
         layer_norm.set_layer_norm_kernel(True)
+        conv_bias.set_conv_bias_kernel(True)
     assert ((with_kernels - without).norm() / without.norm()).item() < 2e-2
 
 

@@ -388,3 +388,17 @@ def test_comfy_benchmarks_sampler_graph_variants_restore_the_rules_they_change()
         with bench.apply_variant("recorded_reference_net"):
             raise RuntimeError("a B run failed")
     assert BatchedReferenceBanks.stored is stored
+
+
+def test_comfy_benchmarks_conv_bias_variant_turns_the_kernel_off_and_back(monkeypatch):
+    from xportrait_core.fast import conv_bias
+
+    bench = _bench_module("bench_comfy")
+    monkeypatch.setattr(conv_bias, "_enabled", True)
+    with bench.apply_variant("conv_bias"):
+        assert not conv_bias._enabled
+    assert conv_bias._enabled
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("conv_bias+layer_norm"):
+            raise RuntimeError("a B run failed")
+    assert conv_bias._enabled
