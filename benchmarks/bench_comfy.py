@@ -86,7 +86,10 @@ def parse(argv=None):
                              "run (the graph variants leave the A runs' kept graphs alone); identical = B is A "
                              "(the arms' bias); layer_norm = the LayerNorm kernel off (ComfyUI's LayerNorm alone); "
                              "norm_fusions = the norms' fused forms off (timestep embedding, SiLU, frame encoding "
-                             "as operations of their own); several joined by + apply together (graphs_off+group_norm)")
+                             "as operations of their own); sampler_eager_under_async = our Sampler without graphs "
+                             "under ComfyUI's allocator; recorded_reference_net = graphs record the reference net "
+                             "per step instead of copying batched banks; conv_bias = convolutions' biases added by "
+                             "PyTorch; several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--profile-sources", action="store_true",
                         help="with --profile: record shapes and Python stacks in the profiled run, and add a table of "
                              "the kernels named by --profile-sources-kernel by the operator, shapes and pack source "
@@ -195,10 +198,17 @@ def kept_graphs_untouched():
         init(self, *args, **{**kwargs, "kept_graphs": None})
 
     VideoDenoiser.__init__ = init_without_kept_graphs
+    sampler_kept = SAMPLER_KEPT_GRAPHS["on"]
+    SAMPLER_KEPT_GRAPHS["on"] = False  # our Sampler's runs likewise (the `sampler` measure reads this)
     try:
         yield
     finally:
         VideoDenoiser.__init__ = init
+        SAMPLER_KEPT_GRAPHS["on"] = sampler_kept
+
+
+# Whether the `sampler` measure passes the handle's KeptSamplerGraphs (off inside the graph variants' B runs).
+SAMPLER_KEPT_GRAPHS = {"on": True}
 
 
 @contextlib.contextmanager
@@ -280,12 +290,57 @@ def norm_fusions_off():
     finally:
         blocks.norm_silu, temporal.norm_plus = saved
 
+
+@contextlib.contextmanager
+def sampler_eager_under_async():
+    """Our Sampler without graphs under ComfyUI's allocator (its rule before batched banks went into graphs)."""
+    from xportrait_core.sampling import pipeline
+
+    saved = pipeline.sampler_graph_rules
+    pipeline.sampler_graph_rules = lambda steps: dict(saved(steps), cuda_malloc_async=False)
+    try:
+        with kept_graphs_untouched():
+            yield
+    finally:
+        pipeline.sampler_graph_rules = saved
+
+
+@contextlib.contextmanager
+def recorded_reference_net():
+    """Graphs record the reference net at batch 1 per timestep instead of copying each step's bank from the batched
+    banks (the graphed paths before that)."""
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+
+    saved = BatchedReferenceBanks.stored
+    BatchedReferenceBanks.stored = None
+    try:
+        with kept_graphs_untouched():
+            yield
+    finally:
+        BatchedReferenceBanks.stored = saved
+
+
+@contextlib.contextmanager
+def conv_bias_kernel_off():
+    """Convolutions add their biases through PyTorch (the unvectorised broadcast sum), as
+    XPORTRAIT_CONV_BIAS_KERNEL=0 gives."""
+    from xportrait_core.fast import conv_bias
+
+    saved = conv_bias._enabled
+    conv_bias.set_conv_bias_kernel(False)
+    try:
+        yield
+    finally:
+        conv_bias.set_conv_bias_kernel(saved)
+
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
             "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off,
             "norm_fusions": norm_fusions_off, "keep_graphs_off": kept_graphs_off,
             # B = A: the two arms' difference when nothing differs (the first arm's bias, the noise).
-            "identical": contextlib.nullcontext}
+            "identical": contextlib.nullcontext, "sampler_eager_under_async": sampler_eager_under_async,
+            "recorded_reference_net": recorded_reference_net, "conv_bias": conv_bias_kernel_off}
 
 
 @contextlib.contextmanager
@@ -402,7 +457,9 @@ def main(argv=None):
         # record's): runs that replayed graphs an earlier run recorded, and the sets of graphs recorded.
         kept = getattr(comfy_model.model, "kept_graphs", None)
         record.update(kept_graphs_served_again=getattr(kept, "served_again", None),
-                      kept_graphs_recordings=getattr(kept, "recordings", None))
+                      kept_graphs_recordings=getattr(kept, "recordings", None),
+                      sampler_kept_graphs_served_again=handle.kept_graphs.served_again,
+                      sampler_kept_graphs_recordings=handle.kept_graphs.recordings)
         record.update(device=str(device), dtype=args.dtype, compiled=args.compile, compute_dtype=str(dtype).replace("torch.", ""),
                       storage_dtype=str(storage_dtype or dtype).replace("torch.", ""), model_gib=model_gib,
                       model_gib_compute_dtype=model_gib_compute_dtype, frames=args.frames,
@@ -514,7 +571,8 @@ def main(argv=None):
         prepared = handle.ready()
         outputs["sampler"] = animate_latents(
             prepared, image, global_hint=torch.as_tensor(global_hint), local_hint=torch.as_tensor(local_hint),
-            steps=args.steps, guidance_scale=5.0, overlap=4, seed=999, context=context, uncond_context=context)
+            steps=args.steps, guidance_scale=5.0, overlap=4, seed=999, context=context, uncond_context=context,
+            kept_graphs=handle.kept_graphs if SAMPLER_KEPT_GRAPHS["on"] else None)
 
     def ksampler(name, model, steps, cfg, sampler, scheduler, decode=False):
         def run():

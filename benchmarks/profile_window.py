@@ -141,13 +141,15 @@ def profiled_kernels(device: torch.device, fn, what: str) -> dict[str, float]:
 
 def time_by_source(ops, package: str = "xportrait_core", limit: int = 25) -> list[dict]:
     """Kernel time by op and by the function that called it: `ops` are (op name, enclosing Python frames innermost
-    first, microseconds); the function is the innermost frame in `package`, else the innermost frame. A frame reads
+    first, microseconds); the function is the innermost frame in `package` outside its `fast/` layers (a fast
+    layer's forward stands for the layer the model called), else the innermost frame. A frame reads
     "file(line the function starts at): name", as the profiler's Python tracer names it. Largest first."""
     totals: dict[tuple[str, str], list] = {}
     for name, stack, us in ops:
         if us <= 0:
             continue
         frames = [f for f in stack if package in f] or list(stack) or ["(no Python stack)"]
+        frames = [f for f in frames if f"{package}/fast/" not in f] or frames
         entry = totals.setdefault((name, frames[0]), [0.0, 0])
         entry[0] += us
         entry[1] += 1

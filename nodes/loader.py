@@ -55,6 +55,10 @@ class LoadedXPortrait:
         self._compiled = False
         self.patcher = None
         self.comfy_model = None  # the MODEL output's ModelPatcher, over the same networks
+        from xportrait_core.fast.kept_graphs import KeptSamplerGraphs
+
+        # The X-Portrait Sampler's CUDA graphs, kept for its next run of the same sizes and settings.
+        self.kept_graphs = KeptSamplerGraphs()
         try:
             import comfy.model_patcher
         except ImportError:
@@ -62,6 +66,18 @@ class LoadedXPortrait:
         self.patcher = comfy.model_patcher.ModelPatcher(
             _managed_module(model, low_vram), load_device=common.torch_device(), offload_device=common.offload_device()
         )
+        try:
+            from comfy.patcher_extension import CallbacksMP
+        except ImportError:  # a ComfyUI before patcher callbacks: a failed run still releases the graphs
+            return
+        self.patcher.add_callback_with_key(CallbacksMP.ON_DETACH, "xportrait_kept_graphs", self._on_detach)
+
+    def _on_detach(self, patcher, unpatch_all: bool) -> None:
+        """ComfyUI unloads the networks (`unpatch_all`: the weights leave the device): the kept graphs' addresses
+        are stale and their memory is wanted. It also detaches a loaded model without moving it each time a node
+        loads it again; the graphs stay then."""
+        if unpatch_all:
+            self.kept_graphs.release()
 
     @property
     def config(self):

@@ -164,7 +164,7 @@ class Sampler:
                 init=init, init_frames=init_frames, context=context, uncond_context=uncond_context,
                 global_strength=motion.global_strength, local_strength=motion.local_strength,
                 callback=on_model_call, should_cancel=should_cancel, on_step=on_step if previewer else None,
-                sampler=sampler)
+                sampler=sampler, kept_graphs=handle.kept_graphs)
             frames = []
             for index, chunk in enumerate(iter_frames(model, latents, decode_chunk, should_cancel)):
                 frames.append(chunk)

@@ -12,14 +12,22 @@ class EagerGraphs:
     made: list = []
 
     def __init__(self, device, window_eps, compute_bank=None, stored_banks=None):
-        self.window_eps, self.compute_bank = window_eps, compute_bank
+        self.window_eps, self.compute_bank, self.stored_banks = window_eps, compute_bank, stored_banks
         self.calls, self.released, self.replays, self.forgotten = 0, False, 0, 0
         EagerGraphs.made.append(self)
+
+    @property
+    def reads_stored_banks(self) -> bool:
+        return self.stored_banks is not None
+
+    def use_stored_banks(self, stored_banks):
+        self.stored_banks = stored_banks
 
     def eps(self, x, t, global_hint=None, local_hint=None):
         self.calls += 1
         timestep = torch.full((1,), int(t), dtype=torch.long)
-        return self.window_eps(x, timestep, global_hint, local_hint, self.compute_bank(timestep))
+        bank = self.stored_banks[int(t)] if self.stored_banks is not None else self.compute_bank(timestep)
+        return self.window_eps(x, timestep, global_hint, local_hint, bank)
 
     def forget_bank(self):
         self.forgotten += 1

@@ -43,6 +43,9 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("XPORTRAIT_LAYER_NORM_KERNEL", "1", ON_OFF,
            "The Triton LayerNorm kernel (one read and one write of each row) for CUDA half-precision activations "
            "outside torch.compile and autograd; 0 uses PyTorch's LayerNorm."),
+    Switch("XPORTRAIT_CONV_BIAS_KERNEL", "1", ON_OFF,
+           "Convolutions on channels-last CUDA half-precision activations run without their bias, which a Triton "
+           "pass adds (with a ResBlock's skip, or folded into the next GroupNorm); 0 leaves the bias to PyTorch."),
 )
 
 _BY_NAME = {switch.name: switch for switch in SWITCHES}

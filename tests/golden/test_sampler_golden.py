@@ -273,6 +273,26 @@ def test_denoiser_serves_windows_from_the_graphs_when_they_record(tiny_model, go
     torch.testing.assert_close(out, eager(x, 501, idx), atol=1e-6, rtol=1e-6)
 
 
+def test_graphs_copy_each_steps_bank_from_the_batched_banks(tiny_model, golden_cases, monkeypatch):
+    """Uncompiled sampling with graphs keeps its batched banks (several timesteps per reference-net call) as the
+    graphs' stored source: the graphs read stored banks, and the eps is the eager one with the same banks."""
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+
+    name = "sample16"
+    args = _graphed_case(monkeypatch, golden_cases, name)
+    ref, x, idx = golden_cases[f"{name}_reference_latent"], golden_cases[f"{name}_x_T"], torch.arange(16)
+    guided = GuidedDenoiser.for_model(tiny_model, ref, **args)
+    guided.branches.banks = BatchedReferenceBanks(guided.branches.banks, [501, 251])
+    denoiser = GraphedDenoiser(guided)
+    out = [denoiser(x, t, idx) for t in (501, 251)]
+    denoiser.release()
+    assert _RecordingGraphs.calls[0] == "stored banks" and _RecordingGraphs.calls[-1] == "released"
+    eager = GuidedDenoiser.for_model(tiny_model, ref, **args)
+    eager.branches.banks = BatchedReferenceBanks(eager.branches.banks, [501, 251])
+    for t, graphed in zip((501, 251), out):
+        torch.testing.assert_close(graphed, eager(x, t, idx), atol=1e-6, rtol=1e-6)
+
+
 def test_low_vram_denoiser_gives_the_graphs_its_precomputed_banks(tiny_model, golden_cases, monkeypatch):
     """Low-VRAM sampling (branches one after the other, banks computed before sampling) goes through the graphs
     too, which read the stored banks; the eps is the batched eager one."""

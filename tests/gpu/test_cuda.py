@@ -185,10 +185,34 @@ def test_fused_norm_forms_match_the_separate_operations_at_the_models_shapes(dty
     assert (out.float() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(32, 320, 64, 64), (32, 1280, 16, 16), (16, 640, 32, 32)])
+def test_conv_bias_kernel_matches_pytorchs_biased_convolution_and_sum(shape, dtype):
+    """A convolution on the GPU at UNet shapes, channels-last: the fast Conv2d (bias added by the kernel) against
+    PyTorch's biased convolution, alone and with a residual (a ResBlock's skip), within one rounding."""
+    from xportrait_core.fast import conv_bias
+
+    n, channels, side, _ = shape
+    conv = conv_bias.with_kernel(torch.nn.Conv2d)(channels, channels, 3, padding=1).cuda().to(dtype)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert conv_bias.supports(x)
+        reference = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        out, summed = conv(x), conv.forward_plus(x, residual)
+    eps = torch.finfo(dtype).eps
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert (out.float() - reference.float()).abs().max().item() <= 2 * eps * reference.abs().max().item() + 1e-3
+    expected = reference.float() + residual.float()
+    assert (summed.float() - expected).abs().max().item() <= 4 * eps * expected.abs().max().item() + 1e-3
+
+
 def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict_path, golden_cases):
     """The uncompiled bf16 channels-last path with the pack's GroupNorm, LayerNorm and GEGLU kernels (the Load node's
     default: a model built from `fast_operations()`) against the same weights through PyTorch's ops: both within
     bf16 noise of each other."""
+    from xportrait_core.fast import conv_bias
     from xportrait_core.fast import geglu
     from xportrait_core.fast import group_norm
     from xportrait_core.fast import layer_norm
@@ -198,7 +222,7 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
     cases = {k: v.cuda() for k, v in golden_cases.items()}
     model = prepare_model(load_xportrait(golden_state_dict_path, dtype=torch.bfloat16, device="cuda",
                                          operations=fast_operations()), channels_last=True)
-    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0}
+    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0, "conv_bias": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -212,22 +236,27 @@ def test_uncompiled_kernels_give_the_guided_call_pytorch_gives(golden_state_dict
             return model.eps_cond(cases["x_noisy"], cases["timesteps"], cases["context"], bank, cases["global_hint"],
                                   cases["local_hint"])
 
-    original = group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows
+    original = (group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows,
+                conv_bias.add_channel_bias)
     try:
         group_norm.group_norm_channels_last = counted("group_norm", original[0])
         geglu.gated_gelu = counted("geglu", original[1])
         layer_norm.layer_norm_rows = counted("layer_norm", original[2])
+        conv_bias.add_channel_bias = counted("conv_bias", original[3])
         with_kernels = predict()
-        assert calls["group_norm"] > 0 and calls["geglu"] > 0 and calls["layer_norm"] > 0, calls
+        assert all(count > 0 for count in calls.values()), calls
         group_norm.set_group_norm_kernel(False)
         geglu.set_geglu_kernel(False)
         layer_norm.set_layer_norm_kernel(False)
+        conv_bias.set_conv_bias_kernel(False)
         without = predict()
     finally:
-        group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows = original
+        (group_norm.group_norm_channels_last, geglu.gated_gelu, layer_norm.layer_norm_rows,
+         conv_bias.add_channel_bias) = original
         group_norm.set_group_norm_kernel(True)
         geglu.set_geglu_kernel(True)
         layer_norm.set_layer_norm_kernel(True)
+        conv_bias.set_conv_bias_kernel(True)
     assert ((with_kernels - without).norm() / without.norm()).item() < 2e-2
 
 
@@ -261,13 +290,16 @@ def test_compiled_blocks_match_eager_without_hitting_the_recompile_limit(golden_
         assert ((a - b).norm() / a.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("low_vram", [False, True], ids=["batched branches, live banks", "low-VRAM"])
-def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vram):
+@pytest.mark.parametrize("low_vram,batched_banks", [(False, False), (False, True), (True, False)],
+                         ids=["batched branches, live banks", "batched branches, batched banks", "low-VRAM"])
+def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vram, batched_banks):
     """The recorded graphs replay the eager computation exactly (two windows a step; the first step runs eagerly
-    as the warm-up): with both branches in one batch and the reference graph serving both windows, and as
-    low-VRAM mode samples (branches one after the other, banks precomputed and copied into fixed buffers)."""
+    as the warm-up): with both branches in one batch and the reference graph serving both windows, with the banks
+    of several timesteps per reference-net call copied into fixed buffers (the uncompiled path), and as low-VRAM
+    mode samples (branches one after the other, banks precomputed and copied into fixed buffers)."""
     from xportrait_core.fast import offload
     from xportrait_core.fast.cuda_graphs import GraphedDenoiser
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
     from xportrait_core.sampling.guidance import GuidedDenoiser
     from xportrait_core.sampling.sampler import ddim_timesteps, sample_ddim
 
@@ -284,6 +316,8 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
         if low_vram:
             branches = denoiser.branches
             branches.banks = offload.precompute_reference_banks(branches.banks, timesteps, cuda_graphs=graphs)
+        if batched_banks:
+            denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
         if graphs:
             denoiser = GraphedDenoiser(denoiser)
         out = sample_ddim(denoiser, golden_cases[f"{name}_x_T"].cuda(), cuda_model.alphas_cumprod,
@@ -297,7 +331,7 @@ def test_cuda_graphs_sample_what_eager_samples(cuda_model, golden_cases, low_vra
     graphed, replays = run(True)
     # Live banks: steps 2-4, two windows each (the first step's bank is eager, so its second window is too).
     # Stored banks have fixed addresses from the start: the first step's second window replays already.
-    assert replays == (7 if low_vram else 6)
+    assert replays == (7 if low_vram or batched_banks else 6)
     torch.testing.assert_close(graphed, eager, atol=1e-6, rtol=1e-6)
     # And both are the official run (float32 on the GPU: the CPU golden tolerance, loosened for GPU kernels).
     torch.testing.assert_close(graphed.cpu(), golden_cases[f"{name}_out"], atol=1e-3, rtol=1e-3)
@@ -318,10 +352,14 @@ cases = load_file(sys.argv[2])
 model = load_xportrait(sys.argv[1], XPortraitConfig.tiny(), dtype=torch.bfloat16, device="cuda",
                        operations=fast_operations())
 name = "sample20_overlap4"
-denoiser = with_cuda_graphs(GuidedDenoiser.for_model(
+guided = GuidedDenoiser.for_model(
     model, cases[name + "_reference_latent"], global_hint=cases[name + "_global_hint"],
     local_hint=cases[name + "_local_hint"], guidance_scale=5.0, context=cases[name + "_context"],
-    uncond_context=cases[name + "_uncond_context"]))
+    uncond_context=cases[name + "_uncond_context"])
+if sys.argv[3:] == ["batched"]:  # the uncompiled pipeline's banks, copied into the graphs at each step
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+    guided.branches.banks = BatchedReferenceBanks(guided.branches.banks, ddim_timesteps(4).flip(0))
+denoiser = with_cuda_graphs(guided)
 out = sample_ddim(denoiser, cases[name + "_x_T"].cuda(), model.alphas_cumprod, ddim_timesteps(4), eta=0.0,
                   window=16, overlap=4, window_offsets=cases[name + "_window_offsets"])
 denoiser.release()
@@ -330,7 +368,9 @@ print("graphs", type(denoiser).__name__ == "GraphedDenoiser", "finite", bool(tor
 """
 
 
-def test_sampling_under_the_cuda_malloc_async_allocator_records_graphs_and_runs(golden_state_dict_path, tmp_path):
+@pytest.mark.parametrize("banks", ["live", "batched"])
+def test_sampling_under_the_cuda_malloc_async_allocator_records_graphs_and_runs(golden_state_dict_path, tmp_path,
+                                                                                banks):
     """ComfyUI's default allocator: recording there with the pack's Triton kernels inside aborted the process until
     they launched by address while recording (fast/triton_launch.py); sampling must record, replay and complete
     with the official result (bf16)."""
@@ -345,7 +385,7 @@ def test_sampling_under_the_cuda_malloc_async_allocator_records_graphs_and_runs(
     script = tmp_path / "run.py"
     script.write_text(ASYNC_ALLOCATOR_RUN)
     result = subprocess.run([sys.executable, str(script), str(golden_state_dict_path),
-                             str(golden_state_dict_path.parent / "tiny_cases.safetensors")], env=env,
+                             str(golden_state_dict_path.parent / "tiny_cases.safetensors"), banks], env=env,
                             capture_output=True, text=True, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     words = result.stdout.split()

@@ -731,3 +731,20 @@ def test_sampler_previews_each_step_through_comfyuis_latent_previewer(tiny, refe
     previewed = [entry for entry in sent if entry[2] is not None]
     assert [entry[2] for entry in previewed] == [("JPEG", "image", 512)] * STEPS
     assert all(value <= total for value, total, _ in sent)
+
+
+def test_the_model_handle_keeps_the_samplers_graphs_until_comfyui_unloads_the_networks(tiny):
+    """X-Portrait Load Model's handle owns the Sampler's kept CUDA graphs: ComfyUI's detach without moving the
+    weights (every node's reload) keeps them, an unload (unpatch_all) releases them."""
+    import types
+
+    from xportrait_core.fast.kept_graphs import KeptSamplerGraphs
+
+    handle = load_pack().nodes.loader.LoadedXPortrait(tiny.model, "tiny", "auto")
+    assert isinstance(handle.kept_graphs, KeptSamplerGraphs)
+    released = []
+    handle.kept_graphs._graphed = types.SimpleNamespace(release=lambda: released.append(1))
+    handle._on_detach(handle.patcher, False)
+    assert handle.kept_graphs.graphed is not None and not released
+    handle._on_detach(handle.patcher, True)
+    assert handle.kept_graphs.graphed is None and released == [1]

@@ -238,15 +238,52 @@ def test_without_cuda_graphs_the_banks_of_sixteen_timesteps_come_from_one_call(t
     np.testing.assert_allclose(batched, per_step, atol=2e-5, rtol=0)
 
 
-def test_the_pipeline_asks_for_graphs_for_its_run_length_and_not_under_cuda_malloc_async(tiny_model, inputs,
-                                                                                        monkeypatch):
+def test_the_pipeline_asks_for_graphs_for_its_run_length_under_either_allocator(tiny_model, inputs, monkeypatch):
     """Our Sampler and the CLI ask `cuda_graphs` once for the banks and once for the denoiser, with the run's
-    length (the LCM path's few steps stay eager) and cuda_malloc_async=False (under ComfyUI's allocator its
-    batched banks beat graphs)."""
+    length (the LCM path's few steps stay eager), under ComfyUI's allocator too: their batched banks go into the
+    graphs as the banks they copy each step from."""
     from xportrait_core.fast import cuda_graphs
 
     asked = []
     monkeypatch.setattr(cuda_graphs, "graphs_apply", lambda device, compiled=False, **rules: asked.append(rules)
                         and False)
     _animate(tiny_model, inputs, seed=5, steps=6, window=FRAMES, overlap=0)
-    assert asked == [dict(steps=7, cuda_malloc_async=False)] * 2  # 6 steps: the official schedule's 7 timesteps
+    # 6 steps: the official schedule's 7 timesteps; cuda_malloc_async at its default (True) or not given.
+    with_default = [dict(dict(cuda_malloc_async=True), **rules) for rules in asked]
+    assert with_default == [dict(steps=7, cuda_malloc_async=True)] * 2
+
+
+def test_our_sampler_keeps_its_graphs_for_the_next_run_like_it_and_replays_them(tiny_model, inputs, monkeypatch):
+    """animate_latents with a KeptSamplerGraphs (X-Portrait Load Model's handle owns one): a run that fits the kept
+    graphs (another seed here) replays them with its own inputs and gives the eager result; another guidance
+    scale records new graphs; a cancelled run leaves none. Graphs stood in (tests/graph_stand_ins.py)."""
+    from graph_stand_ins import EagerGraphs
+
+    from xportrait_core.fast import cuda_graphs
+    from xportrait_core.fast.kept_graphs import KeptSamplerGraphs
+    from xportrait_core.sampling.pipeline import animate_latents
+    from xportrait_core.sampling.sampler import SamplingCancelled
+
+    monkeypatch.setattr(EagerGraphs, "made", [])
+    monkeypatch.setattr(cuda_graphs, "GuidanceGraphs", EagerGraphs)
+    args = dict(inputs)
+    reference = args.pop("reference")
+
+    def run(kept, graphs, seed, guidance=5.0, **extra):
+        monkeypatch.setattr(cuda_graphs, "graphs_apply", lambda device, compiled=False, **rules: graphs)
+        return animate_latents(tiny_model, reference, **args, steps=20, window=8, overlap=2, seed=seed,
+                               guidance_scale=guidance, kept_graphs=kept, **extra)
+
+    kept = KeptSamplerGraphs()
+    calls = []
+    for seed in (3, 4):
+        torch.testing.assert_close(run(kept, True, seed), run(None, False, seed), atol=1e-5, rtol=1e-5)
+        calls.append(EagerGraphs.made[0].calls)
+    assert 0 < calls[0] < calls[1]  # the second run's windows went through the kept graphs too
+    assert kept.recordings == 1 and kept.served_again == 1 and len(EagerGraphs.made) == 1
+    assert kept.graphed is not None and not EagerGraphs.made[0].released
+    run(kept, True, 5, guidance=3.0)  # a constant of the recording: new graphs, the old ones released
+    assert kept.recordings == 2 and EagerGraphs.made[0].released
+    with pytest.raises(SamplingCancelled):
+        run(kept, True, 5, guidance=3.0, should_cancel=lambda: True)
+    assert kept.graphed is None and EagerGraphs.made[-1].released

@@ -369,3 +369,36 @@ def test_comfy_benchmarks_attribute_kernels_to_the_operator_shapes_and_pack_line
     assert table[1].split()[:2] == ["2", "0.05"] and "aten::copy_ < aten::clone < aten::reshape" in table[1]
     assert "[[8, 16, 320]]" in table[1] and "temporal.py(104)" in table[1]
     assert table[2].split()[:2] == ["1", "0.01"] and "aten::add" in table[2] and "/opt/comfy/k.py(3)" in table[2]
+
+
+def test_comfy_benchmarks_sampler_graph_variants_restore_the_rules_they_change():
+    """bench_comfy.py --ab sampler_eager_under_async / recorded_reference_net: B keeps our Sampler eager under
+    ComfyUI's allocator, or makes graphs record the reference net instead of reading the batched banks; A's rules
+    come back, also after a B run that failed."""
+    from xportrait_core.sampling import pipeline
+    from xportrait_core.sampling.batched_banks import BatchedReferenceBanks
+
+    bench = _bench_module("bench_comfy")
+    rules, stored = pipeline.sampler_graph_rules, BatchedReferenceBanks.stored
+    with bench.apply_variant("sampler_eager_under_async+recorded_reference_net"):
+        assert pipeline.sampler_graph_rules(31) == dict(steps=31, cuda_malloc_async=False)
+        assert BatchedReferenceBanks.stored is None
+    assert pipeline.sampler_graph_rules is rules and BatchedReferenceBanks.stored is stored
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("recorded_reference_net"):
+            raise RuntimeError("a B run failed")
+    assert BatchedReferenceBanks.stored is stored
+
+
+def test_comfy_benchmarks_conv_bias_variant_turns_the_kernel_off_and_back(monkeypatch):
+    from xportrait_core.fast import conv_bias
+
+    bench = _bench_module("bench_comfy")
+    monkeypatch.setattr(conv_bias, "_enabled", True)
+    with bench.apply_variant("conv_bias"):
+        assert not conv_bias._enabled
+    assert conv_bias._enabled
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("conv_bias+layer_norm"):
+            raise RuntimeError("a B run failed")
+    assert conv_bias._enabled

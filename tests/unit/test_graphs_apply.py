@@ -32,18 +32,20 @@ def test_with_cuda_graphs_wraps_only_a_long_enough_run(monkeypatch):
     assert isinstance(graphed, cuda_graphs.GraphedDenoiser) and graphed.denoiser is denoiser
 
 
-def test_our_sampler_stays_eager_under_cuda_malloc_async_and_keeps_its_batched_banks(monkeypatch):
-    """The pipeline (our Sampler, the CLI) asks for graphs with cuda_malloc_async=False: under ComfyUI's allocator
-    its eager path, whose reference net runs many timesteps in one call, was the faster one."""
+def test_our_sampler_gets_graphs_under_cuda_malloc_async_for_a_long_enough_run(monkeypatch):
+    """The pipeline's rules (our Sampler, the CLI) give graphs under ComfyUI's allocator as under the native one,
+    for a run long enough to repay the recording; `cuda_malloc_async=False` still keeps a caller eager there."""
     import torch
 
     from xportrait_core.fast import triton_launch
+    from xportrait_core.sampling import pipeline
 
     monkeypatch.setattr(cuda_graphs, "cuda_graphs_enabled", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(triton_launch, "capture_safe", lambda: True)
+    for backend in ("cudaMallocAsync", "native"):
+        monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: backend)
+        assert cuda_graphs.graphs_apply("cuda", **pipeline.sampler_graph_rules(31))
+        assert not cuda_graphs.graphs_apply("cuda", **pipeline.sampler_graph_rules(7))
     monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "cudaMallocAsync")
-    assert cuda_graphs.graphs_apply("cuda", steps=30)  # KSampler's adapter
-    assert not cuda_graphs.graphs_apply("cuda", steps=30, cuda_malloc_async=False)  # our Sampler
-    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
-    assert cuda_graphs.graphs_apply("cuda", steps=30, cuda_malloc_async=False)
+    assert not cuda_graphs.graphs_apply("cuda", steps=30, cuda_malloc_async=False)

@@ -93,15 +93,18 @@ def test_a_short_run_records_only_when_it_repeats_the_last_run_and_later_runs_re
     the same shapes: a re-queued workflow) records and keeps the graphs; the next replays them."""
     kept = KeptWindowGraphs()
     jobs = [_job(tiny_model, seed) for seed in (11, 12, 13)]
-    for graphed, eager in zip(_run(tiny_model, jobs[0], kept, steps=SHORT), _run(tiny_model, jobs[0])):
+    eager_runs = _run(tiny_model, jobs[0], steps=SHORT)  # eager, with the same batched banks
+    for graphed, eager in zip(_run(tiny_model, jobs[0], kept, steps=SHORT), eager_runs):
         assert (graphed - eager).abs().max() < 1e-5
     assert kept.graphs is None and not stand_in_graphs and kept.recordings == 0
-    for graphed, eager in zip(_run(tiny_model, jobs[1], kept, steps=SHORT), _run(tiny_model, jobs[1])):
+    eager_runs = _run(tiny_model, jobs[1], steps=SHORT)  # eager, with the same batched banks
+    for graphed, eager in zip(_run(tiny_model, jobs[1], kept, steps=SHORT), eager_runs):
         assert (graphed - eager).abs().max() < 1e-5
     assert kept.recordings == 1 and kept.served_again == 0 and len(stand_in_graphs) == 1
     calls = _calls(stand_in_graphs)
     assert calls > 0
-    for graphed, eager in zip(_run(tiny_model, jobs[2], kept, steps=SHORT), _run(tiny_model, jobs[2])):
+    eager_runs = _run(tiny_model, jobs[2], steps=SHORT)  # eager, with the same batched banks
+    for graphed, eager in zip(_run(tiny_model, jobs[2], kept, steps=SHORT), eager_runs):
         assert (graphed - eager).abs().max() < 1e-5
     assert kept.recordings == 1 and kept.served_again == 1 and len(stand_in_graphs) == 1
     assert _calls(stand_in_graphs) == 2 * calls  # every window of the third run through the kept graphs

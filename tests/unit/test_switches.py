@@ -45,7 +45,7 @@ def test_the_table_has_one_entry_per_name_each_with_a_default_among_its_choices_
     assert len(names) == len(set(names))
     assert names == ["XPORTRAIT_ATTENTION", "XPORTRAIT_CUDA_GRAPHS", "XPORTRAIT_FRAME_KERNEL",
                      "XPORTRAIT_GROUP_NORM_KERNEL", "XPORTRAIT_GEGLU_KERNEL",
-                     "XPORTRAIT_LAYER_NORM_KERNEL"]
+                     "XPORTRAIT_LAYER_NORM_KERNEL", "XPORTRAIT_CONV_BIAS_KERNEL"]
     for switch in switches.SWITCHES:
         assert NAME.fullmatch(switch.name)
         assert switch.default in switch.choices

@@ -1,8 +1,9 @@
 """CUDA graphs of the guided denoiser's GPU work: record the kernels once, replay them at every window.
 
 `with_cuda_graphs(denoiser)` wraps a `sampling.guidance.GuidedDenoiser` in a `GraphedDenoiser` where graphs can
-run (a CUDA device, the native allocator, XPORTRAIT_CUDA_GRAPHS not 0): the same `denoise(x, t, frame_indices)`,
-whose window work replays from graphs of the denoiser's own `window_eps` and its banks' `compute`.
+run (a CUDA device, an allocator they record under, XPORTRAIT_CUDA_GRAPHS not 0): the same
+`denoise(x, t, frame_indices)`, whose window work replays from graphs of the denoiser's own `window_eps` and its
+banks' `compute` (or their `stored` banks).
 
 A guided window step launches thousands of kernels (four networks); eagerly, and even more so through the guards
 of `torch.compile`'s regions, the host takes about as long to launch them as the GPU takes to run them, and the
@@ -12,17 +13,19 @@ memory pool:
     reference graph   static timestep -> reference bank                          (replayed once per timestep)
     window graph      static window latents, timestep, hints, bank -> guided eps  (replayed for every window)
 
-In low-VRAM mode the reference net has left the GPU and the banks were computed before sampling: each step's bank
-is then copied into one bank of fixed addresses instead of replaying a reference graph, and the window graph holds
-both guidance branches one after the other (their activations share the graph's memory, as they would eagerly).
+Banks computed outside the graphs come as `stored` banks instead of a reference graph: in low-VRAM mode (the
+reference net has left the GPU; the banks were computed before sampling) and on the uncompiled path, whose banks
+come a chunk of timesteps per reference-net call (sampling/batched_banks.py). Each step's bank is then copied into
+one bank of fixed addresses; in low-VRAM mode the window graph holds both guidance branches one after the other
+(their activations share the graph's memory, as they would eagerly).
 
 The first call of each runs eagerly, on the caller's stream, and returns its real result: that is the warm-up
 recording needs (lazy cuBLAS/cuDNN set-up, Triton and Inductor compilation, the attention probes), so no work is
 thrown away. Recording and replays run on a side stream (graphs cannot be recorded on the default stream),
 ordered after and before the caller's stream. Every input is copied into a static buffer before a replay;
 everything else the graphs read (weights, contexts, reference latents) must keep its address while they live, so
-graphs last one sampling run (`GraphedDenoiser.release` drops them and their memory pool; KSampler's kept graphs
-outlive it: fast/kept_graphs.py). Where recording fails (a host sync inside the step, say) `GraphCaptureError`
+graphs last one sampling run (`GraphedDenoiser.release` drops them and their memory pool; kept graphs outlive
+it: fast/kept_graphs.py). Where recording fails (a host sync inside the step, say) `GraphCaptureError`
 says so and `GraphedDenoiser` goes on with the eager denoiser.
 
 Under `backend:cudaMallocAsync` (ComfyUI's default on CUDA) the memory a recording allocates is not mapped yet
@@ -162,8 +165,9 @@ class GuidanceGraphs:
     window_eps(x, t, global_hint, local_hint, bank) -> eps is the eager computation of one window, with t a device
     tensor of shape (1,) (None where only `reference_bank` is used). The reference bank it reads comes from one of:
       compute_bank(t) -> ReferenceBank   the reference net, recorded as the reference graph; or
-      stored_banks {timestep: bank}      banks computed before sampling (low-VRAM mode), copied at each step into a
-                                         bank of fixed addresses on the device.
+      stored_banks {timestep: bank}      banks computed outside the graphs (before sampling in low-VRAM mode, or a
+                                         chunk of timesteps per reference-net call: batched_banks.py), copied at
+                                         each step into a bank of fixed addresses on the device.
     Windows of another shape or other hints get their own window graph.
     """
 
@@ -289,6 +293,19 @@ class GuidanceGraphs:
         """The next call computes (or replays) its timestep's bank afresh: the reference or the text changed."""
         self._bank_t = None
 
+    @property
+    def reads_stored_banks(self) -> bool:
+        """Whether the bank comes from stored banks (else from the recorded reference net)."""
+        return self._stored_banks is not None
+
+    def use_stored_banks(self, stored_banks) -> None:
+        """Read the stored banks of another run from now on (kept graphs serving it: fast/kept_graphs.py); they
+        land in the same fixed bank, so the window graphs recorded so far stay valid."""
+        if self._stored_banks is None:
+            raise RuntimeError("these graphs record the reference net; they have no stored banks to replace")
+        self._stored_banks = stored_banks
+        self._bank_t = None
+
     def release(self) -> None:
         """Drop the graphs and return their memory pool to the driver (a released pool's blocks would otherwise
         stay reserved, out of reach of the VAE decode that follows sampling)."""
@@ -327,6 +344,17 @@ def with_cuda_graphs(denoiser, steps: Optional[int] = None, cuda_malloc_async: b
                                             cuda_malloc_async=cuda_malloc_async):
         return GraphedDenoiser(denoiser)
     return denoiser
+
+
+def _copy_run_inputs(static, branches):
+    """Copy another run's reference latents and texts (`branches`) into the tensors the recorded run's `static`
+    branches hold, which the graphs read; returns the other run's stored banks (None where its banks are computed
+    by the reference net itself)."""
+    static.banks.reference_latents.copy_(branches.banks.reference_latents)
+    static.context.copy_(branches.context)
+    if static.uncond_context is not None and static.uncond_context is not static.context:
+        static.uncond_context.copy_(branches.uncond_context)
+    return getattr(branches.banks, "stored", None)
 
 
 class GraphedDenoiser:
@@ -383,6 +411,27 @@ class GraphedDenoiser:
             self._graphs.release()
         self._graphs = self._graphs_banks = None
 
+    def adopt(self, denoiser) -> None:
+        """Serve another run's `denoiser` (same model, shapes and settings: fast/kept_graphs.py checks) with the
+        graphs recorded so far: its reference latents and texts are copied into the tensors the graphs read, its
+        hints are read from now on, banks computed outside the graphs come from its own source, and no bank of the
+        last run is reused."""
+        static, branches = self.denoiser.branches, denoiser.branches
+        stored = _copy_run_inputs(static, branches)
+        static.motion_hints = branches.motion_hints
+        if self._graphs is not None:
+            if stored is not None and self._graphs.reads_stored_banks:
+                static.banks.release()
+                static.banks = self._graphs_banks = branches.banks
+                self._graphs.use_stored_banks(stored)
+            self._graphs.forget_bank()
+
+    def end_run(self) -> None:
+        """What one run cached goes (its banks, its hint features: the graphs read copies of a window's hints); the
+        graphs stay, for kept graphs' next run, which `adopt`s its own."""
+        self.denoiser.release()
+        self.denoiser.branches.motion_hints = None
+
     def release(self) -> None:
         """Drop the graphs and their memory pool, and the denoiser's cached banks (when sampling ends or is
         cancelled)."""
@@ -412,12 +461,15 @@ class WindowGraphs:
         fit): its reference latents and texts are copied into the tensors the graphs read, its hints are read from
         now on, and no bank of the last run is reused."""
         static = self.branches
-        static.banks.reference_latents.copy_(branches.banks.reference_latents)
-        static.context.copy_(branches.context)
-        if static.uncond_context is not None and static.uncond_context is not static.context:
-            static.uncond_context.copy_(branches.uncond_context)
+        stored = _copy_run_inputs(static, branches)
         self.motion_hints = branches.motion_hints
+        # Banks computed outside the graphs (batched_banks.py) come from the new run's own source, planned for its
+        # timesteps; the last run's chunk goes.
+        if stored is not None:
+            static.banks.release()
         for graphs in self._graphs.values():
+            if stored is not None and graphs.reads_stored_banks:
+                graphs.use_stored_banks(stored)
             graphs.forget_bank()
 
     @property
@@ -436,8 +488,9 @@ class WindowGraphs:
                 window_eps = branches.eps_cond
             else:
                 raise ValueError(f"unknown window kind {kind!r}: expected 'both' or 'cond'")
-            graphs = self._graphs[kind] = GuidanceGraphs(branches.model.device, window_eps,
-                                                         compute_bank=branches.banks.compute)
+            stored = getattr(branches.banks, "stored", None)
+            source = {"stored_banks": stored} if stored is not None else {"compute_bank": branches.banks.compute}
+            graphs = self._graphs[kind] = GuidanceGraphs(branches.model.device, window_eps, **source)
         return graphs
 
     @torch.no_grad()

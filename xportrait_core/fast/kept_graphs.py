@@ -1,4 +1,4 @@
-"""KSampler's window graphs kept from one sampling run to the next.
+"""CUDA graphs kept from one sampling run to the next: KSampler's window graphs, and our Sampler's.
 
 A graphed run spends its first two window calls on an eager warm-up and on recording, with the GPU mostly idle
 (benchmarks/NOTES.md, session 21). A ComfyUI user re-runs a graph with another seed, prompt, reference or driving
@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import cuda_graphs
-from .cuda_graphs import WindowGraphs
+from .cuda_graphs import GraphedDenoiser, WindowGraphs
 
 NETWORKS = ("unet", "reference_net", "global_control", "local_control")
 
@@ -107,3 +107,66 @@ class KeptWindowGraphs:
         if self._graphs is not None:
             self._graphs.release()
         self._graphs = self._signature = None
+
+
+class KeptSamplerGraphs:
+    """Our Sampler's graphed denoiser, kept across runs while each run fits it: the same rules as
+    `KeptWindowGraphs` (module docstring), for `sampling.pipeline.animate_latents(..., kept_graphs=...)`.
+
+    What must match besides `run_signature`: the guidance scale (a constant of the recording) and whether the
+    branches run as one batch. The owner (X-Portrait Load Model's handle) releases the graphs when ComfyUI unloads
+    the model; a failed or cancelled run releases them too."""
+
+    def __init__(self):
+        self._graphed: Optional[GraphedDenoiser] = None
+        self._signature: Optional[tuple] = None  # the last run's: of the kept graphs, or of an eager run
+        self.served_again = 0
+        self.recordings = 0
+
+    @property
+    def graphed(self) -> Optional[GraphedDenoiser]:
+        return self._graphed
+
+    def serve(self, denoiser, steps: Optional[int] = None, graphs_apply: bool = True):
+        """What samples the run of `denoiser` (a `GuidedDenoiser`): the kept graphed denoiser where the run fits
+        it (it adopts the run's inputs), a new one where the run repays a recording or repeats the last run, the
+        denoiser itself otherwise (eager), or where graphs do not apply (the kept graphs are released then)."""
+        if not graphs_apply or not denoiser.needs_cond:
+            self.release()
+            return denoiser
+        signature = (run_signature(denoiser.branches), denoiser.guidance_scale, denoiser.batch_branches)
+        if self._signature == signature:
+            if self._graphed is not None:
+                if self._graphed.enabled:
+                    self._graphed.adopt(denoiser)
+                    self.served_again += 1
+                    return self._graphed
+                return denoiser  # its recording failed: runs like it stay eager, no retry every run
+            repeat = True
+        else:
+            repeat = False
+        self.release()
+        self._signature = signature
+        if not (repeat or cuda_graphs.repays_recording(steps)):
+            return denoiser
+        _take_private_copies(denoiser.branches)
+        self._graphed = GraphedDenoiser(denoiser)
+        self.recordings += 1
+        return self._graphed
+
+    def end_run(self, denoise, failed: bool) -> None:
+        """The run sampled with `denoise` (what `serve` gave) ended: a failed or cancelled one drops the graphs;
+        otherwise the run's own caches go and the graphs stay."""
+        if failed:
+            self.release()
+            denoise.release()
+        elif denoise is self._graphed:
+            denoise.end_run()
+        else:
+            denoise.release()
+
+    def release(self) -> None:
+        """Drop the graphs and their memory, and forget the last run."""
+        if self._graphed is not None:
+            self._graphed.release()
+        self._graphed = self._signature = None

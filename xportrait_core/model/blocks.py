@@ -36,6 +36,34 @@ def norm_silu(norm: nn.Module, x: torch.Tensor, shift: Optional[torch.Tensor] = 
     return F.silu(norm(x))
 
 
+def conv_then_norm_silu(conv: nn.Module, norm: nn.Module, x: torch.Tensor,
+                        shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """norm_silu(norm, conv(x), shift).
+
+    A convolution that offers `forward_bias_apart(x)` (the accelerated Conv2d of fast/conv_bias.py) hands its bias
+    over instead of adding it in a pass of its own: a per-channel constant, it joins the shift the norm adds.
+    """
+    apart = getattr(conv, "forward_bias_apart", None)
+    if apart is None:
+        return norm_silu(norm, conv(x), shift)
+    y, bias = apart(x)
+    if bias is not None:
+        shift = bias.expand(y.shape[0], -1) if shift is None else shift + bias
+    return norm_silu(norm, y, shift)
+
+
+def conv_plus(conv: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + conv(x).
+
+    A convolution that offers `forward_plus(x, residual)` (fast/conv_bias.py) adds its bias and the residual in one
+    pass: two passes over the output otherwise (the bias, then the sum).
+    """
+    fused = getattr(conv, "forward_plus", None)
+    if fused is not None:
+        return fused(x, residual)
+    return residual + conv(x)
+
+
 def norm_plus(norm: nn.Module, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
     """norm(x) + addend, addend (P, C) broadcast over x (..., P, C).
 
@@ -91,12 +119,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # in_layers and out_layers keep their Sequential form for the checkpoint's keys; they run as norm_silu then
-        # the convolution, the timestep embedding added inside the second norm_silu (the dropout is inactive).
+        # the convolution, the timestep embedding added inside the second norm_silu (the dropout is inactive), the
+        # skip added with the last convolution's bias.
         norm_in, _, conv_in = self.in_layers
-        h = conv_in(norm_silu(norm_in, x))
         norm_out, _, _, conv_out = self.out_layers
-        h = conv_out(norm_silu(norm_out, h, self.emb_layers(emb).type(h.dtype)))
-        return self.skip_connection(x) + h
+        shift = self.emb_layers(emb).type(x.dtype)
+        h = conv_then_norm_silu(conv_in, norm_out, norm_silu(norm_in, x), shift)
+        return conv_plus(conv_out, h, self.skip_connection(x))
 
 
 class Downsample(nn.Module):

@@ -10,8 +10,10 @@ most of the reference net's time from the run (benchmarks/NOTES.md). It replaces
 The banks are computed when the first timestep of a chunk is asked, `chunk` planned timesteps at once, and the
 previous chunk's are dropped then, so the device holds at most one chunk of banks. A timestep that was not planned
 (a host sampler's intermediate sigma, a step repeated) is computed alone by the per-timestep `ReferenceBanks`.
-Where CUDA graphs replay the reference net (fast/cuda_graphs.py) the per-timestep banks stay: a replay costs no
-launches.
+Under CUDA graphs (fast/cuda_graphs.py) the uncompiled path keeps these banks too, as the graphs' stored source
+(`stored`): each chunk is computed eagerly outside the recordings, and every step's bank is copied into the
+buffers the window graphs read, so the reference net runs a chunk of timesteps per call there as well instead of
+one recorded batch-1 pass a step.
 """
 from __future__ import annotations
 
@@ -60,9 +62,29 @@ class BatchedReferenceBanks:
     def model(self):
         return self.banks.model
 
+    # The reference latents and text live in the per-timestep banks this computes from; kept graphs
+    # (fast/kept_graphs.py) read and replace them through here.
     @property
     def context(self):
         return self.banks.context
+
+    @context.setter
+    def context(self, value):
+        self.banks.context = value
+
+    @property
+    def reference_latents(self):
+        return self.banks.reference_latents
+
+    @reference_latents.setter
+    def reference_latents(self, value):
+        self.banks.reference_latents = value
+
+    @property
+    def stored(self) -> "PlannedBanks":
+        """These banks as the stored source of CUDA graphs (`GuidanceGraphs(stored_banks=...)`): a mapping
+        {timestep: bank} whose banks are computed, a chunk per reference-net call, when first asked."""
+        return PlannedBanks(self)
 
     def compute(self, t) -> ReferenceBank:
         return self.banks.compute(t)
@@ -70,6 +92,19 @@ class BatchedReferenceBanks:
     def release(self) -> None:
         self._chunk_banks = {}
         self.banks.release()
+
+
+class PlannedBanks:
+    """`BatchedReferenceBanks` read as a mapping: every timestep has a bank (unplanned ones computed alone)."""
+
+    def __init__(self, banks: BatchedReferenceBanks):
+        self.banks = banks
+
+    def __contains__(self, t) -> bool:
+        return True
+
+    def __getitem__(self, t) -> ReferenceBank:
+        return self.banks(t)
 
 
 def _banks_of(banks: ReferenceBanks, timesteps: list) -> list[ReferenceBank]:

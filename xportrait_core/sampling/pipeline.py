@@ -126,6 +126,12 @@ def _text_contexts(model: XPortrait, context, uncond_context, guidance_scale: fl
 
 
 @torch.no_grad()
+def sampler_graph_rules(steps: int) -> dict:
+    """What the X-Portrait Sampler's run asks of `cuda_graphs.graphs_apply`: graphs for a run of `steps` steps under
+    either allocator (its banks come batched into the graphs, as in the eager path)."""
+    return dict(steps=steps)
+
+
 def animate_latents(
     model: XPortrait,
     reference: Union[ArrayLike, Sequence[ArrayLike]],
@@ -154,6 +160,7 @@ def animate_latents(
     encode_chunk: int = DECODE_CHUNK,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     sampler: str = DDIM,
+    kept_graphs=None,
 ) -> torch.Tensor:
     """Sample the animation's latents: float32 (N, 4, R/8, R/8) on the model's device (scaled, VAE-ready).
 
@@ -170,6 +177,9 @@ def animate_latents(
         (for previews: see `preview_strip`).
     sampler: "ddim" (official; `steps`, `eta` and `timestep_spacing` apply) or "lcm" (LCM multistep sampling on
         its own schedule of `steps` timesteps, for a UNet with the LCM-LoRA merged: see `sampling/lcm.py`).
+    kept_graphs: a `fast.kept_graphs.KeptSamplerGraphs` owned by the caller (X-Portrait Load Model's handle), so
+        that a later run of the same sizes and settings replays this run's CUDA graphs with no recording (not in
+        low-VRAM mode).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -228,10 +238,9 @@ def animate_latents(
                                         # Low-VRAM mode keeps the activations of one branch at a time.
                                         batch_branches=not low_vram)
     denoise = denoiser
+    finished = False
     compiled = is_compiled(model)
-    # Not under cudaMallocAsync (ComfyUI's default): there this eager path, with the reference net of many
-    # timesteps in one call, was faster than graphs replaying it at batch 1 a step (benchmarks/NOTES.md).
-    graph_rules = dict(steps=len(timesteps), cuda_malloc_async=False)
+    graph_rules = sampler_graph_rules(len(timesteps))
     graphs = cuda_graphs.graphs_apply(model.device, compiled, **graph_rules)
     try:
         if low_vram and denoiser.needs_cond:
@@ -240,20 +249,31 @@ def animate_latents(
             with offload.resident(model, "reference_net"):
                 branches.banks = offload.precompute_reference_banks(
                     branches.banks, timesteps, cuda_graphs=graphs)
-        elif denoiser.needs_cond and not graphs:
-            # Without graphs, the reference net of several timesteps in one call, not one launch-bound call a step.
+        elif denoiser.needs_cond and not (graphs and compiled):
+            # The reference net of several timesteps in one call, not one call a step: without graphs that saves
+            # launches, with them (uncompiled) the graphs copy each step's bank from these, computed outside the
+            # recordings. Compiled blocks keep the recorded batch-1 pass (batched rows are another shape to compile).
             # The samplers walk the (increasing) timesteps from last to first.
             denoiser.branches.banks = BatchedReferenceBanks(denoiser.branches.banks, timesteps.flip(0))
-        denoise = cuda_graphs.with_cuda_graphs(denoiser, **graph_rules)
+        if kept_graphs is not None and not low_vram:
+            denoise = kept_graphs.serve(denoiser, len(timesteps), graphs_apply=graphs)
+        else:
+            denoise = cuda_graphs.with_cuda_graphs(denoiser, **graph_rules)
         windows = dict(window=window, overlap=overlap, window_offsets=window_offsets, generator=generator,
                        callback=callback, should_cancel=should_cancel, on_step=on_step)
         if sampler == LCM:
-            return sample_lcm(denoise, x_T, model.alphas_cumprod, timesteps, **windows)
-        return sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, eta=eta, **windows)
+            latents = sample_lcm(denoise, x_T, model.alphas_cumprod, timesteps, **windows)
+        else:
+            latents = sample_ddim(denoise, x_T, model.alphas_cumprod, timesteps, eta=eta, **windows)
+        finished = True
+        return latents
     except SamplingCancelled as error:
         message = str(error)
     finally:
-        denoise.release()
+        if kept_graphs is not None and not low_vram:
+            kept_graphs.end_run(denoise, failed=not finished)
+        else:
+            denoise.release()
         del x_T
     # Raised afresh outside the handler: the sampler's exception (whose traceback holds its frames and their
     # arguments, x_T among them) is gone, so a host holding this one keeps no latents alive.

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..fast.compilation import is_compiled
 from ..fast.cuda_graphs import WindowGraphs, repays_recording
 from ..model.xportrait import XPortrait
 from .batched_banks import BatchedReferenceBanks
@@ -42,12 +43,12 @@ class VideoDenoiser:
     reference_latents: (R, 4, h, w) scaled, not noised. global_hint / local_hint: (F, 3, H, W) in [-1, 1]
     (None, or a strength of 0, skips that ControlNet). seed: the window offsets' generator.
     timesteps: the run's timesteps in the order the sampler will ask for them, when the host knows them (ComfyUI's
-    sigmas): their reference banks are then computed several at a time (`BatchedReferenceBanks`); other
-    timesteps, or None, compute one bank per timestep.
+    sigmas): their reference banks are then computed several at a time (`BatchedReferenceBanks`), also as the
+    source graphs copy each step's bank from (except for a compiled model with graphs, which records the
+    reference net per timestep); other timesteps, or None, compute one bank per timestep.
     cuda_graphs: CUDA graphs can replay the windows' work (`fast.cuda_graphs.WindowGraphs`; the caller checks
     that they apply on the device: `cuda_graphs.graphs_apply`, no layer casting its weights as it runs); the run's
-    length then decides (`cuda_graphs.repays_recording` of len(timesteps), or kept_graphs' rule). With graphs the
-    reference net is recorded per timestep instead of batched.
+    length then decides (`cuda_graphs.repays_recording` of len(timesteps), or kept_graphs' rule).
     kept_graphs: a `fast.kept_graphs.KeptWindowGraphs` that serves the graphs, owned by the caller and outliving
         this denoiser, so that the next run like this one replays from its first window; with cuda_graphs False
         it is told so (and drops its graphs).
@@ -106,13 +107,16 @@ class VideoDenoiser:
             self.release()
             self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
                                                uncond_context=uncond_context, **self.hints)
+            if self.timesteps and not (self.cuda_graphs and is_compiled(self.model)):
+                # Several timesteps' banks per reference-net call. Without graphs that saves launches; with them
+                # the banks are the graphs' stored source, computed outside the recordings. Compiled blocks keep
+                # the recorded batch-1 pass (batched rows would compile the reference net for another shape).
+                self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             steps = len(self.timesteps) if self.timesteps else None
             if self.kept_graphs is not None:
                 self._graphs = self.kept_graphs.serve(self._branches, steps, graphs_apply=self.cuda_graphs)
             elif self.cuda_graphs and repays_recording(steps):
                 self._graphs = WindowGraphs(self._branches)
-            if self._graphs is None and self.timesteps:
-                self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             self._contexts = (context, uncond_context)
         return self._branches
 
