@@ -515,3 +515,14 @@ def test_graphs_record_the_pack_s_kernels_under_cuda_malloc_async_and_replay_wha
     assert words[14] == "kept_replays" and int(words[15]) == 8 and float(words[17]) < 1e-2, result.stdout
     # Nothing recorded is freed after its recording (PyTorch warns at every such free, so at every ComfyUI run).
     assert "uncaptured free of a captured allocation" not in result.stderr, result.stderr[-2000:]
+
+
+def test_hints_are_kept_page_locked_between_runs_and_copy_without_holding_the_host():
+    from xportrait_core.sampling.pipeline import hints_to_tensor
+
+    hint = np.random.default_rng(0).random((16, 3, 64, 64), dtype=np.float32) * 2 - 1
+    first = hints_to_tensor(hint, "global_hint")
+    assert first.is_pinned() and hints_to_tensor(hint, "global_hint") is first
+    on_device = first[:8].to("cuda", torch.bfloat16, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_device.cpu(), torch.from_numpy(hint[:8]).to(torch.bfloat16))

@@ -38,6 +38,7 @@ from .initial_latents import (
 )
 from ..model.xportrait import XPortrait
 from .lcm import lcm_timesteps, sample_lcm
+from .pinned_hints import pinned_copy
 from .sampler import UNIFORM, SamplingCancelled, ddim_timesteps, sample_ddim
 from .windows import current_spread
 
@@ -87,7 +88,8 @@ def images_to_tensor(images, what: str) -> torch.Tensor:
 
 
 def hints_to_tensor(hint: ArrayLike, what: str) -> torch.Tensor:
-    """A motion hint (N, 3, R, R) in [-1, 1] (numpy or torch) -> CPU tensor, without copying numpy.
+    """A motion hint (N, 3, R, R) in [-1, 1] (numpy or torch) -> CPU tensor, without copying numpy (but for the
+    page-locked copy kept on a CUDA machine).
 
     float16 / bfloat16 hints stay so (a long video's hints at half the memory: the model casts each window to its
     own dtype); other dtypes become float32."""
@@ -95,7 +97,8 @@ def hints_to_tensor(hint: ArrayLike, what: str) -> torch.Tensor:
     if tensor.ndim != 4 or tensor.shape[1] != 3:
         raise ValueError(f"{what} must be (frames, 3, R, R) in [-1, 1], got {tuple(tensor.shape)}")
     compact = tensor.dtype in (torch.float16, torch.bfloat16)
-    return tensor.to("cpu", tensor.dtype if compact else torch.float32)
+    # On a CUDA machine, in page-locked memory kept with `hint` for the runs that read it again (pinned_hints.py).
+    return pinned_copy(hint, tensor.to("cpu", tensor.dtype if compact else torch.float32))
 
 
 def _resolve_hints(motion, global_hint, local_hint):
