@@ -402,3 +402,15 @@ def test_comfy_benchmarks_conv_bias_variant_turns_the_kernel_off_and_back(monkey
         with bench.apply_variant("conv_bias+layer_norm"):
             raise RuntimeError("a B run failed")
     assert conv_bias._enabled
+
+
+def test_comfy_benchmarks_comfy_vae_variant_decodes_through_comfyui_s_network_and_back():
+    bench = _bench_module("bench_comfy")
+    assert not bench.COMFY_VAE_NETWORK["on"]
+    with bench.apply_variant("comfy_vae"):
+        assert bench.COMFY_VAE_NETWORK["on"]
+    assert not bench.COMFY_VAE_NETWORK["on"]
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("comfy_vae+keep_graphs_off"):
+            raise RuntimeError("a B run failed")
+    assert not bench.COMFY_VAE_NETWORK["on"]
