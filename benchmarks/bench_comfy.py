@@ -597,7 +597,9 @@ def main(argv=None):
     def ours():
         prepared = handle.ready()
         outputs["sampler"] = animate_latents(
-            prepared, image, global_hint=torch.as_tensor(global_hint), local_hint=torch.as_tensor(local_hint),
+            # The arrays themselves, as the Sampler node passes its MOTION's: the same objects at every run, so
+            # their page-locked copies are kept (sampling/pinned_hints.py).
+            prepared, image, global_hint=global_hint, local_hint=local_hint,
             steps=args.steps, guidance_scale=5.0, overlap=4, seed=999, context=context, uncond_context=context,
             kept_graphs=handle.kept_graphs if SAMPLER_KEPT_GRAPHS["on"] else None)
 
