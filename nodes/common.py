@@ -252,6 +252,13 @@ def offload_device():
     return mm.unet_offload_device()
 
 
+def apply_pinned_memory_setting() -> None:
+    """ComfyUI's --disable-pinned-memory reaches the core: no page-locked hint images either."""
+    from xportrait_core.sampling import pinned_hints
+
+    pinned_hints.allow_page_locked(pinned_memory_allowed())
+
+
 def pinned_memory_allowed() -> bool:
     """False when ComfyUI was started with --disable-pinned-memory (newer ComfyUI versions have the flag)."""
     try:

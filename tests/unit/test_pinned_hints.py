@@ -1,5 +1,7 @@
 """Hint images kept page-locked between runs (sampling/pinned_hints.py), with page-locking stood in on the CPU."""
 import gc
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ def cuda_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     monkeypatch.setattr(pinned_hints, "_kept", {})
+    monkeypatch.setattr(pinned_hints, "_allowed", True)
     return pins
 
 
@@ -71,3 +74,21 @@ def test_no_page_locked_memory_leaves_the_hints_as_they_are(cuda_machine, monkey
     hint = _hint()
     assert hints_to_tensor(hint, "global_hint").data_ptr() == hint.ctypes.data
     assert pinned_hints._kept == {}
+
+
+def test_comfyui_s_disable_pinned_memory_keeps_hints_pageable_and_drops_kept_copies(cuda_machine, monkeypatch):
+    from pack_loader import load_pack
+
+    common = sys.modules[load_pack().__name__ + ".nodes.common"]
+    hint = _hint()
+    hints_to_tensor(hint, "global_hint")
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_pinned_memory=True)
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    common.apply_pinned_memory_setting()
+    assert not pinned_hints.page_locked_allowed() and pinned_hints.kept_bytes() == 0
+    assert hints_to_tensor(hint, "global_hint").data_ptr() == hint.ctypes.data
+    cli_args.args.disable_pinned_memory = False
+    common.apply_pinned_memory_setting()
+    assert hints_to_tensor(hint, "global_hint").data_ptr() != hint.ctypes.data

@@ -29,6 +29,7 @@ import torch
 
 from ..model.reference_bank import ReferenceBank
 from ..model.xportrait import XPortrait
+from . import pinned_hints
 
 # The ControlNets' hint encoders depend on the hint alone, so their features are computed once per video and kept
 # on the model's device while both together fit in this budget: that saves both encoders at every window and step,
@@ -81,7 +82,7 @@ class MotionHintFrames:
         if self.encoded:
             # Whole-video hint features in place of the images, on the device: windows slice them like images.
             global_hint, local_hint = model.encode_motion_hints(global_hint, local_hint)
-        elif model.device.type == "cuda":
+        elif model.device.type == "cuda" and pinned_hints.page_locked_allowed():
             # Pinned, so each window's frames go to the GPU without stalling the host.
             global_hint, local_hint = (h.pin_memory() if h is not None and h.device.type == "cpu" else h
                                        for h in (global_hint, local_hint))

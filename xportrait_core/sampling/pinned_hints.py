@@ -15,6 +15,9 @@ import torch
 
 KEPT_PINNED_BYTES = 2**30
 
+# Off where the host application says page-locked memory is not to be used (ComfyUI's --disable-pinned-memory).
+_allowed = True
+
 # id(source) -> (a weak reference to the source, what it looked like, the pinned copy); an entry leaves when its
 # source is freed (the weak reference's callback), so a new object at the same id never meets a stale copy.
 _kept: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
@@ -24,7 +27,8 @@ def pinned_copy(source, tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` (the CPU hint made from `source`, a numpy array or tensor the caller keeps between runs) in
     page-locked memory where a CUDA device can read it and it is small enough to keep; otherwise `tensor`.
     The same source, unchanged, gives the same pinned tensor at every call."""
-    if tensor.device.type != "cpu" or tensor.nbytes > KEPT_PINNED_BYTES or not torch.cuda.is_available():
+    if (not _allowed or tensor.device.type != "cpu" or tensor.nbytes > KEPT_PINNED_BYTES
+            or not torch.cuda.is_available()):
         return tensor
     # A tensor's version counter moves at every in-place change; a numpy array has none (hints are never written
     # after they are made, but a caller's own array could be).
@@ -42,6 +46,19 @@ def pinned_copy(source, tensor: torch.Tensor) -> torch.Tensor:
     except TypeError:  # a source that takes no weak reference: pinned for this run only
         pass
     return pinned
+
+
+def allow_page_locked(allowed: bool) -> None:
+    """Whether hint images may be page-locked at all: kept copies here, and a long video's hints pinned for its
+    run (sampling/branches.py). Turning it off drops the kept copies."""
+    global _allowed
+    _allowed = bool(allowed)
+    if not _allowed:
+        _kept.clear()
+
+
+def page_locked_allowed() -> bool:
+    return _allowed
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
