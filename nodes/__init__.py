@@ -2,7 +2,6 @@
 from . import common, identity, loader, lora, motion, native, paste_back, reference, sampling, video_writer
 
 common.register_model_folder()
-common.apply_pinned_memory_setting()
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -126,6 +126,9 @@ class LoadedXPortrait:
         compile_now = self.compile and not self._compiled
         prepare_model(self.model, compile=compile_now, low_vram=self.low_vram,
                       pin_idle=common.pinned_memory_allowed())
+        # Here rather than when the pack loads (which must not import torch): every sampling path readies the model
+        # before it turns hints into tensors.
+        common.apply_pinned_memory_setting()
         if compile_now:
             self._compiled = True
             if self.model.device.type == "cuda":
