@@ -149,17 +149,26 @@ def per_step_banks():
         pipeline.BatchedReferenceBanks, video_denoiser.BatchedReferenceBanks = saved
 
 
-@contextlib.contextmanager
-def group_norm_kernel_off():
-    """ComfyUI's (or PyTorch's) GroupNorm alone, as XPORTRAIT_GROUP_NORM_KERNEL=0 gives."""
-    from xportrait_core.fast import group_norm
+def kernel_switched_off(module: str, setter: str, doc: str):
+    """A variant that runs B with one of the pack's kernels switched off (as its environment variable at 0 gives),
+    and puts the switch back as it found it, also after a B run that failed."""
 
-    saved = group_norm._enabled
-    group_norm.set_group_norm_kernel(False)
-    try:
-        yield
-    finally:
-        group_norm.set_group_norm_kernel(saved)
+    @contextlib.contextmanager
+    def variant():
+        kernels = importlib.import_module(f"xportrait_core.fast.{module}")
+        saved = kernels._enabled
+        getattr(kernels, setter)(False)
+        try:
+            yield
+        finally:
+            getattr(kernels, setter)(saved)
+
+    variant.__doc__ = doc
+    return variant
+
+
+group_norm_kernel_off = kernel_switched_off(
+    "group_norm", "set_group_norm_kernel", "ComfyUI's (or PyTorch's) GroupNorm alone (XPORTRAIT_GROUP_NORM_KERNEL=0).")
 
 
 @contextlib.contextmanager
@@ -254,17 +263,8 @@ def graphs_for_short_runs():
         cuda_graphs.MIN_GRAPHED_STEPS = saved
 
 
-@contextlib.contextmanager
-def layer_norm_kernel_off():
-    """ComfyUI's (or PyTorch's) LayerNorm alone, as XPORTRAIT_LAYER_NORM_KERNEL=0 gives."""
-    from xportrait_core.fast import layer_norm
-
-    saved = layer_norm._enabled
-    layer_norm.set_layer_norm_kernel(False)
-    try:
-        yield
-    finally:
-        layer_norm.set_layer_norm_kernel(saved)
+layer_norm_kernel_off = kernel_switched_off(
+    "layer_norm", "set_layer_norm_kernel", "ComfyUI's (or PyTorch's) LayerNorm alone (XPORTRAIT_LAYER_NORM_KERNEL=0).")
 
 
 
@@ -321,18 +321,9 @@ def recorded_reference_net():
         BatchedReferenceBanks.stored = saved
 
 
-@contextlib.contextmanager
-def conv_bias_kernel_off():
-    """Convolutions add their biases through PyTorch (the unvectorised broadcast sum), as
-    XPORTRAIT_CONV_BIAS_KERNEL=0 gives."""
-    from xportrait_core.fast import conv_bias
-
-    saved = conv_bias._enabled
-    conv_bias.set_conv_bias_kernel(False)
-    try:
-        yield
-    finally:
-        conv_bias.set_conv_bias_kernel(saved)
+conv_bias_kernel_off = kernel_switched_off(
+    "conv_bias", "set_conv_bias_kernel",
+    "Convolutions add their biases through PyTorch, the unvectorised broadcast sum (XPORTRAIT_CONV_BIAS_KERNEL=0).")
 
 
 # Whether the decodes use ComfyUI's own SD1.5 autoencoder instead of the pack's network (the comfy_vae variant).

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pack_loader import ROOT, load_pack, node_classes, run_node, run_node_ui, tiny_checkpoint_with_text_encoder
+from pack_loader import ROOT, load_pack, node_classes, run_node, tiny_checkpoint_with_text_encoder
 
 RESOLUTION = 64
 NUM_FRAMES = 8

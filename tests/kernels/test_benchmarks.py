@@ -228,17 +228,19 @@ def test_comfy_benchmarks_graph_variants_joined_by_plus_apply_together_and_resto
 
 
 def test_comfy_benchmarks_kernel_off_variants_turn_their_kernel_off_and_back(monkeypatch):
-    """bench_comfy.py --ab group_norm / layer_norm: B runs with that kernel's switch off (as its environment
-    variable at 0 gives), A with it as it was, also after a B run that failed."""
-    from xportrait_core.fast import group_norm, layer_norm
+    """bench_comfy.py --ab group_norm / layer_norm / conv_bias: B runs with that kernel's switch off (as its
+    environment variable at 0 gives), the other kernels untouched, A with it as it was, also after a B run that
+    failed."""
+    from xportrait_core.fast import conv_bias, group_norm, layer_norm
 
     bench = _bench_module("bench_comfy")
-    monkeypatch.setattr(group_norm, "_enabled", True)
-    monkeypatch.setattr(layer_norm, "_enabled", True)
-    for variant, module in (("group_norm", group_norm), ("layer_norm", layer_norm)):
+    kernels = {"group_norm": group_norm, "layer_norm": layer_norm, "conv_bias": conv_bias}
+    for module in kernels.values():
+        monkeypatch.setattr(module, "_enabled", True)
+    for variant, module in kernels.items():
         with bench.VARIANTS[variant]():
             assert not module._enabled
-            assert group_norm._enabled if module is layer_norm else layer_norm._enabled  # only its own kernel
+            assert all(other._enabled for other in kernels.values() if other is not module)  # only its own
         assert module._enabled
         with pytest.raises(RuntimeError):
             with bench.VARIANTS[variant]():
@@ -388,20 +390,6 @@ def test_comfy_benchmarks_sampler_graph_variants_restore_the_rules_they_change()
         with bench.apply_variant("recorded_reference_net"):
             raise RuntimeError("a B run failed")
     assert BatchedReferenceBanks.stored is stored
-
-
-def test_comfy_benchmarks_conv_bias_variant_turns_the_kernel_off_and_back(monkeypatch):
-    from xportrait_core.fast import conv_bias
-
-    bench = _bench_module("bench_comfy")
-    monkeypatch.setattr(conv_bias, "_enabled", True)
-    with bench.apply_variant("conv_bias"):
-        assert not conv_bias._enabled
-    assert conv_bias._enabled
-    with pytest.raises(RuntimeError):
-        with bench.apply_variant("conv_bias+layer_norm"):
-            raise RuntimeError("a B run failed")
-    assert conv_bias._enabled
 
 
 def test_comfy_benchmarks_comfy_vae_variant_decodes_through_comfyui_s_network_and_back():
