@@ -267,7 +267,6 @@ layer_norm_kernel_off = kernel_switched_off(
     "layer_norm", "set_layer_norm_kernel", "ComfyUI's (or PyTorch's) LayerNorm alone (XPORTRAIT_LAYER_NORM_KERNEL=0).")
 
 
-
 @contextlib.contextmanager
 def norm_fusions_off():
     """The norms' fused forms off (the tree before them): a ResBlock adds its timestep embedding and applies SiLU
