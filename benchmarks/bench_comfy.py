@@ -89,7 +89,8 @@ def parse(argv=None):
                              "as operations of their own); sampler_eager_under_async = our Sampler without graphs "
                              "under ComfyUI's allocator; recorded_reference_net = graphs record the reference net "
                              "per step instead of copying batched banks; conv_bias = convolutions' biases added by "
-                             "PyTorch; several joined by + apply together (graphs_off+group_norm)")
+                             "PyTorch; comfy_vae = VAE Decode through ComfyUI's own autoencoder; several joined by "
+                             "+ apply together (graphs_off+group_norm)")
     parser.add_argument("--profile-sources", action="store_true",
                         help="with --profile: record shapes and Python stacks in the profiled run, and add a table of "
                              "the kernels named by --profile-sources-kernel by the operator, shapes and pack source "
@@ -324,13 +325,29 @@ conv_bias_kernel_off = kernel_switched_off(
     "Convolutions add their biases through PyTorch, the unvectorised broadcast sum (XPORTRAIT_CONV_BIAS_KERNEL=0).")
 
 
+# Whether the decodes use ComfyUI's own SD1.5 autoencoder instead of the pack's network (the comfy_vae variant).
+COMFY_VAE_NETWORK = {"on": False}
+
+
+@contextlib.contextmanager
+def comfy_vae_network():
+    """VAE Decode with ComfyUI's own SD1.5 autoencoder (its layer order, NCHW) in place of the pack's network that
+    the loader's VAE holds (channels-last, the pack's kernels)."""
+    COMFY_VAE_NETWORK["on"] = True
+    try:
+        yield
+    finally:
+        COMFY_VAE_NETWORK["on"] = False
+
+
 VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole_feed_forward": whole_feed_forward,
             "flash_attention": flash_attention_only, "graphs_off": cuda_graphs_off,
             "graphs_short_runs": graphs_for_short_runs, "layer_norm": layer_norm_kernel_off,
             "norm_fusions": norm_fusions_off, "keep_graphs_off": kept_graphs_off,
             # B = A: the two arms' difference when nothing differs (the first arm's bias, the noise).
             "identical": contextlib.nullcontext, "sampler_eager_under_async": sampler_eager_under_async,
-            "recorded_reference_net": recorded_reference_net, "conv_bias": conv_bias_kernel_off}
+            "recorded_reference_net": recorded_reference_net, "conv_bias": conv_bias_kernel_off,
+            "comfy_vae": comfy_vae_network}
 
 
 @contextlib.contextmanager
@@ -439,6 +456,16 @@ def main(argv=None):
     model_gib_compute_dtype = round(sum(t.numel() * dtype.itemsize for t in tensors) / 2**30, 4)
     handle = LoadedXPortrait(model, "bench", "auto", compile=args.compile)
     comfy_model, _clip, vae = comfy_outputs(handle)
+    comfy_own_vae = []
+
+    def decoding_vae():
+        """The loader's VAE (the pack's network), or in the comfy_vae variant's runs ComfyUI's own network."""
+        if not COMFY_VAE_NETWORK["on"]:
+            return vae
+        if not comfy_own_vae:
+            from comfyui_xportrait.nodes.native.comfy_types import comfy_vae
+            comfy_own_vae.append(comfy_vae(model, pack_network=False))
+        return comfy_own_vae[0]
     handle.comfy_model = comfy_model
     records = []
 
@@ -572,7 +599,7 @@ def main(argv=None):
                                                   latent, denoise=1.0)[0]
             outputs[name] = samples["samples"]
             if decode:
-                comfy_nodes.VAEDecode().decode(vae, samples)
+                comfy_nodes.VAEDecode().decode(decoding_vae(), samples)
         return run
 
     if "sampler" in args.measure:
@@ -585,7 +612,7 @@ def main(argv=None):
               steps=args.lcm_steps, cfg=1.0, sampler="lcm", scheduler="sgm_uniform", vae_decode=True,
               lora=str(args.lora) if args.lora else None)
     if "decode" in args.measure:
-        timed("decode", lambda: comfy_nodes.VAEDecode().decode(vae, latent))
+        timed("decode", lambda: comfy_nodes.VAEDecode().decode(decoding_vae(), latent))
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     return records

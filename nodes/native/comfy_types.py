@@ -12,16 +12,60 @@ def _prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def comfy_vae(xportrait):
-    """comfy.sd.VAE over the checkpoint's VAE (its layout passed explicitly, so smaller test configs work too)."""
+def comfy_vae(xportrait, pack_network: bool = True, compile: bool = False):
+    """comfy.sd.VAE over the checkpoint's VAE (its layout passed explicitly, so smaller test configs work too), its
+    network the pack's own (`PackFirstStage`): the same weights and key names as ComfyUI's SD1.5 autoencoder, built
+    from the pack's operations over ComfyUI's layer classes (its kernels on CUDA, ComfyUI's partial loading), run
+    channels-last on CUDA. ComfyUI keeps deciding its dtype, device, batch sizes and tiling. compile (Load Model's
+    option, CUDA only): the network's blocks compiled as the model's are. pack_network=False keeps ComfyUI's own
+    network (the benchmarks' other arm)."""
+    import comfy.model_patcher
     import comfy.sd
 
-    vae = xportrait.config.vae
-    ddconfig = {"double_z": True, "z_channels": vae.z_channels, "resolution": 256, "in_channels": vae.in_channels,
-                "out_ch": vae.out_channels, "ch": vae.ch, "ch_mult": list(vae.ch_mult),
-                "num_res_blocks": vae.num_res_blocks, "attn_resolutions": [], "dropout": 0.0}
+    from .operations import comfy_operations
+
+    config = xportrait.config.vae
+    ddconfig = {"double_z": True, "z_channels": config.z_channels, "resolution": 256,
+                "in_channels": config.in_channels, "out_ch": config.out_channels, "ch": config.ch,
+                "ch_mult": list(config.ch_mult), "num_res_blocks": config.num_res_blocks, "attn_resolutions": [],
+                "dropout": 0.0}
     state = {k: v.detach().to("cpu", torch.float32) for k, v in _prefixed(xportrait.state_dict(), "vae.").items()}
-    return comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": vae.embed_dim}})
+    vae = comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": config.embed_dim}})
+    if not pack_network:
+        return vae
+    network = pack_first_stage(config, comfy_operations(vae.vae_dtype, vae.device))
+    network.load_state_dict(state)
+    if compile and vae.device.type == "cuda":
+        from xportrait_core.fast.compilation import compile_blocks
+
+        compile_blocks(network)
+    vae.first_stage_model = network.to(vae.vae_dtype)
+    vae.patcher = comfy.model_patcher.ModelPatcher(network, load_device=vae.device,
+                                                   offload_device=vae.patcher.offload_device)
+    return vae
+
+
+def pack_first_stage(config, operations):
+    """The pack's AutoencoderKL with ComfyUI's `first_stage_model` interface."""
+    from xportrait_core.model.vae import AutoencoderKL
+
+    class PackFirstStage(AutoencoderKL):
+        """encode gives the posterior's mode (ComfyUI's SD1.5 regulariser takes it), decode takes ComfyUI's decode
+        options (none apply to SD1.5); inputs on CUDA go channels-last, the layout the pack's kernels and cuDNN's
+        convolutions run in without transposing."""
+
+        def encode(self, x, return_reg_log=False):
+            mean, _logvar = super().encode(_layout(x))
+            return (mean, None) if return_reg_log else mean
+
+        def decode(self, z, **_options):
+            return super().decode(_layout(z))
+
+    return PackFirstStage(config, operations).eval()
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def comfy_clip(xportrait):

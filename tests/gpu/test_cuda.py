@@ -526,3 +526,30 @@ def test_hints_are_kept_page_locked_between_runs_and_copy_without_holding_the_ho
     on_device = first[:8].to("cuda", torch.bfloat16, non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(on_device.cpu(), torch.from_numpy(hint[:8]).to(torch.bfloat16))
+
+
+def test_vae_with_the_pack_s_kernels_channels_last_matches_plain_float32():
+    """The VAE's fused forms (norm + SiLU, conv biases in the norm's shift and with the skip) on the pack's CUDA
+    kernels, channels-last in bf16, against PyTorch's ops in float32: what ComfyUI's VAE Decode / Encode now run."""
+    from xportrait_core.model.config import VAEConfig
+    from xportrait_core.model.vae import AutoencoderKL
+
+    config = VAEConfig()
+    torch.manual_seed(0)
+    plain = AutoencoderKL(config).cuda().eval()
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    fast = AutoencoderKL(config, fast_operations()).cuda().eval()
+    fast.load_state_dict(plain.state_dict())
+    fast = fast.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    z = torch.randn(2, 4, 32, 32, device="cuda")
+    images = torch.rand(2, 3, 128, 128, device="cuda") * 2 - 1
+    with torch.no_grad():
+        reference = plain.decode(z)
+        out = fast.decode(z.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)).float()
+        mean_reference, _ = plain.encode(images)
+        mean, _ = fast.encode(images.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for got, want in ((out, reference), (mean.float(), mean_reference)):
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 2e-2, rel

@@ -241,7 +241,21 @@ def clip_and_vae_checks() -> dict:
     images = torch.rand(2, RESOLUTION, RESOLUTION, 3, generator=g)
     (encoded,) = run_node("VAEEncode", vae=vae, pixels=images)
     our_mean = ours.encode_images(images.permute(0, 3, 1, 2) * 2 - 1, sample=False) / scale
+    # The pack's network behind the VAE against ComfyUI's own SD1.5 autoencoder on the same weights, and the
+    # tiled decode (which calls the network on overlapping tiles).
+    comfy_vae = importlib.import_module(pack.__name__ + ".nodes.native.comfy_types").comfy_vae
+    comfy_own = comfy_vae(ours, pack_network=False)
+    (comfy_decoded,) = run_node("VAEDecode", vae=comfy_own, samples={"samples": latents})
+    (comfy_encoded,) = run_node("VAEEncode", vae=comfy_own, pixels=images)
+    tiled_args = dict(tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8)
+    (tiled,) = run_node("VAEDecodeTiled", vae=vae, samples={"samples": latents}, **tiled_args)
+    (comfy_tiled,) = run_node("VAEDecodeTiled", vae=comfy_own, samples={"samples": latents}, **tiled_args)
     return {
+        "vae_network": type(vae.first_stage_model).__name__,
+        "vae_decode_vs_comfy": float((decoded - comfy_decoded).abs().max()),
+        "vae_encode_vs_comfy": float((encoded["samples"] - comfy_encoded["samples"]).abs().max()),
+        "vae_tiled_vs_comfy": float((tiled - comfy_tiled).abs().max()),
+        "vae_tiled_shape": list(tiled.shape),
         "clip_shape": list(conditioning[0][0].shape),
         "clip_max_diff": float((conditioning[0][0].float() - empty).abs().max()),
         "clip_scale": float(empty.abs().max()),

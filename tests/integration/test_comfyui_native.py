@@ -74,6 +74,11 @@ def test_loader_clip_and_vae_are_the_checkpoints(checks):
     assert result["clip_shape"] == [1, 77, 32]
     assert result["clip_max_diff"] < 1e-3 * result["clip_scale"]
     assert result["vae_decode_max_diff"] < 1e-4
+    # The pack's network behind ComfyUI's VAE computes what ComfyUI's own SD1.5 autoencoder does, tiled or not.
+    assert result["vae_network"] == "PackFirstStage"
+    assert result["vae_decode_vs_comfy"] < 1e-4 and result["vae_tiled_vs_comfy"] < 1e-4
+    assert result["vae_encode_vs_comfy"] < 1e-4 * max(1.0, result["vae_encode_scale"])
+    assert result["vae_tiled_shape"] == [2, 64, 64, 3]  # the checks' resolution
     assert result["vae_encode_max_diff"] < 1e-4 * max(1.0, result["vae_encode_scale"])
 
 

@@ -390,3 +390,15 @@ def test_comfy_benchmarks_sampler_graph_variants_restore_the_rules_they_change()
         with bench.apply_variant("recorded_reference_net"):
             raise RuntimeError("a B run failed")
     assert BatchedReferenceBanks.stored is stored
+
+
+def test_comfy_benchmarks_comfy_vae_variant_decodes_through_comfyui_s_network_and_back():
+    bench = _bench_module("bench_comfy")
+    assert not bench.COMFY_VAE_NETWORK["on"]
+    with bench.apply_variant("comfy_vae"):
+        assert bench.COMFY_VAE_NETWORK["on"]
+    assert not bench.COMFY_VAE_NETWORK["on"]
+    with pytest.raises(RuntimeError):
+        with bench.apply_variant("comfy_vae+keep_graphs_off"):
+            raise RuntimeError("a B run failed")
+    assert not bench.COMFY_VAE_NETWORK["on"]

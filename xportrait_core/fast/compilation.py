@@ -45,6 +45,22 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
     # their answers up.
     attention.resolve_once(model.device, model.dtype)
     probe_kernels(model.device, model.dtype)
+    for name in NETWORKS + ("vae",):
+        network = getattr(model, name)
+        if not regional:
+            # The VAE is called through encode/decode, never its forward: compile the halves those call.
+            for whole in (network.encoder, network.decoder) if name == "vae" else (network,):
+                whole.compile(mode=mode, dynamic=False)
+            continue
+        compile_blocks(network, mode)
+    _compiled.add(model)
+    return model
+
+
+def compile_blocks(network: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """Regional compilation of one network in place: each repeated block (ResBlock, spatial transformer, motion
+    module, the VAE's ResnetBlock and AttnBlock) compiled, a graph per input shape; the first calls compile. Also
+    ComfyUI's VAE when it holds the pack's network and Load Model's `compile` is on."""
     # Every input shape of a block is its own compiled graph (dynamic=False): the UNet, reference net and
     # ControlNets give a ResBlock dozens of shapes. Past the recompile limit Dynamo silently runs the remaining
     # shapes eagerly, so raise it to cover them all.
@@ -53,15 +69,7 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
-    for name in NETWORKS + ("vae",):
-        network = getattr(model, name)
-        if not regional:
-            # The VAE is called through encode/decode, never its forward: compile the halves those call.
-            for whole in (network.encoder, network.decoder) if name == "vae" else (network,):
-                whole.compile(mode=mode, dynamic=False)
-            continue
-        for module in network.modules():
-            if isinstance(module, (ResBlock, SpatialTransformer, MotionModule, ResnetBlock, AttnBlock)):
-                module.compile(mode=mode, dynamic=False)
-    _compiled.add(model)
-    return model
+    for module in network.modules():
+        if isinstance(module, (ResBlock, SpatialTransformer, MotionModule, ResnetBlock, AttnBlock)):
+            module.compile(mode=mode, dynamic=False)
+    return network

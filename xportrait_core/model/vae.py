@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import conv_plus, conv_then_norm_silu, norm_silu
 from .config import VAEConfig
 from .operations import Operations, operations_or_default
 
@@ -35,11 +36,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = ops.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+        # The fused forms (blocks.py) where the layers offer them: the norms' SiLU in their own passes, conv1's bias
+        # in norm2's shift, conv2's bias and the skip in one pass; the separate operations otherwise.
+        h = conv_then_norm_silu(self.conv1, self.norm2, norm_silu(self.norm1, x))
+        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return conv_plus(self.conv2, h, skip)
 
 
 class AttnBlock(nn.Module):
@@ -83,6 +84,10 @@ class Upsample(nn.Module):
         # Nearest-neighbour 2x by expand + reshape rather than F.interpolate, whose nearest kernels refuse outputs
         # past INT_MAX elements (large frames) on some devices.
         b, c, h, w = x.shape
+        if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last activations (CUDA) stay so: the expansion runs in (N, H, W, C) order.
+            x = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)
+            return self.conv(x.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2))
         x = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
         return self.conv(x)
 
@@ -140,7 +145,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -168,7 +173,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class AutoencoderKL(nn.Module):
