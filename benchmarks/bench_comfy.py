@@ -91,6 +91,9 @@ def parse(argv=None):
                              "per step instead of copying batched banks; conv_bias = convolutions' biases added by "
                              "PyTorch; comfy_vae = VAE Decode through ComfyUI's own autoencoder; several joined by "
                              "+ apply together (graphs_off+group_norm)")
+    parser.add_argument("--profile-trace", action="store_true",
+                        help="with --profile: also write the profiled run's timeline, DIR/trace_<measure>.json "
+                             "(chrome://tracing, Perfetto) with Python stacks: where the device waits for the host")
     parser.add_argument("--profile-sources", action="store_true",
                         help="with --profile: record shapes and Python stacks in the profiled run, and add a table of "
                              "the kernels named by --profile-sources-kernel by the operator, shapes and pack source "
@@ -529,7 +532,8 @@ def main(argv=None):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sync()
         sources = args.profile_sources
-        with profile(activities=activities, record_shapes=sources, with_stack=sources) as prof:
+        with profile(activities=activities, record_shapes=sources,
+                     with_stack=sources or args.profile_trace) as prof:
             start = time.perf_counter()
             fn()
             sync()
@@ -548,6 +552,8 @@ def main(argv=None):
         if sources:
             tables.append(kernel_sources(prof.events(), args.profile_sources_kernel))
         (args.profile / f"profile_{name}.txt").write_text("\n".join(tables))
+        if args.profile_trace:
+            prof.export_chrome_trace(str(args.profile / f"trace_{name}.json"))
         return {"profiled_wall_s": round(wall, 4), "profiled_device_busy_s": round(busy, 4)}
 
     def timed(name, fn, **extra):
