@@ -13,8 +13,10 @@ ComfyUI's samplers and schedulers, LoRA loaders and its memory manager work on i
   which cuts the latent batch (= the frames) into 16-frame windows with seeded offsets, or runs the window a core
   context-window node cut.
 - Sampling state (window-offset generator, reference banks, encoded hints) lives for one sampling run: an
-  OUTER_SAMPLE wrapper starts it with the sampler's seed and sigmas and drops it at the end. The sigmas' timesteps
-  let the reference banks of up to 16 steps come from one reference-net call (sampling/batched_banks.py).
+  OUTER_SAMPLE wrapper starts it with the sampler's seed and sigmas and ends it. The sigmas' timesteps let the
+  reference banks of up to 16 steps come from one reference-net call (sampling/batched_banks.py). A short run
+  hands its banks and encoded hints to the next run of the same conditioning, which takes them where its texts,
+  schedule and weights are the same (a re-queue with another seed: sampling/carried_branches.py).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import comfy.patcher_extension
 import comfy.supported_models
 
 from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+from xportrait_core.sampling.carried_branches import CarriedBranches
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
 
 log = logging.getLogger("xportrait")
@@ -164,6 +167,8 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         self.kept_graphs = KeptWindowGraphs()
         self._run_seed: Optional[int] = None
         self._run_timesteps: Optional[list[int]] = None
+        # The last run's branches of a job, for the next run of that job (sampling/carried_branches.py).
+        self._carried: Optional[tuple[XPortraitJob, CarriedBranches]] = None
         self._warned_control = False
 
     def get_dtype(self):
@@ -221,15 +226,40 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
         xportrait = self.xportrait
         if not cuda_graphs.graphs_apply(device, compiled=compilation.is_compiled(xportrait)):
             return False
-        networks = (xportrait.unet, xportrait.reference_net, xportrait.global_control, xportrait.local_control)
-        return not any(casts_weights_now(layer) for network in networks for layer in network.modules())
+        return not any(casts_weights_now(layer) for layer in self._comfy_layers())
 
-    def end_run(self) -> None:
-        for _job, denoiser in self._denoisers.values():
-            denoiser.release()
+    def _comfy_layers(self) -> tuple:
+        """The layers of the four sampling networks that ComfyUI can make cast or patch their weights (its
+        `comfy.ops` classes), collected once: walking all the modules at every run costs milliseconds."""
+        layers = self.__dict__.get("_comfy_layer_list")
+        if layers is None:
+            xportrait = self.xportrait
+            networks = (xportrait.unet, xportrait.reference_net, xportrait.global_control, xportrait.local_control)
+            layers = tuple(layer for network in networks for layer in network.modules()
+                           if hasattr(layer, "comfy_cast_weights"))
+            self.__dict__["_comfy_layer_list"] = layers
+        return layers
+
+    def end_run(self, carry: bool = True) -> None:
+        """A sampling run ends: its denoisers' state goes, except the branches one of them hands to the next run
+        of its job (`carry`: the run ended well)."""
+        for job, denoiser in self._denoisers.values():
+            if not carry:
+                denoiser.release()
+                continue
+            handed = denoiser.carry()
+            if handed is not None:
+                self.release_carried()
+                self._carried = (job, handed)
         self._denoisers = {}
         self._run_seed = None
         self._run_timesteps = None
+
+    def release_carried(self) -> None:
+        """Drop the branches kept for the next run (ComfyUI unloads the model, or a run failed)."""
+        if self._carried is not None:
+            self._carried[1].release()
+            self._carried = None
 
     def _denoiser(self, job: XPortraitJob, device: torch.device) -> VideoDenoiser:
         """This run's denoiser of a job (made on its first call): its offsets seeded by the sampler's seed, its
@@ -239,12 +269,19 @@ class XPortraitComfyModel(comfy.model_base.BaseModel):
             seed = job.seed if self._run_seed is None else self._run_seed
             # Where graphs do not apply, the denoiser has the kept graphs released.
             graphs = self._graphs_apply(device)
+            carried = None
+            if self._carried is not None:
+                if self._carried[0] is job:  # the denoiser takes them, or releases them where they do not fit
+                    carried = self._carried[1]
+                    self._carried = None
+                else:
+                    self.release_carried()
             denoiser = VideoDenoiser(self.xportrait, job.reference_latents,
                                      global_hint=job.global_hint, local_hint=job.local_hint,
                                      global_strength=job.global_strength, local_strength=job.local_strength,
                                      window=job.window, overlap=job.overlap, seed=seed,
                                      timesteps=self._run_timesteps, cuda_graphs=graphs,
-                                     kept_graphs=self.kept_graphs)
+                                     kept_graphs=self.kept_graphs, carried=carried)
             entry = self._denoisers[id(job)] = (job, denoiser)
         return entry[1]
 
@@ -296,7 +333,10 @@ def _outer_sample(executor, noise, latent_image, sampler, sigmas, denoise_mask=N
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                         *args, **kwargs)
     except BaseException:
-        model.kept_graphs.release()  # a run that failed or was cancelled leaves no graphs behind
+        # A run that failed or was cancelled leaves no graphs behind, and hands nothing to the next run.
+        model.kept_graphs.release()
+        model.end_run(carry=False)
+        model.release_carried()
         raise
     finally:
         model.end_run()
@@ -313,12 +353,13 @@ def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher
 
 def _on_detach(patcher, unpatch_all: bool) -> None:
     """ComfyUI unloads the model (`unpatch_all`: its weights go back to the offload device): the kept graphs'
-    addresses are stale and their memory is wanted. ComfyUI also detaches a loaded model with unpatch_all False
+    addresses are stale and their memory is wanted, as is the carried branches' (banks and hint features). ComfyUI also detaches a loaded model with unpatch_all False
     each time a sampler loads it again (model_management.load_models_gpu pops and re-loads every model it finds
     loaded, itself included): its weights stay where they are, and so do the kept graphs; a clone loaded with
     other weight patches (a LoRA) replaces weight tensors, which the kept graphs' signature sees."""
     if unpatch_all:
         patcher.model.kept_graphs.release()
+        patcher.model.release_carried()
 
 
 def unload_patched(unet, keep_model) -> None:

@@ -367,6 +367,40 @@ def graphs_policy_check(handle, model) -> dict:
             "kept_graphs_kept_on_reload": kept_after_reload, "kept_graphs_released_on_unload": released_on_unload}
 
 
+def carried_branches_check(handle, model) -> dict:
+    """A short KSampler run (lcm, 4 steps, cfg 1) queued again with another seed: the second run takes the first
+    one's banks and hint features (sampling/carried_branches.py) and gives what a run that computes them gives."""
+    adapter = model.model
+    adapter.release_carried()
+    reference, motion, context, _ = stand_ins(6, 31)
+    positive, negative, latent = run_node("XPortraitConditioning", xportrait_model=handle, positive=[[context, {}]],
+                                          negative=[[context, {}]], reference=reference, motion=motion, seed=32,
+                                          window_overlap=4)
+    xportrait = handle.model
+    calls = {"banks": 0, "hints": 0}
+    bank, hints = xportrait.reference_bank, xportrait.encode_motion_hints
+    xportrait.reference_bank = lambda *a, **k: calls.__setitem__("banks", calls["banks"] + 1) or bank(*a, **k)
+    xportrait.encode_motion_hints = lambda *a, **k: calls.__setitem__("hints", calls["hints"] + 1) or hints(*a, **k)
+
+    def run(seed):
+        before = dict(calls)
+        out = comfy_nodes.common_ksampler(model, seed, 4, 1.0, "lcm", "sgm_uniform", positive, negative, latent,
+                                          denoise=1.0)[0]["samples"]
+        return out, {k: calls[k] - before[k] for k in calls}
+
+    try:
+        _, first = run(1)
+        carried_out, second = run(2)
+        adapter.release_carried()
+        fresh_out, fresh = run(2)
+    finally:
+        del xportrait.reference_bank, xportrait.encode_motion_hints
+        adapter.release_carried()
+    return {"first_run_calls": first, "carried_run_calls": second, "fresh_run_calls": fresh,
+            "max_diff_carried_vs_fresh": float((carried_out - fresh_out).abs().max()),
+            "max_abs": float(fresh_out.abs().max())}
+
+
 def main():
     import time
 
@@ -382,6 +416,7 @@ def main():
         "ksampler_windows": lambda: ksampler_against_sampler(handle, model, num_frames=20, steps=4, seed=12,
                                                              with_custom_samplers=True),
         "graphs_policy": lambda: graphs_policy_check(handle, model),
+        "carried_branches": lambda: carried_branches_check(handle, model),
         "partial_loading": lambda: partial_loading_check(handle, model),
     }
     for name, check in checks.items():

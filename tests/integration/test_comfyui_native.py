@@ -153,6 +153,16 @@ def test_kept_window_graphs_are_released_when_comfyui_unloads_the_model(checks):
     assert checks["graphs_policy"]["kept_graphs_released_on_unload"] is True
 
 
+def test_a_re_queued_short_run_takes_the_last_run_s_banks_and_hint_features(checks):
+    """KSampler's LCM-like run (4 steps, cfg 1) queued again with another seed computes neither the reference banks
+    nor the hint features again, and gives the frames of a run that computes them."""
+    result = checks["carried_branches"]
+    assert result["first_run_calls"] == {"banks": 1, "hints": 1}
+    assert result["carried_run_calls"] == {"banks": 0, "hints": 0}
+    assert result["fresh_run_calls"] == {"banks": 1, "hints": 1}
+    assert result["max_abs"] > 0.1 and result["max_diff_carried_vs_fresh"] == 0.0
+
+
 def test_sampler_custom_and_sampler_custom_advanced_give_ksamplers_result(checks):
     """Same sigmas, sampler, cfg and seed: the same frames (the seed reaches the window offsets through every
     sampler node)."""

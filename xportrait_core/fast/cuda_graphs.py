@@ -421,7 +421,8 @@ class GraphedDenoiser:
         static.motion_hints = branches.motion_hints
         if self._graphs is not None:
             if stored is not None and self._graphs.reads_stored_banks:
-                static.banks.release()
+                if static.banks is not branches.banks:
+                    static.banks.release()
                 static.banks = self._graphs_banks = branches.banks
                 self._graphs.use_stored_banks(stored)
             self._graphs.forget_bank()
@@ -464,8 +465,9 @@ class WindowGraphs:
         stored = _copy_run_inputs(static, branches)
         self.motion_hints = branches.motion_hints
         # Banks computed outside the graphs (batched_banks.py) come from the new run's own source, planned for its
-        # timesteps; the last run's chunk goes.
-        if stored is not None:
+        # timesteps; the last run's chunk goes, unless the new run carries on with the same banks
+        # (sampling/carried_branches.py).
+        if stored is not None and static.banks is not branches.banks:
             static.banks.release()
         for graphs in self._graphs.values():
             if stored is not None and graphs.reads_stored_banks:

@@ -26,6 +26,7 @@ run, or when its sampling fails.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -40,11 +41,32 @@ def _tensor_key(tensor: Optional[torch.Tensor]):
     return None if tensor is None else (tuple(tensor.shape), tensor.dtype, str(tensor.device))
 
 
+# Per network, where each of its weights is held: (a module's parameter or buffer dict, the name in it). Walking a
+# network's modules for its parameters takes milliseconds of Python at every run; these slots are read directly.
+# A host replaces a weight by storing another tensor in such a slot (ComfyUI's LoRA patching and loading), or
+# another storage in the same tensor (`.data =`, a move): both change the address read through the slot.
+_weight_slots: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def weight_slots(network: torch.nn.Module) -> tuple:
+    """The (dict, name) slots of every parameter and buffer of `network`, collected once."""
+    slots = _weight_slots.get(network)
+    if slots is None:
+        slots = _weight_slots[network] = tuple((held, name) for module in network.modules()
+                                               for held in (module._parameters, module._buffers) for name in held)
+    return slots
+
+
+def weight_addresses(network: torch.nn.Module) -> tuple:
+    """The address of each of the network's weights (0 for an empty slot)."""
+    return tuple(0 if held[name] is None else held[name].data_ptr() for held, name in weight_slots(network))
+
+
 def run_signature(branches) -> tuple:
     """What a run's `XPortraitBranches` must share with the run the graphs were recorded for."""
     model = branches.model
-    addresses = tuple(tensor.data_ptr() for name in NETWORKS if getattr(model, name, None) is not None
-                      for tensor in (*getattr(model, name).parameters(), *getattr(model, name).buffers()))
+    addresses = tuple(weight_addresses(getattr(model, name)) for name in NETWORKS
+                      if getattr(model, name, None) is not None)
     hints = branches.motion_hints
     return (id(model), addresses, _tensor_key(branches.banks.reference_latents), _tensor_key(branches.context),
             _tensor_key(branches.uncond_context), branches.uncond_context is branches.context,

@@ -20,6 +20,7 @@ from ..fast.cuda_graphs import WindowGraphs, repays_recording
 from ..model.xportrait import XPortrait
 from .batched_banks import BatchedReferenceBanks
 from .branches import XPortraitBranches
+from .carried_branches import CarriedBranches, carries
 from .windows import effective_window, window_indices, windowed_eps
 
 
@@ -52,13 +53,15 @@ class VideoDenoiser:
     kept_graphs: a `fast.kept_graphs.KeptWindowGraphs` that serves the graphs, owned by the caller and outliving
         this denoiser, so that the next run like this one replays from its first window; with cuda_graphs False
         it is told so (and drops its graphs).
+    carried: the last run's branches of the same job (`carry()`), taken where they fit this run
+        (carried_branches.py: the same texts, timesteps and weights), released otherwise.
     """
 
     def __init__(self, model: XPortrait, reference_latents: torch.Tensor, *,
                  global_hint: Optional[torch.Tensor] = None, local_hint: Optional[torch.Tensor] = None,
                  global_strength: float = 1.0, local_strength: float = 1.0, window: int = 16, overlap: int = 4,
                  seed: int = 0, timesteps: Optional[Sequence[int]] = None, cuda_graphs: bool = False,
-                 kept_graphs=None):
+                 kept_graphs=None, carried: Optional[CarriedBranches] = None):
         if reference_latents.ndim != 4:
             raise ValueError(f"reference_latents must be (R, 4, h, w), got {tuple(reference_latents.shape)}")
         self.model = model
@@ -78,6 +81,20 @@ class VideoDenoiser:
         self.cuda_graphs = bool(cuda_graphs)
         self.kept_graphs = kept_graphs
         self._graphs: Optional[WindowGraphs] = None
+        self._carried = carried
+        self.took_carried = False  # whether this run's branches were the last run's
+
+    def carry(self) -> Optional[CarriedBranches]:
+        """End this run handing its branches to the next run of the same job (`carried=`), where the run is short
+        enough to carry them (`carried_branches.carries`); otherwise (or with no branches made) release as
+        `release` does and give None."""
+        branches = self._branches
+        if branches is None or not carries(self.timesteps):
+            self.release()
+            return None
+        self._branches = None
+        self.release()
+        return CarriedBranches(branches, self.timesteps)
 
     def release(self) -> None:
         """Drop the cached bank and hint features (the end of a sampling run); kept graphs stay with their owner."""
@@ -88,6 +105,9 @@ class VideoDenoiser:
             self._branches.release()
         self._branches = None
         self._contexts = (None, None)
+        if self._carried is not None:
+            self._carried.release()
+            self._carried = None
 
     def window_offset(self, t, num_frames: int) -> int:
         """The start offset of timestep t's windows: drawn when t differs from the previous call's timestep (the
@@ -104,14 +124,24 @@ class VideoDenoiser:
         cached_context, cached_uncond = self._contexts
         if (self._branches is None or not _same(context, cached_context)
                 or (uncond_context is not None and not _same(uncond_context, cached_uncond))):
+            carried, self._carried = self._carried, None
             self.release()
-            self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
-                                               uncond_context=uncond_context, **self.hints)
-            if self.timesteps and not (self.cuda_graphs and is_compiled(self.model)):
-                # Several timesteps' banks per reference-net call. Without graphs that saves launches; with them
-                # the banks are the graphs' stored source, computed outside the recordings. Compiled blocks keep
-                # the recorded batch-1 pass (batched rows would compile the reference net for another shape).
-                self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
+            # Several timesteps' banks per reference-net call. Without graphs that saves launches; with them the
+            # banks are the graphs' stored source, computed outside the recordings (and a re-queued short run
+            # takes them all from the last run). Compiled blocks keep the recorded batch-1 pass (batched rows
+            # would compile the reference net for another shape; computing them with the blocks run eagerly
+            # measured 2%, under the bar: benchmarks/NOTES.md, session 24).
+            batched = bool(self.timesteps) and not (self.cuda_graphs and is_compiled(self.model))
+            if carried is not None and carried.fits(self.model, self.timesteps, batched, context, uncond_context):
+                self._branches = carried.branches
+                self.took_carried = True
+            else:
+                if carried is not None:
+                    carried.release()
+                self._branches = XPortraitBranches(self.model, self.reference_latents, context=context,
+                                                   uncond_context=uncond_context, **self.hints)
+                if batched:
+                    self._branches.banks = BatchedReferenceBanks(self._branches.banks, self.timesteps)
             steps = len(self.timesteps) if self.timesteps else None
             if self.kept_graphs is not None:
                 self._graphs = self.kept_graphs.serve(self._branches, steps, graphs_apply=self.cuda_graphs)
