@@ -89,8 +89,10 @@ def parse(argv=None):
                              "as operations of their own); sampler_eager_under_async = our Sampler without graphs "
                              "under ComfyUI's allocator; recorded_reference_net = graphs record the reference net "
                              "per step instead of copying batched banks; conv_bias = convolutions' biases added by "
-                             "PyTorch; comfy_vae = VAE Decode through ComfyUI's own autoencoder; several joined by "
-                             "+ apply together (graphs_off+group_norm)")
+                             "PyTorch; comfy_vae = VAE Decode through ComfyUI's own autoencoder; carry_off = KSampler's "
+                             "runs compute banks and hint features afresh instead of taking the last run's; "
+                             "vae_compiled = with --compile, VAE Decode through the pack's network with its blocks "
+                             "compiled; several joined by + apply together (graphs_off+group_norm)")
     parser.add_argument("--profile-trace", action="store_true",
                         help="with --profile: also write the profiled run's timeline, DIR/trace_<measure>.json "
                              "(chrome://tracing, Perfetto) with Python stacks: where the device waits for the host")
@@ -328,8 +330,60 @@ conv_bias_kernel_off = kernel_switched_off(
     "Convolutions add their biases through PyTorch, the unvectorised broadcast sum (XPORTRAIT_CONV_BIAS_KERNEL=0).")
 
 
-# Whether the decodes use ComfyUI's own SD1.5 autoencoder instead of the pack's network (the comfy_vae variant).
-COMFY_VAE_NETWORK = {"on": False}
+# The adapter (XPortraitComfyModel) whose state across runs some B arms keep apart from A's; set by main.
+BENCH_ADAPTER = {"model": None, "b_state": {}}
+
+
+@contextlib.contextmanager
+def b_arm_state(name: str):
+    """The B arm keeps kept graphs and carried branches of its own across its runs, apart from A's: each arm is
+    re-queued as a user's workflow would be, and neither arm's runs replace or release the other's state."""
+    from xportrait_core.fast.kept_graphs import KeptWindowGraphs
+
+    adapter = BENCH_ADAPTER["model"]
+    own = BENCH_ADAPTER["b_state"].setdefault(name, {"kept": KeptWindowGraphs(), "carried": None})
+    saved = adapter.kept_graphs, adapter._carried
+    adapter.kept_graphs, adapter._carried = own["kept"], own["carried"]
+    try:
+        yield
+    finally:
+        own["kept"], own["carried"] = adapter.kept_graphs, adapter._carried
+        adapter.kept_graphs, adapter._carried = saved
+
+
+@contextlib.contextmanager
+def carry_off():
+    """KSampler's runs compute their reference banks and hint features every run instead of taking the last
+    run's (sampling/carried_branches.py), with kept graphs of their own (`b_arm_state`)."""
+    from xportrait_core.sampling.carried_branches import CarriedBranches
+
+    fits = CarriedBranches.fits
+    CarriedBranches.fits = lambda self, *args, **kwargs: False
+    try:
+        with b_arm_state("carry_off"):
+            yield
+    finally:
+        CarriedBranches.fits = fits
+
+
+# Variants whose B runs keep A's kept graphs untouched by their own means (or share them: identical).
+OWN_STATE_VARIANTS = {"identical", "carry_off"}
+
+
+# Whether the decodes use ComfyUI's own SD1.5 autoencoder instead of the pack's network (the comfy_vae variant),
+# or the pack's network with its blocks compiled (vae_compiled).
+COMFY_VAE_NETWORK = {"on": False, "compiled": False}
+
+
+@contextlib.contextmanager
+def vae_compiled():
+    """VAE Decode through a VAE of the pack's network whose blocks are compiled (Load Model's VAE is not): what
+    Load Model's `compile` would give if it compiled the VAE too. With --compile on CUDA only."""
+    COMFY_VAE_NETWORK["compiled"] = True
+    try:
+        yield
+    finally:
+        COMFY_VAE_NETWORK["compiled"] = False
 
 
 @contextlib.contextmanager
@@ -350,19 +404,20 @@ VARIANTS = {"banks": per_step_banks, "group_norm": group_norm_kernel_off, "whole
             # B = A: the two arms' difference when nothing differs (the first arm's bias, the noise).
             "identical": contextlib.nullcontext, "sampler_eager_under_async": sampler_eager_under_async,
             "recorded_reference_net": recorded_reference_net, "conv_bias": conv_bias_kernel_off,
-            "comfy_vae": comfy_vae_network}
+            "comfy_vae": comfy_vae_network, "carry_off": carry_off, "vae_compiled": vae_compiled}
 
 
 @contextlib.contextmanager
 def apply_variant(name: str):
     """The named variant; several joined by "+" apply together (graphs_off+group_norm: both).
 
-    Every variant but `identical` runs without the A runs' kept graphs (`kept_graphs_untouched`): those hold A's
-    kernels and settings, which a B arm would otherwise replay, and a B run must not replace them. Such a B arm
-    records its own graphs at every run, so read a kernel variant against the keep_graphs_off arm, which does the
-    same with A's code."""
+    Every variant but those of OWN_STATE_VARIANTS runs without the A runs' kept graphs (`kept_graphs_untouched`):
+    those hold A's kernels and settings, which a B arm would otherwise replay, and a B run must not replace them.
+    Such a B arm records its own graphs at every run, so read a kernel variant against the keep_graphs_off arm,
+    which does the same with A's code. `identical` shares A's state; carry_off keeps kept graphs and carried
+    branches of its own (`b_arm_state`), replayed from run to run as A's are."""
     with contextlib.ExitStack() as stack:
-        if name != "identical":
+        if not set(name.split("+")) & OWN_STATE_VARIANTS:
             stack.enter_context(kept_graphs_untouched())
         for part in name.split("+"):
             stack.enter_context(VARIANTS[part]())
@@ -459,17 +514,25 @@ def main(argv=None):
     model_gib_compute_dtype = round(sum(t.numel() * dtype.itemsize for t in tensors) / 2**30, 4)
     handle = LoadedXPortrait(model, "bench", "auto", compile=args.compile)
     comfy_model, _clip, vae = comfy_outputs(handle)
-    comfy_own_vae = []
+    other_vaes = {}
 
     def decoding_vae():
-        """The loader's VAE (the pack's network), or in the comfy_vae variant's runs ComfyUI's own network."""
-        if not COMFY_VAE_NETWORK["on"]:
+        """The loader's VAE (the pack's network), or in the comfy_vae variant's runs ComfyUI's own network, or in
+        the vae_compiled variant's the pack's network compiled."""
+        if not (COMFY_VAE_NETWORK["on"] or COMFY_VAE_NETWORK["compiled"]):
             return vae
-        if not comfy_own_vae:
-            from comfyui_xportrait.nodes.native.comfy_types import comfy_vae
-            comfy_own_vae.append(comfy_vae(model, pack_network=False))
-        return comfy_own_vae[0]
+        from comfyui_xportrait.nodes.native.comfy_types import comfy_vae
+
+        key = "comfy" if COMFY_VAE_NETWORK["on"] else "compiled"
+        if key not in other_vaes:
+            other_vaes[key] = comfy_vae(model, pack_network=key != "comfy")
+            if key == "compiled" and device.type == "cuda":
+                from xportrait_core.fast.compilation import compile_blocks
+
+                compile_blocks(other_vaes[key].first_stage_model)
+        return other_vaes[key]
     handle.comfy_model = comfy_model
+    BENCH_ADAPTER["model"] = comfy_model.model
     records = []
 
     def emit(**record):
@@ -608,17 +671,20 @@ def main(argv=None):
                 comfy_nodes.VAEDecode().decode(decoding_vae(), samples)
         return run
 
-    if "sampler" in args.measure:
-        timed("sampler", ours, steps=args.steps, guidance=5.0)
-    if "ksampler" in args.measure:
-        timed("ksampler", ksampler("ksampler", comfy_model, args.steps, 5.0, "ddim", "ddim_uniform"), steps=args.steps,
-              cfg=5.0, sampler="ddim", scheduler="ddim_uniform")
-    if "lcm" in args.measure:
-        timed("lcm", ksampler("lcm", lcm_model, args.lcm_steps, 1.0, "lcm", "sgm_uniform", decode=True),
-              steps=args.lcm_steps, cfg=1.0, sampler="lcm", scheduler="sgm_uniform", vae_decode=True,
-              lora=str(args.lora) if args.lora else None)
-    if "decode" in args.measure:
-        timed("decode", lambda: comfy_nodes.VAEDecode().decode(decoding_vae(), latent))
+    # ComfyUI executes every node of a prompt under torch.inference_mode (execution.py), VAE Decode included: the
+    # measurements run so too (outside it a decode would record autograd's graph and skip the pack's kernels).
+    with torch.inference_mode():
+        if "sampler" in args.measure:
+            timed("sampler", ours, steps=args.steps, guidance=5.0)
+        if "ksampler" in args.measure:
+            timed("ksampler", ksampler("ksampler", comfy_model, args.steps, 5.0, "ddim", "ddim_uniform"),
+                  steps=args.steps, cfg=5.0, sampler="ddim", scheduler="ddim_uniform")
+        if "lcm" in args.measure:
+            timed("lcm", ksampler("lcm", lcm_model, args.lcm_steps, 1.0, "lcm", "sgm_uniform", decode=True),
+                  steps=args.lcm_steps, cfg=1.0, sampler="lcm", scheduler="sgm_uniform", vae_decode=True,
+                  lora=str(args.lora) if args.lora else None)
+        if "decode" in args.measure:
+            timed("decode", lambda: comfy_nodes.VAEDecode().decode(decoding_vae(), latent))
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     return records

@@ -17,4 +17,4 @@ def comfy_outputs(handle):
     from .comfy_types import comfy_clip, comfy_vae
 
     patcher = model_patcher(handle.model, common.torch_device(), common.offload_device())
-    return patcher, comfy_clip(handle.model), comfy_vae(handle.model, compile=handle.compile)
+    return patcher, comfy_clip(handle.model), comfy_vae(handle.model)

@@ -12,13 +12,13 @@ def _prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def comfy_vae(xportrait, pack_network: bool = True, compile: bool = False):
+def comfy_vae(xportrait, pack_network: bool = True):
     """comfy.sd.VAE over the checkpoint's VAE (its layout passed explicitly, so smaller test configs work too), its
     network the pack's own (`PackFirstStage`): the same weights and key names as ComfyUI's SD1.5 autoencoder, built
     from the pack's operations over ComfyUI's layer classes (its kernels on CUDA, ComfyUI's partial loading), run
-    channels-last on CUDA. ComfyUI keeps deciding its dtype, device, batch sizes and tiling. compile (Load Model's
-    option, CUDA only): the network's blocks compiled as the model's are. pack_network=False keeps ComfyUI's own
-    network (the benchmarks' other arm)."""
+    channels-last on CUDA. ComfyUI keeps deciding its dtype, device, batch sizes and tiling. It stays uncompiled
+    with Load Model's `compile` on: with the pack's kernels it decoded faster than compiled (benchmarks/NOTES.md,
+    session 24). pack_network=False keeps ComfyUI's own network (the benchmarks' other arm)."""
     import comfy.model_patcher
     import comfy.sd
 
@@ -35,10 +35,6 @@ def comfy_vae(xportrait, pack_network: bool = True, compile: bool = False):
         return vae
     network = pack_first_stage(config, comfy_operations(vae.vae_dtype, vae.device))
     network.load_state_dict(state)
-    if compile and vae.device.type == "cuda":
-        from xportrait_core.fast.compilation import compile_blocks
-
-        compile_blocks(network)
     vae.first_stage_model = network.to(vae.vae_dtype)
     vae.patcher = comfy.model_patcher.ModelPatcher(network, load_device=vae.device,
                                                    offload_device=vae.patcher.offload_device)
@@ -61,7 +57,7 @@ def pack_first_stage(config, operations):
         def decode(self, z, **_options):
             return super().decode(_layout(z))
 
-    return PackFirstStage(config, operations).eval()
+    return PackFirstStage(config, operations).eval().requires_grad_(False)
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:

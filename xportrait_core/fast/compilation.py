@@ -59,8 +59,7 @@ def compile_networks(model: XPortrait, mode: str = "default", regional: bool = T
 
 def compile_blocks(network: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
     """Regional compilation of one network in place: each repeated block (ResBlock, spatial transformer, motion
-    module, the VAE's ResnetBlock and AttnBlock) compiled, a graph per input shape; the first calls compile. Also
-    ComfyUI's VAE when it holds the pack's network and Load Model's `compile` is on."""
+    module, the VAE's ResnetBlock and AttnBlock) compiled, a graph per input shape; the first calls compile."""
     # Every input shape of a block is its own compiled graph (dynamic=False): the UNet, reference net and
     # ControlNets give a ResBlock dozens of shapes. Past the recompile limit Dynamo silently runs the remaining
     # shapes eagerly, so raise it to cover them all.
