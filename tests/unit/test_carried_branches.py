@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from xportrait_core.sampling.batched_banks import DEFAULT_CHUNK
+from video_inputs import video_inputs
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
 
 FRAMES = 6
@@ -13,17 +14,9 @@ TIMESTEPS = [999, 759, 499, 259]  # an LCM-like run: few planned timesteps, one 
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model):
-    g = torch.Generator().manual_seed(3)
-    h = tiny_model.config.image_size // 8
-    width = tiny_model.config.unet.context_dim
-    return dict(
-        x=torch.randn(FRAMES, 4, h, h, generator=g),
-        reference=torch.randn(1, 4, h, h, generator=g),
-        global_hint=torch.rand(FRAMES, 3, h * 8, h * 8, generator=g) * 2 - 1,
-        local_hint=torch.rand(FRAMES, 3, h * 8, h * 8, generator=g) * 2 - 1,
-        context=torch.randn(1, 77, width, generator=g),
-        other_context=torch.randn(1, 77, width, generator=g),
-    )
+    data = video_inputs(tiny_model, FRAMES, seed=3)
+    data["other_context"] = data.pop("uncond_context")
+    return data
 
 
 @pytest.fixture

@@ -6,23 +6,14 @@ import torch
 
 from xportrait_core.sampling.video_denoiser import BranchInput, VideoDenoiser
 from graph_stand_ins import EagerGraphs
+from video_inputs import video_inputs
 
 FRAMES = 6
 
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model):
-    g = torch.Generator().manual_seed(0)
-    h = tiny_model.config.image_size // 8
-    width = tiny_model.config.unet.context_dim
-    return dict(
-        x=torch.randn(FRAMES, 4, h, h, generator=g),
-        reference=torch.randn(1, 4, h, h, generator=g),
-        global_hint=torch.rand(FRAMES, 3, h * 8, h * 8, generator=g) * 2 - 1,
-        local_hint=torch.rand(FRAMES, 3, h * 8, h * 8, generator=g) * 2 - 1,
-        context=torch.randn(1, 77, width, generator=g),
-        uncond_context=torch.randn(1, 77, width, generator=g),
-    )
+    return video_inputs(tiny_model, FRAMES, seed=0)
 
 
 def _denoiser(model, data, seed=5, overlap=4):
