@@ -130,7 +130,7 @@ class VideoDenoiser:
             # banks are the graphs' stored source, computed outside the recordings (and a re-queued short run
             # takes them all from the last run). Compiled blocks keep the recorded batch-1 pass (batched rows
             # would compile the reference net for another shape; computing them with the blocks run eagerly
-            # measured 2%, under the bar: benchmarks/NOTES.md, session 24).
+            # did not pay enough: benchmarks/NOTES.md, session 24).
             batched = bool(self.timesteps) and not (self.cuda_graphs and is_compiled(self.model))
             if carried is not None and carried.fits(self.model, self.timesteps, batched, context, uncond_context):
                 self._branches = carried.branches
