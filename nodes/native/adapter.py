@@ -353,10 +353,11 @@ def model_patcher(xportrait, load_device, offload_device) -> comfy.model_patcher
 
 def _on_detach(patcher, unpatch_all: bool) -> None:
     """ComfyUI unloads the model (`unpatch_all`: its weights go back to the offload device): the kept graphs'
-    addresses are stale and their memory is wanted, as is the carried branches' (banks and hint features). ComfyUI also detaches a loaded model with unpatch_all False
-    each time a sampler loads it again (model_management.load_models_gpu pops and re-loads every model it finds
-    loaded, itself included): its weights stay where they are, and so do the kept graphs; a clone loaded with
-    other weight patches (a LoRA) replaces weight tensors, which the kept graphs' signature sees."""
+    addresses are stale and their memory is wanted, as is the carried branches' (banks and hint features).
+    ComfyUI also detaches a loaded model with unpatch_all False each time a sampler loads it again
+    (model_management.load_models_gpu pops and re-loads every model it finds loaded, itself included): its weights
+    stay where they are, and so do the kept graphs; a clone loaded with other weight patches (a LoRA) replaces
+    weight tensors, which the kept graphs' signature sees."""
     if unpatch_all:
         patcher.model.kept_graphs.release()
         patcher.model.release_carried()

@@ -11,8 +11,8 @@ What must match (`CarriedBranches.fits`), besides the job, which the owner check
 the banks are batched, the model's device and dtype, the address of every weight of the reference net and both
 ControlNets (a host replaces a weight's tensor when it loads or patches it; nothing patches these in place), and
 the texts' values. Only runs of at most one chunk of planned banks carry (`carries`): the few-step runs where
-this work is a noticeable part of the run, holding at most `batched_banks.DEFAULT_CHUNK` banks and the hint features between runs (their sizes:
-benchmarks/NOTES.md).
+this work is a noticeable part of the run, holding at most `batched_banks.DEFAULT_CHUNK` banks and the hint
+features between runs (their sizes: benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
